@@ -1,0 +1,127 @@
+"""What this machine offers, and which backend each kind gets.
+
+Order of preference under backend="auto": te > liger > torch. A backend is only a candidate for a kind
+if it has an implementation for that kind (see IMPLEMENTED); anything skipped on the way down the list
+is recorded as a reason so that report() can say why the faster one was not used.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .errors import BackendUnavailableError, PatchError
+
+BACKENDS = ("auto", "torch", "te", "liger")
+KINDS = ("attention", "rmsnorm", "linear", "experts", "router")
+
+# Which kinds each backend implements today. torch implements every kind (for "linear" that means
+# keeping nn.Linear, which already is cuBLAS on GPU). A backend missing here for a kind is skipped by
+# "auto" with a reason, and is an error when asked for by name.
+IMPLEMENTED = {
+    "torch": frozenset(KINDS),
+    "liger": frozenset({"rmsnorm"}),
+    "te": frozenset(),
+}
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    cuda: bool
+    device_name: str
+    compute_capability: tuple[int, int] | None
+    torch_version: str
+    transformers_version: str
+    grouped_mm: bool
+    te: bool
+    liger: bool
+    deep_ep: bool
+
+    def rows(self):
+        return [
+            ("torch", self.torch_version),
+            ("transformers", self.transformers_version),
+            ("cuda", f"{self.cuda} ({self.device_name}, sm{''.join(map(str, self.compute_capability))})"
+             if self.cuda and self.compute_capability else str(self.cuda)),
+            ("grouped_mm", str(self.grouped_mm)),
+            ("transformer_engine", str(self.te)),
+            ("liger_kernel", str(self.liger)),
+            ("deep_ep", str(self.deep_ep)),
+        ]
+
+    def __str__(self):
+        width = max(len(k) for k, _ in self.rows())
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in self.rows())
+
+
+@lru_cache(maxsize=1)
+def capabilities() -> Capabilities:
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    cc = torch.cuda.get_device_capability(0) if cuda else None
+    return Capabilities(
+        cuda=cuda,
+        device_name=torch.cuda.get_device_name(0) if cuda else "cpu",
+        compute_capability=cc,
+        torch_version=torch.__version__,
+        transformers_version=transformers.__version__,
+        grouped_mm=hasattr(torch.nn.functional, "grouped_mm"),
+        # find_spec only: importing TE / DeepEP is slow and may fail loudly; they are imported lazily on use.
+        te=_has_module("transformer_engine"),
+        liger=_has_module("liger_kernel"),
+        deep_ep=_has_module("deep_ep"),
+    )
+
+
+def unavailable(backend: str, device: torch.device) -> str | None:
+    """None if `backend` can run on `device` here, else the reason why not (package, GPU)."""
+    caps = capabilities()
+    if backend == "torch":
+        return None
+    if device.type != "cuda":
+        return f"{backend} needs a CUDA device (module is on {device.type})"
+    if backend == "te" and not caps.te:
+        return "transformer_engine is not installed (pip install 'moe_patch[te]')"
+    if backend == "liger" and not caps.liger:
+        return "liger_kernel is not installed (pip install 'moe_patch[liger]')"
+    return None
+
+
+def check_backend_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise PatchError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def choose(backend: str, kind: str, device: torch.device) -> tuple[str, str]:
+    """Pick the backend for one module. Returns (backend, reason); reason is '' when nothing fell back.
+
+    Asked by name, a backend that cannot run here at all raises BackendUnavailableError; a kind it has
+    no implementation for falls back to torch with the reason. Under "auto", every faster backend
+    passed over is named in the reason.
+    """
+    if backend != "auto":
+        why = unavailable(backend, device)
+        if why is not None:
+            raise BackendUnavailableError(f"backend={backend!r} cannot be used: {why}")
+        if kind not in IMPLEMENTED[backend]:
+            return "torch", f"{backend} has no {kind} implementation in moe_patch yet"
+        return backend, ""
+    passed_over = []
+    for candidate in ("te", "liger", "torch"):
+        if kind not in IMPLEMENTED[candidate]:
+            continue
+        why = unavailable(candidate, device)
+        if why is None:
+            return candidate, "; ".join(passed_over)
+        passed_over.append(why)
+    raise AssertionError("torch implements every kind")  # pragma: no cover

@@ -1,0 +1,139 @@
+"""apply / revert / report / is_patched: plan -> choose -> swap -> shard -> record."""
+from __future__ import annotations
+
+from torch import nn
+
+from . import backends
+from .errors import PatchError, UnsupportedModelError
+from .ops import attention as attention_op
+from .plan import Options, make_plan
+from .report import Record, Report
+
+RECORD = "_moe_patch"
+
+
+def _unwrap_check(model) -> None:
+    """Refuse wrappers whose forward would bypass or be broken by in-place module swaps."""
+    name = type(model).__name__
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"expected a torch.nn.Module, got {name}")
+    if hasattr(model, "_orig_mod"):
+        raise UnsupportedModelError("model is wrapped by torch.compile: patch the model first, then compile it "
+                                    "(moe_patch.apply(model); model = torch.compile(model))")
+    if name in ("DistributedDataParallel", "DataParallel") or hasattr(model, "module") and name.endswith("DataParallel"):
+        raise UnsupportedModelError(f"model is wrapped by {name}: patch model.module before wrapping it")
+    if name.startswith("FSDP") or name == "FullyShardedDataParallel" or any(
+            type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise UnsupportedModelError("model is wrapped by FSDP: patch it before fully_shard / FSDP wrapping")
+    if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
+        raise UnsupportedModelError("model is a PEFT model: patch the base model before get_peft_model(); "
+                                    "LoRA on attention projections composes with a patched model")
+    if getattr(model, "hf_quantizer", None) is not None or getattr(getattr(model, "config", None),
+                                                                    "quantization_config", None):
+        raise UnsupportedModelError("quantized models are not supported: their weights are not plain tensors")
+
+
+def _supports_sdpa(model) -> bool:
+    return bool(getattr(model, "_supports_sdpa", False))
+
+
+def is_patched(model) -> bool:
+    return getattr(model, RECORD, None) is not None
+
+
+def report(model) -> Report:
+    record = getattr(model, RECORD, None)
+    if record is None:
+        raise PatchError("model is not patched by moe_patch (call moe_patch.apply(model) first)")
+    return Report(record.rows)
+
+
+def plan_report(model, **flags) -> Report:
+    """What apply() would do, without doing it (used by `moe-patch report`)."""
+    opts = Options(**flags)
+    backends.check_backend_name(opts.backend)
+    return Report(make_plan(model, opts, _supports_sdpa(model)).rows)
+
+
+def apply(model, mesh=None, *, attention=True, rmsnorm=True, linear=True, experts=True, router=True,
+          skip=(), backend="auto", **parallel_options):
+    """Rewrite `model` in place for fast MoE training and return it (the same object).
+
+    On any error the model is left exactly as it was. See README.md for the flags.
+    """
+    if isinstance(skip, str):
+        skip = (skip,)
+    opts = Options(attention, rmsnorm, linear, experts, router, skip if callable(skip) else tuple(skip), backend)
+    backends.check_backend_name(backend)
+    _unwrap_check(model)
+    existing = getattr(model, RECORD, None)
+    if existing is not None:
+        if existing.options == opts and existing.mesh is mesh:
+            return model  # idempotent
+        raise PatchError("model is already patched with other options; call moe_patch.revert(model) first")
+    from .parallel import shard as shard_mod  # parallel validates the mesh before anything is swapped
+
+    if mesh is not None:
+        shard_mod.validate(model, mesh)
+    elif parallel_options:
+        raise PatchError(f"unexpected options without a mesh: {sorted(parallel_options)}")
+
+    # plan + choose (no mutation)
+    plan = make_plan(model, opts, _supports_sdpa(model))
+    if mesh is not None:
+        shard_mod.check_plan(plan, mesh)
+    # build every replacement before touching the model (a failing constructor leaves it untouched)
+    named = dict(model.named_modules())
+    parent_of = {}
+    for path in (a.row.path for a in plan.actions if a.factory is not None):
+        parent_path, _, child = path.rpartition(".")
+        parent_of[path] = (named[parent_path] if parent_path else model, child)
+    built = [(a, a.factory(a.module)) for a in plan.actions if a.factory is not None]
+    attn = [a for a in plan.actions if a.attention_impl is not None]
+
+    # swap
+    record = Record(options=opts, rows=plan.rows, mesh=mesh)
+    for action, new in built:
+        parent, child = parent_of[action.row.path]
+        setattr(parent, child, new)
+        record.swaps.append((parent, child, new))
+    if attn:
+        attention_op.register()
+        for action in attn:
+            attention_op.mark(action.module, action.attention_impl, True)
+            record.attention_modules.append(action.module)
+        for cfg in {id(a.module.config): a.module.config for a in attn}.values():
+            record.configs.append((cfg, cfg._attn_implementation))
+            cfg._attn_implementation = attention_op.NAME
+    # shard
+    if mesh is not None:
+        try:
+            record.sharded = shard_mod.shard(model, mesh, record, **parallel_options)
+        except Exception:
+            _undo(record)
+            raise
+    # record
+    setattr(model, RECORD, record)
+    return model
+
+
+def _undo(record: Record) -> None:
+    for parent, child, new in reversed(record.swaps):
+        setattr(parent, child, new.give_back())
+    for module in record.attention_modules:
+        attention_op.unmark(module)
+    for cfg, impl in record.configs:
+        cfg._attn_implementation = impl
+
+
+def revert(model):
+    """Put the original module objects back (with the same Parameter objects) and return the model."""
+    record = getattr(model, RECORD, None)
+    if record is None:
+        raise PatchError("model is not patched by moe_patch: nothing to revert")
+    if record.sharded:
+        raise PatchError("revert of an expert-parallel model is not supported: its experts are sharded; "
+                         "save_pretrained() writes the full checkpoint, reload it to get a stock model")
+    _undo(record)
+    delattr(model, RECORD)
+    return model

@@ -1,0 +1,44 @@
+"""The one rule every replacement follows: adopt, never copy.
+
+A replacement registers the original module's Parameter objects, buffers and children under the same
+names, so `state_dict()` keys, shapes and dtypes stay Hugging Face's, memory does not grow, and an
+optimizer built before apply() still updates the weights the patched model uses.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+class Replacement(nn.Module):
+    kind: str = ""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        for name, param in original._parameters.items():
+            self.register_parameter(name, param)
+        for name, buf in original._buffers.items():
+            self.register_buffer(name, buf, persistent=name not in original._non_persistent_buffers_set)
+        for name, child in original._modules.items():
+            self.add_module(name, child)
+        self.training = original.training
+        # Kept outside the module tree (object.__setattr__) so it adds no state_dict keys; revert() needs it.
+        object.__setattr__(self, "_moe_patch_original", original)
+
+    @property
+    def original(self) -> nn.Module:
+        return self._moe_patch_original
+
+    def give_back(self) -> nn.Module:
+        """Hand the (possibly moved, cast or re-wrapped) tensors back to the original module and return it."""
+        original = self.original
+        for name in list(original._parameters):
+            original._parameters[name] = self._parameters[name]
+        for name in list(original._buffers):
+            original._buffers[name] = self._buffers[name]
+        for name in list(original._modules):
+            original._modules[name] = self._modules[name]
+        original.train(self.training)
+        return original
+
+    def extra_repr(self) -> str:
+        return f"replaces {type(self.original).__name__}"

@@ -1,0 +1,120 @@
+"""Fused-3D experts as grouped GEMM, behind a token dispatcher.
+
+forward = dispatcher.dispatch -> grouped up-projection -> gate -> grouped down-projection -> dispatcher.combine
+
+The dispatcher groups each (token, k) pair by expert (one stable sort) and later scatters the expert
+outputs back with the routing weights applied. Without a mesh it is LocalDispatcher; with expert
+parallelism (moe_patch.parallel) it sends the grouped tokens to the rank owning their expert and back.
+
+The v5 layout flags set by `@use_experts_implementation` are honoured: `is_transposed` (weights stored
+[E, in, out]), `has_bias`, `has_gate` (gate_up_proj vs up_proj) and `has_post_expert_norm`. The gate
+itself is the family's own `_apply_gate` (plain SwiGLU, GPT-OSS's clamped interleaved SwiGLU, ...), so a
+family quirk is never re-implemented here; non-gated experts (Nemotron-H, relu^2) use the family's act_fn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import Replacement
+
+FLAG_NAMES = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [S, in] sorted by group, w [G, in, out], offs [G] int32 cumulative ends -> [S, out]."""
+    w = w.to(x.dtype) if w.dtype != x.dtype else w
+    if hasattr(F, "grouped_mm") and (x.device.type != "cuda" or x.dtype == torch.bfloat16) and x.shape[0] > 0:
+        return F.grouped_mm(x, w, offs=offs)
+    # Per-group loop: CUDA grouped_mm is bf16-only, and an empty batch still has to touch the weights so
+    # that every rank produces a (zero) gradient for them.
+    outs, start = [], 0
+    for g, end in enumerate(offs.tolist()):
+        outs.append(x[start:end] @ w[g])
+        start = end
+    out = torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
+    return out if x.shape[0] > 0 else out + 0.0 * w.sum()
+
+
+def grouped_linear(x, weight, offs, bias_rows=None, transposed=False):
+    out = grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offs)
+    return out + bias_rows if bias_rows is not None else out
+
+
+@dataclass
+class Dispatched:
+    """Tokens grouped by (local) expert, plus what combine() needs to put them back."""
+
+    x: torch.Tensor  # [S, hidden] rows grouped by expert
+    counts: torch.Tensor  # [local experts] rows per expert
+    expert_ids: torch.Tensor  # [S] local expert of each row (for biases)
+    state: object  # dispatcher-private
+
+
+class LocalDispatcher:
+    """All experts on this device: sort (token, k) pairs by expert, scatter back with weights applied."""
+
+    name = "local"
+
+    def dispatch(self, hidden, top_k_index, top_k_weights, num_experts) -> Dispatched:
+        num_tokens, top_k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=num_experts)
+        weights = top_k_weights.reshape(-1)[order]
+        return Dispatched(hidden[order // top_k], counts, flat[order], (order, weights, num_tokens, top_k))
+
+    def combine(self, out: torch.Tensor, d: Dispatched, hidden_dtype) -> torch.Tensor:
+        order, weights, num_tokens, top_k = d.state
+        return scatter_weighted(out, order, weights, num_tokens, top_k, hidden_dtype)
+
+
+def scatter_weighted(out, order, weights, num_tokens, top_k, hidden_dtype):
+    """Rows back to (token, k) slots through `order` (an index_put, no inverse permutation), weighted,
+    summed over k in the promoted dtype as Transformers does (fp32 when the weights are fp32)."""
+    weighted = out * weights.unsqueeze(-1)
+    slots = weighted.new_zeros(num_tokens * top_k, out.shape[-1])
+    slots = slots.index_put((order,), weighted)
+    return slots.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_dtype)
+
+
+class GroupedExperts(Replacement):
+    kind = "experts"
+
+    def __init__(self, original, flags: dict):
+        super().__init__(original)
+        for name in FLAG_NAMES:
+            setattr(self, name, bool(flags[name]))
+        self.up_name = "gate_up_proj" if self.has_gate else "up_proj"
+        self.num_experts = getattr(self, self.up_name).shape[0]  # local experts once sharded
+        self.num_global_experts = self.num_experts
+        self.dispatcher = LocalDispatcher()
+        if self.has_gate:
+            self._gate = original._apply_gate  # the family's own gate (bound to the original)
+        else:
+            self._gate = original.act_fn
+
+    def compute(self, x, counts, expert_ids):
+        """Grouped expert MLP over rows already grouped by local expert."""
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        bias = (lambda name: getattr(self, name + "_bias")[expert_ids]) if self.has_bias else (lambda name: None)
+        h = grouped_linear(x, getattr(self, self.up_name), offs, bias(self.up_name), self.is_transposed)
+        h = self._gate(h)
+        out = grouped_linear(h, self.down_proj, offs, bias("down_proj"), self.is_transposed)
+        if self.has_post_expert_norm:
+            out = self.post_expert_norm(out)
+        return out
+
+    def forward(self, hidden_states, top_k_index=None, top_k_weights=None, **aliases):
+        top_k_index = aliases.pop("router_indices", top_k_index)
+        top_k_weights = aliases.pop("routing_weights", top_k_weights)
+        d = self.dispatcher.dispatch(hidden_states, top_k_index, top_k_weights, self.num_global_experts)
+        out = self.compute(d.x, d.counts, d.expert_ids)
+        return self.dispatcher.combine(out, d, hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        flags = ", ".join(n for n in FLAG_NAMES if getattr(self, n))
+        return (f"{super().extra_repr()}, experts={self.num_experts}/{self.num_global_experts}, "
+                f"dispatcher={self.dispatcher.name}, {flags or 'no flags'}")

@@ -1,0 +1,219 @@
+"""Plan: walk the model, match each module to a kind, choose a backend. Touches nothing.
+
+Every module that a kind could apply to gets exactly one Row: patched (with the backend), fallback
+(patched, but not by the backend that was preferred, with the reason) or skipped (with the reason).
+The Actions carry what swap.py needs; building them can fail, mutating the model cannot happen here.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import backends, probe
+from .errors import PatchError
+from .families import tables
+from .ops import attention, experts, rmsnorm, router
+from .ops.base import Replacement
+
+
+@dataclass
+class Row:
+    path: str
+    kind: str
+    original: str
+    replacement: str
+    backend: str
+    status: str  # "patched" | "fallback" | "skipped"
+    reason: str = ""
+
+
+@dataclass
+class Action:
+    row: Row
+    module: nn.Module
+    factory: Callable[[nn.Module], nn.Module] | None = None  # module swaps
+    attention_impl: str | None = None  # attention: the implementation it had
+
+
+@dataclass
+class Options:
+    attention: bool = True
+    rmsnorm: bool = True
+    linear: bool = True
+    experts: bool = True
+    router: bool = True
+    skip: tuple | Callable = ()
+    backend: str = "auto"
+
+    def enabled(self, kind: str) -> bool:
+        return getattr(self, kind)
+
+
+@dataclass
+class Plan:
+    actions: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+
+
+def _device(module: nn.Module) -> torch.device:
+    for t in module.parameters(recurse=False):
+        if t.device.type == "meta":  # planning a meta model: report what this machine would do
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return t.device
+    return torch.device("cpu")
+
+
+def _skipped_by_user(path: str, module: nn.Module, skip) -> str | None:
+    if callable(skip):
+        return "skip callable returned True" if skip(path, module) else None
+    parts = path.split(".")
+    ancestors = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    for pattern in skip:
+        if any(fnmatch.fnmatchcase(p, pattern) for p in ancestors):
+            return f"matched skip pattern {pattern!r}"
+    return None
+
+
+# --- rules: (module) -> kind or None -------------------------------------------------------------------
+
+def _three_d_params(module):
+    return {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+
+
+def kind_of(module: nn.Module) -> str | None:
+    cls = type(module)
+    if hasattr(module, "has_gate") and hasattr(module, "is_transposed") or cls.__name__ in tables().experts:
+        return "experts"
+    params3d = _three_d_params(module)
+    if len(params3d) >= 2 and len({p.shape[0] for p in params3d.values()}) == 1:
+        return "experts"  # fused 3D experts found structurally, whatever the class is called
+    weight = module._parameters.get("weight")
+    name = cls.__name__.lower()
+    if "router" in name and weight is not None and weight.dim() == 2 and hasattr(module, "top_k"):
+        return "router"
+    if "rmsnorm" in name and weight is not None and weight.dim() == 1:
+        return "rmsnorm"
+    if cls is nn.Linear:
+        return "linear"
+    if attention.dispatches_through_interface(cls) and getattr(module, "config", None) is not None:
+        return "attention"
+    return None
+
+
+# --- per-kind proposals: (module) -> (factory or None, replacement name, reason) ----------------------
+
+def _propose_rmsnorm(module, backend):
+    name = type(module).__name__
+    if isinstance(module, nn.RMSNorm):
+        return None, "", "already torch.nn.RMSNorm"
+    if name in tables().skip:
+        return None, "", tables().skip[name]
+    if not probe.single_input(module):
+        return None, "", "forward takes more than the hidden states (gated norm): not a plain RMSNorm"
+    if rmsnorm.eps_of(module) is None:
+        return None, "", "no float eps attribute (variance_epsilon / eps) found"
+    declared = tables().rmsnorm.get(name)
+    reasons = []
+    for variant in ([declared] if declared else list(rmsnorm.VARIANTS)):
+        why = probe.proven_equal(module, lambda m, v=variant: rmsnorm.TorchRMSNorm(m, v),
+                                 module.weight.shape[0], ("rmsnorm", variant))
+        if why is None:
+            cls = "LigerRMSNorm" if backend == "liger" else "TorchRMSNorm"
+            return (lambda m, v=variant: rmsnorm.make(m, v, backend)), f"{cls}({variant})", ""
+        reasons.append(f"{variant}: {why}")
+    return None, "", "not proven equal to F.rms_norm (" + "; ".join(reasons) + ")"
+
+
+def _propose_router(module, backend):
+    name = type(module).__name__
+    if name in tables().skip:
+        return None, "", tables().skip[name]
+    spec = tables().router.get(name)
+    if spec is None:
+        return None, "", f"no router spec for {name} in patches/: stock router kept"
+    why = probe.proven_equal(module, lambda m: router.TopKRouter(m, spec), module.weight.shape[1],
+                             ("router", repr(sorted(spec.items()))))
+    if why is not None:
+        return None, "", f"router spec not proven equal: {why}"
+    return (lambda m: router.TopKRouter(m, spec)), f"TopKRouter({spec['score']})", ""
+
+
+def _propose_experts(module, backend):
+    name = type(module).__name__
+    if getattr(module, "_is_expert_parallel", False):
+        raise PatchError(f"{name} is already sharded by Transformers' own expert parallelism; "
+                         "build the model without DistributedConfig(ep_size=...) and pass mesh= instead")
+    if name in tables().skip:
+        return None, "", tables().skip[name]
+    flags = tables().experts.get(name)
+    if flags is None and hasattr(module, "has_gate"):
+        flags = {f: getattr(module, f, False) for f in experts.FLAG_NAMES}
+    if flags is None:
+        return None, "", ("fused 3D expert weights without v5 layout flags (@use_experts_implementation); "
+                          "add an EXPERTS entry in patches/")
+    up = "gate_up_proj" if flags["has_gate"] else "up_proj"
+    if not isinstance(getattr(module, up, None), nn.Parameter) or not isinstance(getattr(module, "down_proj", None),
+                                                                              nn.Parameter):
+        return None, "", f"expected 3D parameters {up} and down_proj"
+    if flags["has_gate"] and not hasattr(module, "_apply_gate"):
+        return None, "", "gated experts without _apply_gate"
+    if not flags["has_gate"] and not hasattr(module, "act_fn"):
+        return None, "", "non-gated experts without act_fn"
+    return (lambda m: experts.GroupedExperts(m, flags)), "GroupedExperts(grouped_mm)", ""
+
+
+def _propose_linear(module, backend):
+    return None, "", "torch backend keeps nn.Linear (cuBLAS already)"
+
+
+PROPOSE = {"rmsnorm": _propose_rmsnorm, "router": _propose_router, "experts": _propose_experts,
+           "linear": _propose_linear}
+
+
+def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool) -> Plan:
+    plan = Plan()
+    claimed: list[str] = []  # replaced modules' paths: their children belong to them
+    for path, module in model.named_modules():
+        if isinstance(module, Replacement) or any(path.startswith(c + ".") for c in claimed):
+            continue
+        kind = kind_of(module)
+        if kind is None:
+            continue
+        cls_name = type(module).__name__
+        row = Row(path, kind, cls_name, "", "", "skipped")
+        plan.rows.append(row)
+        if not opts.enabled(kind):
+            row.reason = f"{kind}=False"
+            continue
+        user_skip = _skipped_by_user(path, module, opts.skip)
+        if user_skip:
+            row.reason = user_skip
+            continue
+        backend, fallback_reason = backends.choose(opts.backend, kind, _device(module))
+
+        if kind == "attention":
+            impl = getattr(module.config, "_attn_implementation", None)
+            if impl == "sdpa" and supports_sdpa:
+                row.replacement, row.backend = attention.NAME, "torch"
+                row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")
+                row.replacement = f"{attention.NAME} {attention.describe(_device(module))}"
+                plan.actions.append(Action(row, module, attention_impl=impl))
+            else:
+                row.reason = (f"model uses {impl!r} attention (chosen by the user or required by the family); "
+                              "kept")
+            continue
+
+        factory, replacement, reason = PROPOSE[kind](module, backend)
+        if factory is None:
+            row.reason = reason
+            continue
+        if kind == "experts":
+            claimed.append(path)
+        row.replacement, row.backend = replacement, backend
+        row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")
+        plan.actions.append(Action(row, module, factory=factory))
+    return plan

@@ -1,0 +1,60 @@
+"""The record of one apply(): what was planned, what was swapped, and the table report() prints."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .plan import Options, Row
+
+COLUMNS = ("path", "kind", "original", "replacement", "backend", "status", "reason")
+
+
+class Report:
+    """Iterable of Rows (attributes: path, kind, original, replacement, backend, status, reason)."""
+
+    def __init__(self, rows):
+        self.rows = list(rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+    def where(self, **match) -> "Report":
+        return Report(r for r in self.rows if all(getattr(r, k) == v for k, v in match.items()))
+
+    def summary(self) -> str:
+        counts = Counter((r.kind, r.status) for r in self.rows)
+        kinds = sorted({k for k, _ in counts})
+        parts = []
+        for kind in kinds:
+            by = ", ".join(f"{n} {s}" for (k, s), n in sorted(counts.items()) if k == kind)
+            parts.append(f"{kind}: {by}")
+        return "; ".join(parts) if parts else "nothing to patch"
+
+    def __str__(self):
+        table = [COLUMNS] + [tuple(str(getattr(r, c)) for c in COLUMNS) for r in self.rows]
+        widths = [min(max(len(row[i]) for row in table), 60 if i < 6 else 200) for i in range(len(COLUMNS))]
+        lines = ["  ".join(cell[:w].ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines + ["", self.summary()])
+
+    def __repr__(self):
+        return f"<moe_patch.Report {len(self.rows)} rows: {self.summary()}>"
+
+
+@dataclass
+class Record:
+    """Kept on the model as `model._moe_patch`; everything revert() and report() need."""
+
+    options: Options
+    rows: list[Row]
+    swaps: list = field(default_factory=list)  # (parent, child name, replacement module)
+    attention_modules: list = field(default_factory=list)
+    configs: list = field(default_factory=list)  # (config, attention implementation before)
+    mesh: object = None
+    sharded: list = field(default_factory=list)  # expert modules sharded over the mesh

@@ -1,0 +1,11 @@
+"""One small declarative file per model family. Installed as `moe_patch.patches`.
+
+Each file may define:
+  MODEL_TYPES  model_type strings the family covers (documentation and `moe-patch report`)
+  RMSNORM      {norm class name: "scale" | "offset"}    -- still proven numerically before use
+  ROUTER       {router class name: spec dict}           -- see moe_patch/ops/router.py; also proven
+  EXPERTS      {experts class name: flags dict}         -- only for classes without v5's decorator flags
+  SKIP         {class name: reason}                     -- known not to be replaceable, and why
+Experts decorated with `@use_experts_implementation` and attention modules that dispatch through
+`ALL_ATTENTION_FUNCTIONS` need no entry: they are found structurally.
+"""

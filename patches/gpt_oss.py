@@ -1,0 +1,6 @@
+"""GPT-OSS: router with bias, top-k of the logits then softmax; experts are transposed, biased and use
+the clamped, interleaved SwiGLU of the family's own _apply_gate. Attention has sinks: only the
+implementations GPT-OSS itself supports are used (sdpa is not one of them)."""
+MODEL_TYPES = ("gpt_oss",)
+RMSNORM = {"GptOssRMSNorm": "scale"}
+ROUTER = {"GptOssTopKRouter": dict(score="softmax", order="topk_score", weights_dtype="logits")}
