@@ -77,7 +77,7 @@ def scatter_weighted(out, order, weights, num_tokens, top_k, hidden_dtype):
     weighted = out * weights.unsqueeze(-1)
     slots = weighted.new_zeros(num_tokens * top_k, out.shape[-1])
     slots = slots.index_put((order,), weighted)
-    return slots.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_dtype)
+    return slots.view(num_tokens, top_k, out.shape[-1]).sum(dim=1).to(hidden_dtype)
 
 
 class GroupedExperts(Replacement):

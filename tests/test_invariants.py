@@ -1,0 +1,192 @@
+"""The promises apply() makes about the model object, its weights and its checkpoint."""
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moe_patch
+from moe_patch.ops.base import Replacement
+from util import build, inputs, rel_err
+
+
+def _state(model):
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def test_type_state_dict_and_shared_parameters():
+    model = build("deepseek_v3")
+    before_type, before_state = type(model), _state(model)
+    before_params = {n: p for n, p in model.named_parameters()}
+    moe_patch.apply(model)
+    assert type(model) is before_type
+    assert _state(model) == before_state
+    after_params = dict(model.named_parameters())
+    assert after_params.keys() == before_params.keys()
+    assert all(after_params[n] is before_params[n] for n in before_params)  # no copies
+
+
+def test_apply_returns_same_object_and_is_idempotent():
+    model = build("qwen3_moe")
+    assert moe_patch.apply(model) is model
+    swapped = [m for m in model.modules() if isinstance(m, Replacement)]
+    assert moe_patch.apply(model) is model
+    assert [m for m in model.modules() if isinstance(m, Replacement)] == swapped
+    with pytest.raises(moe_patch.PatchError, match="already patched"):
+        moe_patch.apply(model, attention=False)
+
+
+def test_revert_restores_exact_modules():
+    model = build("gpt_oss")
+    originals = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    ids = inputs()
+    ref = model(ids).logits
+    moe_patch.apply(model)
+    assert moe_patch.is_patched(model)
+    moe_patch.revert(model)
+    assert not moe_patch.is_patched(model)
+    after = dict(model.named_modules())
+    assert after.keys() == originals.keys() and all(after[k] is originals[k] for k in originals)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(model(ids).logits, ref)
+
+
+def test_failure_during_planning_leaves_model_untouched(monkeypatch):
+    model = build("qwen3_moe")
+    modules = dict(model.named_modules())
+    from moe_patch import plan
+
+    def boom(module, backend):
+        raise moe_patch.PatchError("planned failure")
+
+    monkeypatch.setitem(plan.PROPOSE, "router", boom)
+    with pytest.raises(moe_patch.PatchError, match="planned failure"):
+        moe_patch.apply(model)
+    assert all(a is b for a, b in zip(dict(model.named_modules()).values(), modules.values()))
+    assert not moe_patch.is_patched(model) and model.config._attn_implementation == "sdpa"
+
+
+def test_failure_while_building_replacements_leaves_model_untouched(monkeypatch):
+    model = build("mixtral")
+    modules = dict(model.named_modules())
+    from moe_patch.ops import experts
+
+    def boom(self, original, flags):
+        raise RuntimeError("constructor failed")
+
+    monkeypatch.setattr(experts.GroupedExperts, "__init__", boom)
+    with pytest.raises(RuntimeError, match="constructor failed"):
+        moe_patch.apply(model)
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(dict(model.named_modules())[k] is v for k, v in modules.items())
+    assert not moe_patch.is_patched(model)
+
+
+def test_save_pretrained_loads_in_stock_transformers(tmp_path):
+    model = build("nemotron_h")
+    moe_patch.apply(model)
+    ids = inputs()
+    patched_logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not moe_patch.is_patched(stock)
+    assert rel_err(stock(ids).logits, patched_logits) < 1e-5
+    assert stock.config._attn_implementation != "moe_patch_sdpa"
+
+
+def test_skip_patterns_callable_and_kind_flags():
+    model = build("qwen3_moe")
+    moe_patch.apply(model, skip=["model.layers.0.*", "model.norm"], router=False)
+    rep = moe_patch.report(model)
+    for row in rep:
+        if row.kind == "router":
+            assert row.status == "skipped" and row.reason == "router=False"
+        elif row.path.startswith("model.layers.0.") or row.path == "model.norm":
+            assert row.status == "skipped" and "skip pattern" in row.reason
+    assert type(model.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
+    assert type(model.model.layers[1].mlp.experts).__name__ == "GroupedExperts"
+    # skipped attention layer keeps the stock implementation through the registered dispatcher
+    assert rep.where(path="model.layers.0.self_attn")[0].status == "skipped"
+
+    model2 = build("qwen3_moe")
+    moe_patch.apply(model2, skip=lambda path, module: path.endswith("experts") and ".1." in path)
+    assert type(model2.model.layers[1].mlp.experts).__name__ == "Qwen3MoeExperts"
+    assert type(model2.model.layers[0].mlp.experts).__name__ == "GroupedExperts"
+
+
+def test_partially_skipped_attention_still_matches_stock():
+    stock = build("qwen3_moe")
+    patched = copy.deepcopy(stock)
+    moe_patch.apply(patched, skip=["model.layers.1.self_attn"])
+    ids = inputs()
+    assert rel_err(patched(ids).logits, stock(ids).logits) < 1e-5
+
+
+def test_report_rows_and_table():
+    model = build("qwen2_moe")
+    moe_patch.apply(model)
+    rep = moe_patch.report(model)
+    row = rep.where(kind="experts")[0]
+    assert (row.original, row.backend, row.status) == ("Qwen2MoeExperts", "torch", "patched")
+    text = str(rep)
+    assert "path" in text.splitlines()[0] and "Qwen2MoeExperts" in text and "experts:" in text
+    assert {r.kind for r in rep} == {"attention", "rmsnorm", "linear", "experts", "router"}
+    assert all(r.status in ("patched", "skipped", "fallback") for r in rep)
+
+
+def test_bad_inputs_are_clear_errors():
+    model = build("qwen3_moe")
+    with pytest.raises(moe_patch.PatchError, match="backend must be one of"):
+        moe_patch.apply(model, backend="cuda-magic")
+    with pytest.raises(moe_patch.BackendUnavailableError):
+        moe_patch.apply(model, backend="te")  # no TE / no GPU here
+    with pytest.raises(moe_patch.PatchError, match="not patched"):
+        moe_patch.revert(model)
+    with pytest.raises(moe_patch.PatchError, match="not patched"):
+        moe_patch.report(model)
+    assert not moe_patch.is_patched(model)
+
+
+def test_rmsnorm_variants_are_proven_not_assumed():
+    """A (1 + weight) norm is recognised as the offset variant; a norm with other maths is skipped."""
+    from torch import nn
+
+    class OffsetRMSNorm(nn.Module):  # Gemma-style, unknown to patches/
+        def __init__(self, n):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(n))
+            self.eps = 1e-6
+
+        def forward(self, x):
+            y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+            return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+    class WeirdRMSNorm(OffsetRMSNorm):  # centred: a LayerNorm in disguise
+        def forward(self, x):
+            x = x - x.mean(-1, keepdim=True)
+            return super().forward(x)
+
+    model = nn.Sequential(OffsetRMSNorm(32), WeirdRMSNorm(32))
+    ref = model(torch.randn(3, 32))
+    x = torch.randn(3, 32)
+    ref = model(x)
+    moe_patch.apply(model)
+    rows = {r.path: r for r in moe_patch.report(model)}
+    assert rows["0"].replacement == "TorchRMSNorm(offset)"
+    assert rows["1"].status == "skipped" and "not proven equal" in rows["1"].reason
+    assert rel_err(model(x), ref) < 1e-5
+
+
+def test_meta_device_plan():
+    from transformers import AutoConfig
+
+    from moe_patch.shapes import named_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(named_config("qwen3-30b-a3b", layers=2))
+    moe_patch.apply(model)
+    rep = moe_patch.report(model)
+    assert len(rep.where(kind="experts", status="patched")) == 2
+    assert len(rep.where(kind="router", status="patched")) == 2

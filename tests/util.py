@@ -1,0 +1,60 @@
+"""Shared helpers for the tests: tiny models, relative errors, stock-vs-patched runs."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from moe_patch.shapes import TINY, tiny_config
+
+hf_logging.set_verbosity_error()
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+FAMILIES = list(TINY)
+MOE_FAMILIES = [f for f in FAMILIES if f != "llama"]
+
+
+def build(model_type: str, seed: int = 0, dtype=torch.float32, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).to(dtype)
+    with torch.no_grad():  # non-trivial values everywhere (some inits are zeros: routers, biases)
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "router" in name or ".gate." in name or name.endswith("gate.weight"):
+                p.normal_(0, 0.2)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0, 0.05)
+    return model
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    denom = b.norm()
+    if denom == 0:
+        return (a - b).norm().item()
+    return ((a - b).norm() / denom).item()
+
+
+def run(model, input_ids, labels=None):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=input_ids, labels=labels if labels is not None else input_ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def stock_and_patched(model_type: str, **apply_kwargs):
+    import moe_patch
+
+    stock = build(model_type)
+    patched = copy.deepcopy(stock)
+    moe_patch.apply(patched, **apply_kwargs)
+    return stock, patched
+
+
+def inputs(vocab=256, batch=2, seq=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
