@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import backends
+from . import backends, config
 from .errors import PatchError, UnsupportedModelError
 from .ops import attention as attention_op
 from .plan import Options, make_plan
-from .report import Record, Report
+from .records import Record, Report
 
 RECORD = "_moe_patch"
 
@@ -55,16 +55,23 @@ def plan_report(model, **flags) -> Report:
     return Report(make_plan(model, opts, _supports_sdpa(model)).rows)
 
 
-def apply(model, mesh=None, *, attention=True, rmsnorm=True, linear=True, experts=True, router=True,
-          skip=(), backend="auto", **parallel_options):
+def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, experts=None, router=None,
+          skip=None, backend=None, **parallel_options):
     """Rewrite `model` in place for fast MoE training and return it (the same object).
 
+    Every kind flag defaults to True, skip to (), backend to "auto"; an argument left out (None) is taken
+    from the environment (MOE_PATCH_DISABLE / MOE_PATCH_SKIP / MOE_PATCH_BACKEND) when set there.
     On any error the model is left exactly as it was. See README.md for the flags.
     """
+    given = dict(attention=attention, rmsnorm=rmsnorm, linear=linear, experts=experts, router=router, skip=skip,
+                 backend=backend)
+    flags = config.resolve(given)
+    skip = flags["skip"]
     if isinstance(skip, str):
         skip = (skip,)
-    opts = Options(attention, rmsnorm, linear, experts, router, skip if callable(skip) else tuple(skip), backend)
-    backends.check_backend_name(backend)
+    flags["skip"] = skip if callable(skip) else tuple(skip)
+    opts = Options(**flags)
+    backends.check_backend_name(opts.backend)
     _unwrap_check(model)
     existing = getattr(model, RECORD, None)
     if existing is not None:

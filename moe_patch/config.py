@@ -1,0 +1,50 @@
+"""apply() options from the environment. Precedence: explicit apply() arguments > environment > defaults.
+
+MOE_PATCH=1                       patch every model Transformers builds (see auto.py)
+MOE_PATCH_DISABLE=router,linear   kinds to leave alone
+MOE_PATCH_SKIP=lm_head,model.layers.0.*   module-path globs to leave alone
+MOE_PATCH_BACKEND=auto|torch|te|liger
+"""
+from __future__ import annotations
+
+import os
+
+from .errors import PatchError
+
+KINDS = ("attention", "rmsnorm", "linear", "experts", "router")
+BACKENDS = ("auto", "torch", "te", "liger")
+DEFAULTS = dict(attention=True, rmsnorm=True, linear=True, experts=True, router=True, skip=(), backend="auto")
+
+
+def _list(var: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(var, "").split(",") if item.strip()]
+
+
+def from_environment() -> dict:
+    """Only the options the environment sets; unknown values raise PatchError naming the variable."""
+    out = {}
+    disabled = _list("MOE_PATCH_DISABLE")
+    unknown = [k for k in disabled if k not in KINDS]
+    if unknown:
+        raise PatchError(f"MOE_PATCH_DISABLE: unknown kind(s) {unknown}; expected a comma-separated subset of {KINDS}")
+    for kind in disabled:
+        out[kind] = False
+    skip = _list("MOE_PATCH_SKIP")
+    if skip:
+        out["skip"] = tuple(skip)
+    backend = os.environ.get("MOE_PATCH_BACKEND", "").strip()
+    if backend:
+        if backend not in BACKENDS:
+            raise PatchError(f"MOE_PATCH_BACKEND: unknown backend {backend!r}; expected one of {BACKENDS}")
+        out["backend"] = backend
+    return out
+
+
+def resolve(explicit: dict) -> dict:
+    """explicit: apply()'s arguments, None meaning 'not given'."""
+    env = from_environment()
+    return {k: explicit[k] if explicit.get(k) is not None else env.get(k, DEFAULTS[k]) for k in DEFAULTS}
+
+
+def enabled() -> bool:
+    return os.environ.get("MOE_PATCH", "").strip().lower() not in ("", "0", "false", "no", "off")
