@@ -88,12 +88,12 @@ def unavailable(backend: str, device: torch.device) -> str | None:
     caps = capabilities()
     if backend == "torch":
         return None
-    if device.type != "cuda":
-        return f"{backend} needs a CUDA device (module is on {device.type})"
     if backend == "te" and not caps.te:
         return "transformer_engine is not installed (pip install 'moe_patch[te]')"
     if backend == "liger" and not caps.liger:
         return "liger_kernel is not installed (pip install 'moe_patch[liger]')"
+    if device.type != "cuda":
+        return f"{backend} needs a CUDA device (module is on {device.type})"
     return None
 
 

@@ -1,0 +1,98 @@
+"""Zero-code activation and the command line, each in a fresh interpreter as a user would run them."""
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+SCRIPT = """
+from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
+from moe_patch.shapes import tiny_config
+a = AutoModelForCausalLM.from_config(tiny_config('qwen3_moe'))
+b = Qwen3MoeForCausalLM(tiny_config('qwen3_moe'))
+for m in (a, b):
+    l0, l1 = m.model.layers
+    print(type(l0.mlp.experts).__name__, type(l1.mlp.experts).__name__, type(l0.mlp.gate).__name__,
+          hasattr(m, '_moe_patch'), hasattr(m.model, '_moe_patch'))
+"""
+
+
+def _run(code, **env):
+    full = {k: v for k, v in os.environ.items() if not k.startswith("MOE_PATCH")}
+    full.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+
+
+def test_pth_bootstrap_is_installed():
+    pth = Path(sysconfig.get_paths()["purelib"]) / "moe_patch_auto.pth"
+    assert pth.exists(), "install the package (pip install .) so that its start-up hook is in site-packages"
+
+
+def test_env_auto_patch_without_import():
+    out = _run(SCRIPT, MOE_PATCH="1", MOE_PATCH_DISABLE="router", MOE_PATCH_SKIP="model.layers.1.*")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    # outermost model patched once (not its inner model), layer 1 skipped, routers disabled
+    assert lines[0] == lines[1] == "GroupedExperts Qwen3MoeExperts Qwen3MoeTopKRouter True False"
+
+
+def test_without_env_nothing_happens():
+    out = _run(SCRIPT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "Qwen3MoeExperts Qwen3MoeExperts Qwen3MoeTopKRouter False False"
+
+
+def test_bad_env_value_never_breaks_the_host():
+    out = _run(SCRIPT, MOE_PATCH="1", MOE_PATCH_BACKEND="cuda-magic")
+    assert out.returncode == 0
+    assert "MOE_PATCH_BACKEND" in out.stderr
+
+
+def test_from_pretrained_with_loading_info(tmp_path):
+    code = f"""
+from transformers import AutoModelForCausalLM
+from moe_patch.shapes import tiny_config
+AutoModelForCausalLM.from_config(tiny_config('mixtral')).save_pretrained({str(tmp_path)!r})
+import moe_patch
+m, info = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, output_loading_info=True)
+print(moe_patch.is_patched(m), sorted(info))
+"""
+    out = _run(code, MOE_PATCH="1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("True ")
+
+
+def test_explicit_arguments_beat_environment(monkeypatch):
+    import moe_patch
+    from util import build
+
+    monkeypatch.setenv("MOE_PATCH_DISABLE", "router,experts")
+    model = build("qwen3_moe")
+    moe_patch.apply(model, experts=True)
+    rep = moe_patch.report(model)
+    assert rep.where(kind="router")[0].reason == "router=False"
+    assert rep.where(kind="experts")[0].status == "patched"
+    monkeypatch.setenv("MOE_PATCH_DISABLE", "routers")
+    with pytest.raises(moe_patch.PatchError, match="MOE_PATCH_DISABLE"):
+        moe_patch.apply(build("qwen3_moe"))
+
+
+def test_startup_cost_without_env_is_negligible():
+    """The .pth line with MOE_PATCH unset must not import moe_patch, torch or wrapt."""
+    out = _run("import sys; print(sorted(m for m in ('moe_patch', 'torch', 'wrapt') if m in sys.modules))")
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_env_and_report():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_PATCH")}
+    out = subprocess.run([sys.executable, "-m", "moe_patch", "env"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "grouped_mm" in out.stdout and "transformer_engine" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "moe_patch", "report", "qwen3_moe", "--disable", "router"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Qwen3MoeExperts" in out.stdout and "GroupedExperts" in out.stdout and "router=False" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "moe_patch", "report", "qwen3_moe", "--backend", "te"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2 and "transformer_engine" in out.stderr

@@ -1,0 +1,125 @@
+"""The Hugging Face workflow on a patched model, and misuse that must fail clearly and change nothing."""
+import copy
+
+import pytest
+import torch
+
+import moe_patch
+from util import build, inputs, rel_err
+
+
+def test_trainer_loss_matches_stock_step_for_step(tmp_path):
+    from datasets_free import tiny_dataset
+    from transformers import Trainer, TrainingArguments
+
+    losses = {}
+    for name in ("stock", "patched"):
+        model = build("qwen3_moe")
+        if name == "patched":
+            moe_patch.apply(model)
+        args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=4, per_device_train_batch_size=2,
+                                 learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no",
+                                 use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0)
+        trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset())
+        trainer.train()
+        losses[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses["stock"]) == 4
+    for a, b in zip(losses["stock"], losses["patched"]):
+        assert abs(a - b) <= 1e-4 * abs(a)
+
+
+def test_gradient_checkpointing():
+    stock = build("mixtral")
+    patched = copy.deepcopy(stock)
+    moe_patch.apply(patched)
+    for m in (stock, patched):
+        m.gradient_checkpointing_enable()
+        m.train()
+    ids = inputs()
+    ls, lp = stock(input_ids=ids, labels=ids).loss, patched(input_ids=ids, labels=ids).loss
+    ls.backward(), lp.backward()
+    assert rel_err(lp.detach(), ls.detach()) < 1e-5
+    g = dict(stock.named_parameters())
+    for n, p in patched.named_parameters():
+        if p.grad is not None:
+            assert rel_err(p.grad, g[n].grad) < 1e-4, n
+
+
+def test_generate_with_kv_cache():
+    stock = build("qwen2_moe").eval()
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    ids = inputs(batch=1, seq=5)
+    kw = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    assert torch.equal(stock.generate(ids, **kw), patched.generate(ids, **kw))
+
+
+def test_peft_lora_on_attention_projections():
+    peft = pytest.importorskip("peft")
+    model = moe_patch.apply(build("qwen3_moe"))
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids = inputs()
+    lora(input_ids=ids, labels=ids).loss.backward()
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    assert all(p.grad is not None for n, p in lora.named_parameters() if p.requires_grad)
+
+
+def test_torch_compile_of_patched_model():
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    compiled = torch.compile(patched, backend="eager")  # graph capture without a C++ toolchain
+    ids = inputs()
+    assert rel_err(compiled(ids).logits, stock(ids).logits) < 1e-5
+
+
+# --- misuse ----------------------------------------------------------------------------------------------
+
+def _modules(model):
+    return list(model.modules())
+
+
+def test_dense_model_patches_only_what_applies():
+    model = moe_patch.apply(build("llama"))
+    kinds = {r.kind for r in moe_patch.report(model) if r.status != "skipped"}
+    assert kinds == {"attention", "rmsnorm"}
+
+
+def test_compiled_model_is_refused_untouched():
+    model = build("qwen3_moe")
+    before = _modules(model)
+    with pytest.raises(moe_patch.UnsupportedModelError, match="torch.compile"):
+        moe_patch.apply(torch.compile(model, backend="eager"))
+    assert _modules(model) == before and not moe_patch.is_patched(model)
+
+
+def test_peft_wrapped_model_is_refused_untouched():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build("qwen3_moe"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    before = _modules(model)
+    with pytest.raises(moe_patch.UnsupportedModelError, match="PEFT"):
+        moe_patch.apply(model)
+    assert _modules(model) == before
+
+
+def test_ddp_wrapped_model_is_refused_untouched(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = build("qwen3_moe")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        before = _modules(model)
+        with pytest.raises(moe_patch.UnsupportedModelError, match="model.module"):
+            moe_patch.apply(ddp)
+        assert _modules(model) == before
+    finally:
+        dist.destroy_process_group()
+
+
+def test_quantized_model_is_refused():
+    model = build("qwen3_moe")
+    model.config.quantization_config = {"quant_method": "bitsandbytes"}
+    before = _modules(model)
+    with pytest.raises(moe_patch.UnsupportedModelError, match="quantized"):
+        moe_patch.apply(model)
+    assert _modules(model) == before
