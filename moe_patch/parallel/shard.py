@@ -1,16 +1,103 @@
-"""Expert sharding over mesh["ep"]. (Filled in by the expert-parallel work.)"""
+"""Expert parallelism: keep this rank's contiguous block of experts, install the token dispatcher.
+
+EP rank r keeps experts [r*E/ep, (r+1)*E/ep) as the first dimension of the same Parameter objects (their
+storage is replaced by the block, the rest is freed). state_dict() of an expert-parallel model gathers the
+full expert tensors (a collective: call it, or save_pretrained, on every rank; pass
+is_main_process=rank == 0 so one process writes), and load_state_dict() accepts full tensors and keeps the
+local block, so a standard Hugging Face checkpoint goes in and out unchanged.
+"""
 from __future__ import annotations
 
-from ..errors import MeshError
+import torch
+import torch.distributed as dist
+
+from ..errors import MeshError, PatchError
+from ..ops.experts import GroupedExperts
+from .dispatch import DISPATCHERS
 
 
-def validate(model, mesh) -> None:
-    raise MeshError("expert parallelism is not available yet in this version of moe_patch")
+def _ep_mesh(mesh):
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    if "ep" not in names:
+        raise MeshError(f"the mesh needs an 'ep' dimension (mesh_dim_names={tuple(names)}); "
+                        "e.g. init_device_mesh('cuda', (n,), mesh_dim_names=('ep',))")
+    return mesh["ep"]
 
 
-def check_plan(plan, mesh) -> None:  # pragma: no cover
-    pass
+def _expert_count(module) -> int | None:
+    for name in ("gate_up_proj", "up_proj"):
+        p = getattr(module, name, None)
+        if isinstance(p, torch.nn.Parameter) and p.dim() == 3:
+            return p.shape[0]
+    return None
 
 
-def shard(model, mesh, record, **options):  # pragma: no cover
-    return []
+def validate(model, mesh, dispatcher: str = "all_to_all") -> None:
+    if dispatcher not in DISPATCHERS:
+        raise PatchError(f"dispatcher must be one of {sorted(DISPATCHERS)}, got {dispatcher!r}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise MeshError("expert parallelism needs torch.distributed initialised (torchrun + init_process_group)")
+    ep = _ep_mesh(mesh).size()
+    for path, module in model.named_modules():
+        if hasattr(module, "has_gate") and hasattr(module, "is_transposed"):
+            n = _expert_count(module)
+            if n is not None and n % ep:
+                raise MeshError(f"{path}: {n} experts cannot be split evenly over ep={ep} ranks")
+
+
+def check_plan(plan, mesh) -> None:
+    unpatched = [r.path for r in plan.rows if r.kind == "experts" and r.status == "skipped"]
+    if unpatched:  # they would run replicated: correct, but not what a user passing a mesh expects silently
+        for r in plan.rows:
+            if r.kind == "experts" and r.status == "skipped":
+                r.reason += " (kept whole on every rank: not expert-parallel)"
+
+
+def _block(tensor, rank, size):
+    n = tensor.shape[0] // size
+    return tensor[rank * n:(rank + 1) * n]
+
+
+def shard(model, mesh, record, dispatcher: str = "all_to_all"):
+    ep_mesh = _ep_mesh(mesh)
+    group, rank, size = ep_mesh.get_group(), ep_mesh.get_local_rank(), ep_mesh.size()
+    sharded = []
+    for _, _, module in record.swaps:
+        if not isinstance(module, GroupedExperts):
+            continue
+        expert_params = [n for n, p in module.named_parameters(recurse=False)
+                         if p.dim() >= 2 and p.shape[0] == module.num_experts]
+        with torch.no_grad():
+            for name in expert_params:
+                param = module._parameters[name]
+                param.data = _block(param.data, rank, size).clone()  # same Parameter, only the block kept
+        module.num_global_experts = module.num_experts
+        module.num_experts = module.num_experts // size
+        module.dispatcher = DISPATCHERS[dispatcher](group, size, module.num_experts)
+        module._ep = (group, rank, size, tuple(expert_params))
+        module._register_state_dict_hook(_gather_on_save)
+        module._register_load_state_dict_pre_hook(_slice_on_load, with_module=True)
+        sharded.append(module)
+    for path, row in ((r.path, r) for r in record.rows if r.kind == "experts" and r.status != "skipped"):
+        row.replacement += f" + ep{size}/{dispatcher}"
+    return sharded
+
+
+def _gather_on_save(module, state_dict, prefix, local_metadata):
+    group, rank, size, names = module._ep
+    for name in names:
+        key = prefix + name
+        local = state_dict[key]
+        parts = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        state_dict[key] = torch.cat(parts)
+    return state_dict
+
+
+def _slice_on_load(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    group, rank, size, names = module._ep
+    for name in names:
+        key = prefix + name
+        full = state_dict.get(key)
+        if full is not None and full.shape[0] == module.num_global_experts != module.num_experts:
+            state_dict[key] = _block(full, rank, size)

@@ -1,0 +1,160 @@
+"""Run under torchrun (gloo, CPU): expert parallelism against the unsharded stock model.
+
+    torchrun --nproc_per_node 2 tests/dist_ep.py qwen3_moe mixtral ...
+Exits non-zero on the first mismatch; every check runs on every rank.
+"""
+import copy
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+sys.path.insert(0, os.path.dirname(__file__))
+import moe_patch  # noqa: E402
+from moe_patch.ops.experts import GroupedExperts  # noqa: E402
+from util import build, rel_err  # noqa: E402
+
+
+def check(cond, msg):
+    if not cond:
+        raise AssertionError(f"rank {dist.get_rank()}: {msg}")
+
+
+def expert_names(model):
+    return {n for n, m in model.named_modules() if isinstance(m, GroupedExperts)}
+
+
+def summed(grad):
+    g = grad.clone()
+    dist.all_reduce(g)
+    return g
+
+
+def block(t, rank, size):
+    n = t.shape[0] // size
+    return t[rank * n:(rank + 1) * n]
+
+
+def compare_grads(stock, patched, rank, size, experts):
+    s_params = dict(stock.named_parameters())
+    for name, p in patched.named_parameters():
+        gs = s_params[name].grad
+        gs = torch.zeros_like(s_params[name]) if gs is None else gs
+        owner = name.rpartition(".")[0]
+        if owner in experts and p.shape != s_params[name].shape:  # sharded: sum over every rank's batch
+            gs = block(summed(gs), rank, size)
+        gp = p.grad if p.grad is not None else torch.zeros_like(p)
+        check(rel_err(gp, gs) < GTOL, f"gradient of {name}: rel err {rel_err(gp, gs):.2e}")
+
+
+DEVICE = torch.device(os.environ.get("EP_TEST_DEVICE", "cpu"))
+DTYPE = getattr(torch, os.environ.get("EP_TEST_DTYPE", "float32"))
+TOL, GTOL = (1e-5, 1e-4) if DTYPE == torch.float32 else (2e-2, 2e-2)
+
+
+def run_family(model_type, mesh, rank, size):
+    stock = build(model_type, dtype=DTYPE).to(DEVICE)
+    patched = copy.deepcopy(stock)
+    moe_patch.apply(patched, mesh=mesh)
+    experts = expert_names(patched)
+    check(experts, "no experts were patched")
+    for name in experts:
+        m = dict(patched.named_modules())[name]
+        check(m.num_experts * size == m.num_global_experts and m.dispatcher.name == "all_to_all", "not sharded")
+
+    # 1. whole model, uneven batches per rank (rank r: r+1 sequences of 7+2r tokens)
+    g = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randint(0, 256, (rank + 1, 7 + 2 * rank), generator=g).to(DEVICE)
+    out_s = stock(input_ids=ids, labels=ids)
+    out_p = patched(input_ids=ids, labels=ids)
+    check(rel_err(out_p.logits, out_s.logits) < TOL, f"logits rel err {rel_err(out_p.logits, out_s.logits):.2e}")
+    out_s.loss.backward()
+    out_p.loss.backward()
+    compare_grads(stock, patched, rank, size, experts)
+
+    # 2. adversarial routings straight into one experts module: everything to rank 0's experts,
+    #    rank 1 sending no token at all, and everything to the last expert
+    name = sorted(experts)[0]
+    s_mod, p_mod = dict(stock.named_modules())[name], dict(patched.named_modules())[name]
+    e, k = p_mod.num_global_experts, 2
+    hidden = (s_mod.gate_up_proj if p_mod.has_gate else s_mod.up_proj).shape[1 if p_mod.is_transposed else 2]
+    for case in ("to_rank0", "rank1_empty", "last_expert", "random"):
+        gen = torch.Generator().manual_seed(7 + rank)
+        t = 0 if (case == "rank1_empty" and rank == 1) else 5 + rank
+        if case == "to_rank0":
+            idx = torch.stack([torch.randperm(e // size, generator=gen)[:k] for _ in range(t)])
+        elif case == "last_expert":
+            idx = torch.tensor([[e - 1, e - 2]] * t, dtype=torch.long)
+        else:
+            idx = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)]) if t else \
+                torch.zeros(0, k, dtype=torch.long)
+        idx = idx.to(DEVICE)
+        x = torch.randn(t, hidden, generator=gen).to(DEVICE, DTYPE)
+        w = torch.rand(t, k, generator=gen).to(DEVICE, DTYPE)
+        stock.zero_grad(), patched.zero_grad()
+        xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ys, yp = s_mod(xs, idx, w), p_mod(xp, idx, w)
+        check(rel_err(yp, ys) < TOL, f"{case}: output rel err {rel_err(yp, ys):.2e}")
+        probe = torch.randn(ys.shape, generator=gen).to(DEVICE, DTYPE)
+        (ys * probe).sum().backward()
+        (yp * probe).sum().backward()
+        if t:
+            check(rel_err(xp.grad, xs.grad) < GTOL, f"{case}: input gradient")
+        for pname, p in p_mod.named_parameters(recurse=False):
+            gs = getattr(s_mod, pname).grad
+            gs = torch.zeros_like(getattr(s_mod, pname)) if gs is None else gs
+            check(rel_err(p.grad, block(summed(gs), rank, size)) < GTOL, f"{case}: gradient of {pname}")
+
+    # 3. checkpoint: save_pretrained gathers the experts; stock Transformers loads it; loading back works
+    from transformers import AutoModelForCausalLM
+
+    tmp = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(tmp)
+    patched.save_pretrained(tmp[0], is_main_process=rank == 0)
+    dist.barrier()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp[0], dtype=DTYPE).to(DEVICE)
+    check(rel_err(reloaded(ids).logits, stock(ids).logits) < TOL, "checkpoint saved from EP model differs")
+    fresh = build(model_type, seed=5, dtype=DTYPE).to(DEVICE)
+    moe_patch.apply(fresh, mesh=mesh)
+    fresh.load_state_dict(reloaded.state_dict())
+    check(rel_err(fresh(ids).logits, stock(ids).logits) < TOL, "loading full weights into sharded model")
+    dist.barrier()
+
+
+def main():
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    if DEVICE.type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        globals()["DEVICE"] = torch.device("cuda", torch.cuda.current_device())
+    mesh = init_device_mesh(DEVICE.type, (size,), mesh_dim_names=("ep",))
+    torch.manual_seed(0)
+    for model_type in sys.argv[1:]:
+        run_family(model_type, mesh, rank, size)
+        if rank == 0:
+            print(f"ok {model_type} ep={size}", flush=True)
+    # misuse: a mesh without 'ep', an EP size that does not divide the experts; the model stays untouched
+    model = build("qwen3_moe", num_experts=8 if size != 3 else 9)
+    before = list(model.modules())
+    bad = init_device_mesh(DEVICE.type, (size,), mesh_dim_names=("dp",))
+    try:
+        moe_patch.apply(model, mesh=bad)
+        check(False, "mesh without ep accepted")
+    except moe_patch.MeshError as exc:
+        check("'ep'" in str(exc), str(exc))
+    check(list(model.modules()) == before and not moe_patch.is_patched(model), "model touched")
+    if size > 1:
+        odd = build("mixtral", num_local_experts=size * 2 + 1)
+        try:
+            moe_patch.apply(odd, mesh=mesh)
+            check(False, "uneven expert split accepted")
+        except moe_patch.MeshError as exc:
+            check("evenly" in str(exc), str(exc))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
