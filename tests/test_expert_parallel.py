@@ -18,14 +18,15 @@ def torchrun(nproc, families):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     for family in families:
-        assert f"ok {family} ep={nproc}" in out.stdout
+        expected = f"ok fsdp {family[5:]} ep={nproc}" if family.startswith("fsdp:") else f"ok {family} ep={nproc}"
+        assert expected in out.stdout
 
 
 @pytest.mark.distributed
 def test_expert_parallel_2_ranks_every_family():
-    torchrun(2, MOE_FAMILIES)
+    torchrun(2, MOE_FAMILIES + ["fsdp:qwen3_moe", "fsdp:gpt_oss"])
 
 
 @pytest.mark.distributed
 def test_expert_parallel_4_ranks():
-    torchrun(4, ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+    torchrun(4, ["qwen3_moe", "deepseek_v3", "gpt_oss", "fsdp:deepseek_v3"])

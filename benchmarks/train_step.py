@@ -1,0 +1,166 @@
+"""One-GPU training-step benchmark: stock Transformers vs moe_patch, each in its own process.
+
+    python benchmarks/train_step.py --shape qwen3-30b-a3b --layers 8 --seq 4096 --batch 4 \
+        --variants stock,patched --json train_step.json --png train_step.png
+
+Random weights, bf16, fused AdamW, the same random tokens for every variant. Prints tokens/s, TFLOP/s
+(6 x active parameters per token + causal attention), peak GiB and fwd / bwd / optimizer ms (medians).
+Variants: stock | patched (moe_patch.apply, backend auto) | patched-torch (backend="torch").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def active_params(model, config) -> float:
+    """Matmul parameters a token goes through: everything but embeddings, experts scaled by top_k / E."""
+    total = 0.0
+    for name, p in model.named_parameters():
+        if "embed" in name:
+            continue
+        if p.dim() == 3:  # fused experts [E, ...]
+            total += p.numel() * config.num_experts_per_tok / p.shape[0]
+        else:
+            total += p.numel()
+    return total
+
+
+def attention_flops_per_token(config, seq) -> float:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    # QK^T and PV: 2 matmuls x 2 flops x seq x (heads x head_dim); causal halves it; training = 3x forward
+    return 3 * 2 * 2 * seq * heads * head_dim * config.num_hidden_layers / 2
+
+
+def child(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from moe_patch.shapes import named_config
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = named_config(args.shape, layers=args.layers)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    info = {}
+    if args.child.startswith("patched"):
+        import moe_patch
+
+        backend = "torch" if args.child == "patched-torch" else "auto"
+        moe_patch.apply(model, backend=backend)
+        info["report"] = moe_patch.report(model).summary()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
+    fwd, bwd, step, losses = [], [], [], []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        loss.backward()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        losses.append(loss.item())
+        if i >= args.warmup:
+            fwd.append(t1 - t0), bwd.append(t2 - t1), step.append(t3 - t2)
+    total = statistics.median([a + b + c for a, b, c in zip(fwd, bwd, step)])
+    tokens = args.batch * args.seq
+    flops = (6 * active_params(model, config) + attention_flops_per_token(config, args.seq)) * tokens
+    return dict(variant=args.child, tokens_per_s=tokens / total, tflops=flops / total / 1e12,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30, fwd_ms=statistics.median(fwd) * 1e3,
+                bwd_ms=statistics.median(bwd) * 1e3, optim_ms=statistics.median(step) * 1e3, losses=losses,
+                gpu=torch.cuda.get_device_name(), torch=torch.__version__, **info)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="qwen3-30b-a3b")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--variants", default="stock,patched")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--png", default=None)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return
+    results = []
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", variant]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if out.returncode != 0 or not line:
+            print(f"{variant}: failed\n{out.stderr[-4000:]}", file=sys.stderr)
+            results.append(dict(variant=variant, error=out.stderr[-2000:]))
+            continue
+        results.append(json.loads(line[0][7:]))
+    print_table(results, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), results=results), f, indent=1)
+    if args.png:
+        chart(results, args.png)
+
+
+def print_table(results, args):
+    ok = [r for r in results if "error" not in r]
+    base = next((r for r in ok if r["variant"] == "stock"), None)
+    print(f"\n{args.shape}, {args.layers} layers, seq {args.seq}, micro-batch {args.batch}, bf16, fused AdamW"
+          f" ({ok[0]['gpu'] if ok else '?'})")
+    head = f"{'variant':<14} {'tokens/s':>9} {'TFLOP/s':>8} {'peak GiB':>9} {'fwd ms':>7} {'bwd ms':>7} " \
+           f"{'optim ms':>8} {'speed-up':>8} {'memory':>7}"
+    print(head + "\n" + "-" * len(head))
+    for r in ok:
+        up = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        mem = r["peak_gib"] / base["peak_gib"] if base else float("nan")
+        print(f"{r['variant']:<14} {r['tokens_per_s']:>9,.0f} {r['tflops']:>8.0f} {r['peak_gib']:>9.1f} "
+              f"{r['fwd_ms']:>7.1f} {r['bwd_ms']:>7.1f} {r['optim_ms']:>8.1f} {up:>7.2f}x {mem:>6.2f}x")
+    for r in ok:
+        print(f"{r['variant']:<14} loss " + " ".join(f"{x:.4f}" for x in r["losses"][:8]))
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:<14} FAILED (see stderr)")
+
+
+def chart(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart", file=sys.stderr)
+        return
+    ok = [r for r in results if "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    names = [r["variant"] for r in ok]
+    axes[0].bar(names, [r["tokens_per_s"] for r in ok])
+    axes[0].set_title("tokens/s")
+    axes[1].bar(names, [r["peak_gib"] for r in ok])
+    axes[1].set_title("peak GiB")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()

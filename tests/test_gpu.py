@@ -1,0 +1,44 @@
+"""bf16 on a CUDA GPU: every replacement against the stock model (rel. error < 2e-2), per family."""
+import copy
+
+import pytest
+import torch
+
+import moe_patch
+from util import FAMILIES, build, rel_err
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _run(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_bf16_model_matches_stock(model_type, backend):
+    stock = build(model_type, dtype=torch.bfloat16).cuda()
+    patched = moe_patch.apply(copy.deepcopy(stock), backend=backend)
+    ids = torch.randint(0, 256, (2, 64), device="cuda")
+    logits_s, grads_s = _run(stock, ids)
+    logits_p, grads_p = _run(patched, ids)
+    assert rel_err(logits_p, logits_s) < 2e-2
+    bad = {n: rel_err(grads_p[n], g) for n, g in grads_s.items() if rel_err(grads_p[n], g) >= 2e-2}
+    assert not bad, bad
+
+
+def test_gpu_backends_reported():
+    model = moe_patch.apply(build("qwen3_moe", dtype=torch.bfloat16).cuda())
+    rows = moe_patch.report(model)
+    experts = rows.where(kind="experts")[0]
+    assert experts.status == "patched" and experts.backend == "torch"
+    norm = rows.where(kind="rmsnorm")[0]
+    from moe_patch.backends import capabilities
+
+    assert norm.backend == ("liger" if capabilities().liger else "torch")
+    attn = rows.where(kind="attention")[0]
+    assert "cudnn" in attn.replacement
