@@ -15,14 +15,14 @@ import torch
 from .errors import BackendUnavailableError, PatchError
 
 BACKENDS = ("auto", "torch", "te", "liger")
-KINDS = ("attention", "rmsnorm", "linear", "experts", "router")
+KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss")
 
 # Which kinds each backend implements today. torch implements every kind (for "linear" that means
 # keeping nn.Linear, which already is cuBLAS on GPU). A backend missing here for a kind is skipped by
 # "auto" with a reason, and is an error when asked for by name.
 IMPLEMENTED = {
     "torch": frozenset(KINDS),
-    "liger": frozenset({"rmsnorm"}),
+    "liger": frozenset({"rmsnorm", "loss"}),
     "te": frozenset(),
 }
 

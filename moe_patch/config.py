@@ -11,9 +11,10 @@ import os
 
 from .errors import PatchError
 
-KINDS = ("attention", "rmsnorm", "linear", "experts", "router")
+KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss")
 BACKENDS = ("auto", "torch", "te", "liger")
-DEFAULTS = dict(attention=True, rmsnorm=True, linear=True, experts=True, router=True, skip=(), backend="auto")
+DEFAULTS = dict(attention=True, rmsnorm=True, linear=True, experts=True, router=True, loss=True, skip=(),
+                backend="auto")
 
 
 def _list(var: str) -> list[str]:

@@ -6,6 +6,7 @@ from torch import nn
 from . import backends, config
 from .errors import PatchError, UnsupportedModelError
 from .ops import attention as attention_op
+from .ops import loss as loss_op
 from .plan import Options, make_plan
 from .records import Record, Report
 
@@ -55,7 +56,7 @@ def plan_report(model, **flags) -> Report:
     return Report(make_plan(model, opts, _supports_sdpa(model)).rows)
 
 
-def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, experts=None, router=None,
+def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, experts=None, router=None, loss=None,
           skip=None, backend=None, **parallel_options):
     """Rewrite `model` in place for fast MoE training and return it (the same object).
 
@@ -63,8 +64,8 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     from the environment (MOE_PATCH_DISABLE / MOE_PATCH_SKIP / MOE_PATCH_BACKEND) when set there.
     On any error the model is left exactly as it was. See README.md for the flags.
     """
-    given = dict(attention=attention, rmsnorm=rmsnorm, linear=linear, experts=experts, router=router, skip=skip,
-                 backend=backend)
+    given = dict(attention=attention, rmsnorm=rmsnorm, linear=linear, experts=experts, router=router, loss=loss,
+                 skip=skip, backend=backend)
     flags = config.resolve(given)
     skip = flags["skip"]
     if isinstance(skip, str):
@@ -97,6 +98,7 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
         parent_of[path] = (named[parent_path] if parent_path else model, child)
     built = [(a, a.factory(a.module)) for a in plan.actions if a.factory is not None]
     attn = [a for a in plan.actions if a.attention_impl is not None]
+    fused_loss = [a for a in plan.actions if a.loss_backend is not None]
 
     # swap
     record = Record(options=opts, rows=plan.rows, mesh=mesh)
@@ -112,19 +114,24 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
         for cfg in {id(a.module.config): a.module.config for a in attn}.values():
             record.configs.append((cfg, cfg._attn_implementation))
             cfg._attn_implementation = attention_op.NAME
+    for action in fused_loss:
+        model.forward = loss_op.FusedLossForward(model, action.loss_backend)
+        record.forward_replaced = True
     # shard
     if mesh is not None:
         try:
             record.sharded = shard_mod.shard(model, mesh, record, **parallel_options)
         except Exception:
-            _undo(record)
+            _undo(record, model)
             raise
     # record
     setattr(model, RECORD, record)
     return model
 
 
-def _undo(record: Record) -> None:
+def _undo(record: Record, model=None) -> None:
+    if record.forward_replaced and model is not None and "forward" in vars(model):
+        del model.forward
     for parent, child, new in reversed(record.swaps):
         setattr(parent, child, new.give_back())
     for module in record.attention_modules:
@@ -141,6 +148,6 @@ def revert(model):
     if record.sharded:
         raise PatchError("revert of an expert-parallel model is not supported: its experts are sharded; "
                          "save_pretrained() writes the full checkpoint, reload it to get a stock model")
-    _undo(record)
+    _undo(record, model)
     delattr(model, RECORD)
     return model

@@ -16,7 +16,7 @@ from torch import nn
 from . import backends, probe
 from .errors import PatchError
 from .families import tables
-from .ops import attention, experts, rmsnorm, router
+from .ops import attention, experts, loss, rmsnorm, router
 from .ops.base import Replacement
 
 
@@ -37,6 +37,7 @@ class Action:
     module: nn.Module
     factory: Callable[[nn.Module], nn.Module] | None = None  # module swaps
     attention_impl: str | None = None  # attention: the implementation it had
+    loss_backend: str | None = None  # loss: the root model's forward gets the fused loss
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Options:
     linear: bool = True
     experts: bool = True
     router: bool = True
+    loss: bool = True
     skip: tuple | Callable = ()
     backend: str = "auto"
 
@@ -60,7 +62,7 @@ class Plan:
 
 
 def _device(module: nn.Module) -> torch.device:
-    for t in module.parameters(recurse=False):
+    for t in module.parameters():  # first parameter, children included (attention holds none itself)
         if t.device.type == "meta":  # planning a meta model: report what this machine would do
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return t.device
@@ -119,7 +121,7 @@ def _propose_rmsnorm(module, backend):
     declared = tables().rmsnorm.get(name)
     reasons = []
     for variant in ([declared] if declared else list(rmsnorm.VARIANTS)):
-        why = probe.proven_equal(module, lambda m, v=variant: rmsnorm.TorchRMSNorm(m, v),
+        why = probe.proven_equal(module, lambda m, v=variant: rmsnorm.TorchRMSNorm.build(m, v),
                                  module.weight.shape[0], ("rmsnorm", variant))
         if why is None:
             cls = "LigerRMSNorm" if backend == "liger" else "TorchRMSNorm"
@@ -135,11 +137,11 @@ def _propose_router(module, backend):
     spec = tables().router.get(name)
     if spec is None:
         return None, "", f"no router spec for {name} in patches/: stock router kept"
-    why = probe.proven_equal(module, lambda m: router.TopKRouter(m, spec), module.weight.shape[1],
+    why = probe.proven_equal(module, lambda m: router.TopKRouter.build(m, spec), module.weight.shape[1],
                              ("router", repr(sorted(spec.items()))))
     if why is not None:
         return None, "", f"router spec not proven equal: {why}"
-    return (lambda m: router.TopKRouter(m, spec)), f"TopKRouter({spec['score']})", ""
+    return (lambda m: router.TopKRouter.build(m, spec)), f"TopKRouter({spec['score']})", ""
 
 
 def _propose_experts(module, backend):
@@ -163,7 +165,7 @@ def _propose_experts(module, backend):
         return None, "", "gated experts without _apply_gate"
     if not flags["has_gate"] and not hasattr(module, "act_fn"):
         return None, "", "non-gated experts without act_fn"
-    return (lambda m: experts.GroupedExperts(m, flags)), "GroupedExperts(grouped_mm)", ""
+    return (lambda m: experts.GroupedExperts.build(m, flags)), "GroupedExperts(grouped_mm)", ""
 
 
 def _propose_linear(module, backend):
@@ -174,8 +176,34 @@ PROPOSE = {"rmsnorm": _propose_rmsnorm, "router": _propose_router, "experts": _p
            "linear": _propose_linear}
 
 
+def _plan_loss(model, opts, plan) -> None:
+    if not hasattr(model, "lm_head"):
+        return  # not a causal LM: no loss to fuse
+    row = Row("", "loss", type(model).__name__, "", "", "skipped")
+    plan.rows.append(row)
+    if not opts.loss:
+        row.reason = "loss=False"
+        return
+    user_skip = _skipped_by_user("lm_head", model.lm_head, opts.skip) if not callable(opts.skip) else (
+        "skip callable returned True" if opts.skip("", model) else None)
+    if user_skip:
+        row.reason = user_skip
+        return
+    why = loss.why_not(model)
+    if why:
+        row.reason = why
+        return
+    device = _device(model.lm_head)
+    backend, fallback_reason = backends.choose(opts.backend, "loss", device)
+    row.replacement = "FusedLinearCrossEntropy(" + ("liger" if backend == "liger" else "torch, chunked") + ")"
+    row.backend = backend
+    row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")
+    plan.actions.append(Action(row, model, loss_backend=backend))
+
+
 def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool) -> Plan:
     plan = Plan()
+    _plan_loss(model, opts, plan)
     claimed: list[str] = []  # replaced modules' paths: their children belong to them
     for path, module in model.named_modules():
         if isinstance(module, Replacement) or any(path.startswith(c + ".") for c in claimed):

@@ -58,3 +58,4 @@ class Record:
     configs: list = field(default_factory=list)  # (config, attention implementation before)
     mesh: object = None
     sharded: list = field(default_factory=list)  # expert modules sharded over the mesh
+    forward_replaced: bool = False  # the fused loss's instance-level forward

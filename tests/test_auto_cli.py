@@ -14,7 +14,7 @@ a = AutoModelForCausalLM.from_config(tiny_config('qwen3_moe'))
 b = Qwen3MoeForCausalLM(tiny_config('qwen3_moe'))
 for m in (a, b):
     l0, l1 = m.model.layers
-    print(type(l0.mlp.experts).__name__, type(l1.mlp.experts).__name__, type(l0.mlp.gate).__name__,
+    print(type(l0.mlp.experts).__name__.split("[")[0], type(l1.mlp.experts).__name__, type(l0.mlp.gate).__name__,
           hasattr(m, '_moe_patch'), hasattr(m.model, '_moe_patch'))
 """
 

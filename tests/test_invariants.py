@@ -106,14 +106,14 @@ def test_skip_patterns_callable_and_kind_flags():
         elif row.path.startswith("model.layers.0.") or row.path == "model.norm":
             assert row.status == "skipped" and "skip pattern" in row.reason
     assert type(model.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
-    assert type(model.model.layers[1].mlp.experts).__name__ == "GroupedExperts"
+    assert type(model.model.layers[1].mlp.experts).__name__ == "GroupedExperts[Qwen3MoeExperts]"
     # skipped attention layer keeps the stock implementation through the registered dispatcher
     assert rep.where(path="model.layers.0.self_attn")[0].status == "skipped"
 
     model2 = build("qwen3_moe")
     moe_patch.apply(model2, skip=lambda path, module: path.endswith("experts") and ".1." in path)
     assert type(model2.model.layers[1].mlp.experts).__name__ == "Qwen3MoeExperts"
-    assert type(model2.model.layers[0].mlp.experts).__name__ == "GroupedExperts"
+    assert type(model2.model.layers[0].mlp.experts).__name__ == "GroupedExperts[Qwen3MoeExperts]"
 
 
 def test_partially_skipped_attention_still_matches_stock():
@@ -132,7 +132,7 @@ def test_report_rows_and_table():
     assert (row.original, row.backend, row.status) == ("Qwen2MoeExperts", "torch", "patched")
     text = str(rep)
     assert "path" in text.splitlines()[0] and "Qwen2MoeExperts" in text and "experts:" in text
-    assert {r.kind for r in rep} == {"attention", "rmsnorm", "linear", "experts", "router"}
+    assert {r.kind for r in rep} == {"attention", "rmsnorm", "linear", "experts", "router", "loss"}
     assert all(r.status in ("patched", "skipped", "fallback") for r in rep)
 
 

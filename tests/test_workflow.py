@@ -81,7 +81,7 @@ def _modules(model):
 def test_dense_model_patches_only_what_applies():
     model = moe_patch.apply(build("llama"))
     kinds = {r.kind for r in moe_patch.report(model) if r.status != "skipped"}
-    assert kinds == {"attention", "rmsnorm"}
+    assert kinds == {"attention", "rmsnorm", "loss"}
 
 
 def test_compiled_model_is_refused_untouched():

@@ -39,11 +39,16 @@ def rel_err(a, b) -> float:
 
 
 def run(model, input_ids, labels=None):
+    """Logits from a forward without labels; loss and gradients from a training forward with labels
+    (where a patched model takes the fused-loss path and returns no logits)."""
+    model.train()
     model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
     out = model(input_ids=input_ids, labels=labels if labels is not None else input_ids)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), out.loss.detach(), grads
+    return logits, out.loss.detach(), grads
 
 
 def stock_and_patched(model_type: str, **apply_kwargs):

@@ -6,14 +6,29 @@ optimizer built before apply() still updates the weights the patched model uses.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 from torch import nn
+
+
+@lru_cache(maxsize=None)
+def _combined(impl: type, original_cls: type) -> type:
+    """impl first in the MRO (its forward runs), the original class second, so that isinstance checks in
+    Transformers (output recorders for router logits, weight init, ...) still see the family's class."""
+    name = f"{impl.__name__}[{original_cls.__name__}]"
+    return type(name, (impl, original_cls), {"__module__": impl.__module__, "__qualname__": name})
 
 
 class Replacement(nn.Module):
     kind: str = ""
 
+    @classmethod
+    def build(cls, original: nn.Module, *args, **kwargs):
+        """Construct the replacement for `original` (an instance of the original's class too)."""
+        return _combined(cls, type(original))(original, *args, **kwargs)
+
     def __init__(self, original: nn.Module):
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): the original class's __init__ must not run
         for name, param in original._parameters.items():
             self.register_parameter(name, param)
         for name, buf in original._buffers.items():

@@ -51,5 +51,5 @@ def make(original, variant: str, backend: str):
     if backend == "liger":
         from .liger import LigerRMSNorm  # lazy: triton / liger only on GPU machines
 
-        return LigerRMSNorm(original, variant)
-    return TorchRMSNorm(original, variant)
+        return LigerRMSNorm.build(original, variant)
+    return TorchRMSNorm.build(original, variant)

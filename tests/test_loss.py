@@ -1,0 +1,72 @@
+"""The fused linear-cross-entropy loss: exact against stock, and the documented effect on outputs."""
+import copy
+
+import pytest
+import torch
+
+import moe_patch
+from util import build, inputs, rel_err
+
+
+def test_training_with_labels_builds_no_logits_and_eval_is_stock():
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    ids = inputs()
+    out = patched(input_ids=ids, labels=ids)
+    assert out.logits is None and out.loss is not None
+    patched.eval()
+    stock.eval()
+    out = patched(input_ids=ids, labels=ids)  # eval: stock path, logits present
+    ref = stock(input_ids=ids, labels=ids)
+    assert rel_err(out.logits, ref.logits) < 1e-5 and rel_err(out.loss, ref.loss) < 1e-5
+
+
+def test_router_aux_loss_and_ignored_labels_and_num_items():
+    stock = build("mixtral", output_router_logits=True, router_aux_loss_coef=0.02)
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    ids = inputs()
+    labels = ids.clone()
+    labels[:, :4] = -100
+    for kw in ({}, {"num_items_in_batch": torch.tensor(9)}):
+        ls = stock(input_ids=ids, labels=labels, **kw)
+        lp = patched(input_ids=ids, labels=labels, **kw)
+        assert lp.aux_loss is not None
+        assert rel_err(lp.loss, ls.loss) < 1e-5
+        ls.loss.backward()
+        lp.loss.backward()
+    g = dict(stock.named_parameters())
+    for n, p in patched.named_parameters():
+        assert rel_err(p.grad, g[n].grad) < 1e-4, n
+
+
+def test_families_with_logit_transforms_keep_the_stock_loss():
+    model = moe_patch.apply(build("granitemoe", logits_scaling=4.0))
+    (row,) = moe_patch.report(model).where(kind="loss")
+    assert row.status == "skipped" and "logits_scaling" in row.reason
+    ids = inputs()
+    assert model(input_ids=ids, labels=ids).logits is not None
+
+
+def test_loss_opt_out_and_revert():
+    model = build("qwen3_moe")
+    moe_patch.apply(model, loss=False)
+    assert "forward" not in vars(model)
+    moe_patch.revert(model)
+    moe_patch.apply(model)
+    assert "forward" in vars(model)
+    moe_patch.revert(model)
+    assert "forward" not in vars(model)
+    ids = inputs()
+    assert model(input_ids=ids, labels=ids).logits is not None
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_chunking_covers_every_row(monkeypatch, rows):
+    from moe_patch.ops import loss
+
+    monkeypatch.setattr(loss, "CHUNK_ROWS", rows)  # many chunks, last one partial
+    stock = build("olmoe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    ids = inputs(seq=7)
+    ls, lp = stock(input_ids=ids, labels=ids).loss, patched(input_ids=ids, labels=ids).loss
+    assert rel_err(lp, ls) < 1e-5
