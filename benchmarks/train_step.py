@@ -81,6 +81,15 @@ def child(args) -> dict:
             fwd.append(t1 - t0), bwd.append(t2 - t1), step.append(t3 - t2)
     total = statistics.median([a + b + c for a, b, c in zip(fwd, bwd, step)])
     tokens = args.batch * args.seq
+    if args.profile:  # one more step under the profiler: where the GPU time goes
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile), file=sys.stderr)
     flops = (6 * active_params(model, config) + attention_flops_per_token(config, args.seq)) * tokens
     return dict(variant=args.child, tokens_per_s=tokens / total, tflops=flops / total / 1e12,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30, fwd_ms=statistics.median(fwd) * 1e3,
@@ -99,6 +108,7 @@ def main():
     parser.add_argument("--variants", default="stock,patched")
     parser.add_argument("--json", default=None)
     parser.add_argument("--png", default=None)
+    parser.add_argument("--profile", type=int, default=0, help="print the top-N GPU kernels of one step")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -114,6 +124,8 @@ def main():
             results.append(dict(variant=variant, error=out.stderr[-2000:]))
             continue
         results.append(json.loads(line[0][7:]))
+        if args.profile:
+            print(f"--- {variant}: GPU kernels of one step\n" + out.stderr[-12000:])
     print_table(results, args)
     if args.json:
         with open(args.json, "w") as f:
