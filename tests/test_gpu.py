@@ -12,10 +12,13 @@ pytestmark = [pytest.mark.gpu,
 
 
 def _run(model, ids):
+    model.train()
     model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=ids)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    out = model(input_ids=ids, labels=ids)  # patched: fused loss, no logits
     out.loss.backward()
-    return out.logits.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    return logits, out.loss.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
@@ -24,9 +27,10 @@ def test_bf16_model_matches_stock(model_type, backend):
     stock = build(model_type, dtype=torch.bfloat16).cuda()
     patched = moe_patch.apply(copy.deepcopy(stock), backend=backend)
     ids = torch.randint(0, 256, (2, 64), device="cuda")
-    logits_s, grads_s = _run(stock, ids)
-    logits_p, grads_p = _run(patched, ids)
+    logits_s, loss_s, grads_s = _run(stock, ids)
+    logits_p, loss_p, grads_p = _run(patched, ids)
     assert rel_err(logits_p, logits_s) < 2e-2
+    assert rel_err(loss_p, loss_s) < 2e-2
     bad = {n: rel_err(grads_p[n], g) for n, g in grads_s.items() if rel_err(grads_p[n], g) >= 2e-2}
     assert not bad, bad
 
