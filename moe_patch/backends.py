@@ -18,12 +18,12 @@ BACKENDS = ("auto", "torch", "te", "liger")
 KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss")
 
 # Which kinds each backend implements today. torch implements every kind (for "linear" that means
-# keeping nn.Linear, which already is cuBLAS on GPU). A backend missing here for a kind is skipped by
+# keeping nn.Linear, which already is cuBLAS on GPU). te: experts with TE's fused permute / unpermute. A backend missing here for a kind is skipped by
 # "auto" with a reason, and is an error when asked for by name.
 IMPLEMENTED = {
     "torch": frozenset(KINDS),
     "liger": frozenset({"rmsnorm", "loss"}),
-    "te": frozenset(),
+    "te": frozenset({"experts"}),
 }
 
 
@@ -120,6 +120,8 @@ def choose(backend: str, kind: str, device: torch.device) -> tuple[str, str]:
     for candidate in ("te", "liger", "torch"):
         if kind not in IMPLEMENTED[candidate]:
             continue
+        if candidate != "torch" and device.type != "cuda":
+            continue  # GPU-only backends are not candidates for a CPU module: nothing fell back
         why = unavailable(candidate, device)
         if why is None:
             return candidate, "; ".join(passed_over)

@@ -165,6 +165,8 @@ def _propose_experts(module, backend):
         return None, "", "gated experts without _apply_gate"
     if not flags["has_gate"] and not hasattr(module, "act_fn"):
         return None, "", "non-gated experts without act_fn"
+    if backend == "te":
+        return (lambda m: experts.GroupedExperts.build(m, flags, "te")), "GroupedExperts(te permute, grouped_mm)", ""
     return (lambda m: experts.GroupedExperts.build(m, flags)), "GroupedExperts(grouped_mm)", ""
 
 

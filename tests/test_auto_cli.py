@@ -73,7 +73,7 @@ def test_explicit_arguments_beat_environment(monkeypatch):
     moe_patch.apply(model, experts=True)
     rep = moe_patch.report(model)
     assert rep.where(kind="router")[0].reason == "router=False"
-    assert rep.where(kind="experts")[0].status == "patched"
+    assert rep.where(kind="experts")[0].status in ("patched", "fallback")
     monkeypatch.setenv("MOE_PATCH_DISABLE", "routers")
     with pytest.raises(moe_patch.PatchError, match="MOE_PATCH_DISABLE"):
         moe_patch.apply(build("qwen3_moe"))

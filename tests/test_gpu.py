@@ -21,7 +21,7 @@ def _run(model, ids):
     return logits, out.loss.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "te", "liger"])
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_bf16_model_matches_stock(model_type, backend):
     stock = build(model_type, dtype=torch.bfloat16).cuda()
@@ -36,13 +36,13 @@ def test_bf16_model_matches_stock(model_type, backend):
 
 
 def test_gpu_backends_reported():
+    from moe_patch.backends import capabilities
+
     model = moe_patch.apply(build("qwen3_moe", dtype=torch.bfloat16).cuda())
     rows = moe_patch.report(model)
     experts = rows.where(kind="experts")[0]
-    assert experts.status == "patched" and experts.backend == "torch"
+    assert experts.status == "patched" and experts.backend == ("te" if capabilities().te else "torch")
     norm = rows.where(kind="rmsnorm")[0]
-    from moe_patch.backends import capabilities
-
     assert norm.backend == ("liger" if capabilities().liger else "torch")
     attn = rows.where(kind="attention")[0]
     assert "cudnn" in attn.replacement

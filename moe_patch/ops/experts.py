@@ -84,14 +84,19 @@ def scatter_weighted(out, order, weights, num_tokens, top_k, hidden_dtype):
 class GroupedExperts(Replacement):
     kind = "experts"
 
-    def __init__(self, original, flags: dict):
+    def __init__(self, original, flags: dict, backend: str = "torch"):
         super().__init__(original)
         for name in FLAG_NAMES:
             setattr(self, name, bool(flags[name]))
         self.up_name = "gate_up_proj" if self.has_gate else "up_proj"
         self.num_experts = getattr(self, self.up_name).shape[0]  # local experts once sharded
         self.num_global_experts = self.num_experts
-        self.dispatcher = LocalDispatcher()
+        if backend == "te":
+            from .te_permute import TEPermuteDispatcher  # lazy: TE only on GPU machines
+
+            self.dispatcher = TEPermuteDispatcher()
+        else:
+            self.dispatcher = LocalDispatcher()
         if self.has_gate:
             self._gate = original._apply_gate  # the family's own gate (bound to the original)
         else:
