@@ -16,31 +16,16 @@ import statistics
 import torch
 
 
-def _tensors(obj):
-    if torch.is_tensor(obj):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for o in obj for t in _tensors(o)]
-    if hasattr(obj, "to_tuple"):
-        return _tensors(obj.to_tuple())
-    return []
-
-
 def time_module(module, args, kwargs, repeats):
-    def once():
-        a = [x.detach().requires_grad_(x.is_floating_point()) if torch.is_tensor(x) else x for x in args]
-        out = module(*a, **kwargs)
-        floats = [t for t in _tensors(out) if t.is_floating_point() and t.requires_grad]
-        if floats:
-            torch.autograd.backward(floats, [torch.ones_like(t) for t in floats])
+    from moe_patch.verify import run_module
 
     for _ in range(3):
-        once()
+        run_module(module, args, kwargs)
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        once()
+        run_module(module, args, kwargs)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
@@ -59,6 +44,7 @@ def main():
 
     import moe_patch
     from moe_patch.shapes import named_config
+    from moe_patch.verify import record_inputs
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -67,31 +53,25 @@ def main():
     with torch.device("cuda"):
         stock = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     patched = moe_patch.apply(copy.deepcopy(stock), backend=args.backend)
-    rows = [r for r in moe_patch.report(patched) if r.status != "skipped" and r.path]
-    stock_modules, patched_modules = dict(stock.named_modules()), dict(patched.named_modules())
-    captured = {}
-    hooks = [stock_modules[r.path].register_forward_pre_hook(
-        lambda m, a, kw, p=r.path: captured.setdefault(p, (a, kw)), with_kwargs=True) for r in rows]
+    rows, seen = [], set()
+    for r in moe_patch.report(patched):
+        if r.status != "skipped" and r.path and (r.kind, r.original) not in seen:
+            seen.add((r.kind, r.original))  # one row per kind and class: the others have the same shapes
+            rows.append(r)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda")
-    with torch.no_grad():
-        stock(input_ids=ids)
-    for h in hooks:
-        h.remove()
-    results, seen = [], set()
+    captured = record_inputs(stock, [r.path for r in rows], input_ids=ids)
+    stock_modules, patched_modules = dict(stock.named_modules()), dict(patched.named_modules())
     print(f"{args.shape}, seq {args.seq}, micro-batch {args.batch}, bf16, fwd+bwd per call "
           f"({torch.cuda.get_device_name()})")
-    print(f"{'kind':<10} {'module':<34} {'replacement':<40} {'stock ms':>9} {'patched ms':>10} {'speed-up':>8}")
+    print(f"{'kind':<10} {'module':<26} {'replacement':<44} {'stock ms':>9} {'patched ms':>10} {'speed-up':>8}")
+    results = []
     for r in rows:
-        key = (r.kind, r.original)
-        if key in seen or r.path not in captured:
-            continue  # one row per kind and class: the others are the same shapes
-        seen.add(key)
         a, kw = captured[r.path]
         t_stock = time_module(stock_modules[r.path], a, kw, args.repeats)
         t_new = time_module(patched_modules[r.path], a, kw, args.repeats)
         results.append(dict(kind=r.kind, path=r.path, original=r.original, replacement=r.replacement,
                             stock_ms=t_stock, patched_ms=t_new))
-        print(f"{r.kind:<10} {r.original[:34]:<34} {r.replacement[:40]:<40} {t_stock:>9.3f} {t_new:>10.3f} "
+        print(f"{r.kind:<10} {r.original[:26]:<26} {r.replacement[:44]:<44} {t_stock:>9.3f} {t_new:>10.3f} "
               f"{t_stock / t_new:>7.2f}x")
     if args.json:
         with open(args.json, "w") as f:

@@ -78,3 +78,23 @@ def test_router_matches_stock_module(model_type):
                 assert rel_err(v, u) < (1e-5 if dtype == torch.float32 else 2e-2)
             else:
                 assert torch.equal(u.sort(-1).values, v.sort(-1).values)
+
+
+@pytest.mark.parametrize("model_type", MOE_FAMILIES + ["llama"])
+def test_every_replaced_module_on_its_real_inputs(model_type):
+    """Each swapped module against the stock one on the inputs a forward really gives it (fp32)."""
+    from moe_patch.verify import record_inputs, run_module
+
+    stock = build(model_type)
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    rows = [r for r in moe_patch.report(patched) if r.status != "skipped" and r.path]
+    captured = record_inputs(stock, [r.path for r in rows], input_ids=torch.randint(0, 256, (2, 10)))
+    s_mods, p_mods = dict(stock.named_modules()), dict(patched.named_modules())
+    assert {r.path for r in rows} <= set(captured)
+    for r in rows:
+        args, kwargs = captured[r.path]
+        out_s, in_s, par_s = run_module(s_mods[r.path], args, kwargs)
+        out_p, in_p, par_p = run_module(p_mods[r.path], args, kwargs)
+        assert all(rel_err(a, b) < 1e-5 for a, b in zip(out_p, out_s)), r.path
+        assert all(rel_err(a, b) < 1e-4 for a, b in zip(in_p, in_s)), r.path
+        assert all(rel_err(par_p[n], g) < 1e-4 for n, g in par_s.items()), r.path

@@ -3,13 +3,15 @@
     dispatch(hidden [T, H], top_k_index [T, k], top_k_weights [T, k], num_global_experts) -> Dispatched
     combine(expert_out [S, H], Dispatched, hidden_dtype) -> [T, H]
 
-AllToAllDispatcher is the exact reference: (token, k) pairs are sorted by global expert, which also groups
-them by owning rank (experts are sharded in contiguous blocks); counts are exchanged, rows travel with a
-differentiable all_to_all_single (its backward is the reverse all-to-all, so an expert's gradient collects
-every token routed to it from every rank), are regrouped by local expert, and come back the same way.
-The routing weights are applied on the token's own rank, so router gradients stay local.
+AllToAllDispatcher is the exact reference. On the token's own rank, the local permuter (torch sort, or
+TransformerEngine's fused moe_permute when the experts run on the te backend) groups the (token, k) rows
+by global expert, which also groups them by owning rank (experts are sharded in contiguous blocks).
+Counts are exchanged, rows travel with a differentiable all_to_all_single (its backward is the reverse
+all-to-all, so an expert's gradient collects every token routed to it from every rank), arrive grouped
+by (source rank, local expert) and are re-chunked by local expert; the way back mirrors it, and the
+routing weights are applied on the token's own rank (router gradients stay local).
 Every rank runs the same collectives in the same order whatever the routing (empty sends included), so
-no routing can deadlock it.
+no routing can deadlock it. The one host synchronisation per layer reads the split sizes.
 """
 from __future__ import annotations
 
@@ -17,49 +19,63 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from ..ops.experts import Dispatched, scatter_weighted
-
-
-class AllToAllDispatcher:
-    name = "all_to_all"
-
-    def __init__(self, group, ep_size: int, num_local: int):
-        self.group, self.ep_size, self.num_local = group, ep_size, num_local
-        self.last_counts = None  # tokens per local expert in the last forward (load-balance statistics)
-
-    def dispatch(self, hidden, top_k_index, top_k_weights, num_experts) -> Dispatched:
-        num_tokens, top_k = top_k_index.shape
-        flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=num_experts)  # [E] sent from here, per global expert
-        # counts_recv[r, e]: rows rank r sends to my local expert e
-        counts_recv = torch.empty_like(counts)
-        dist.all_to_all_single(counts_recv, counts, group=self.group)
-        counts_recv = counts_recv.view(self.ep_size, self.num_local)
-        send_splits = counts.view(self.ep_size, self.num_local).sum(1).tolist()  # the one host sync
-        recv_splits = counts_recv.sum(1).tolist()
-        x = hidden[order // top_k]
-        received = _wait(all_to_all_single_autograd(x, recv_splits, send_splits, self.group))
-        # rows arrive grouped by source rank, then by local expert: regroup by local expert
-        local_ids = torch.arange(self.num_local, device=flat.device).repeat(self.ep_size)
-        row_expert = torch.repeat_interleave(local_ids, counts_recv.reshape(-1))
-        regroup = torch.argsort(row_expert, stable=True)
-        local_counts = counts_recv.sum(0)
-        self.last_counts = local_counts.detach()
-        weights = top_k_weights.reshape(-1)[order]
-        state = (order, weights, num_tokens, top_k, regroup, send_splits, recv_splits)
-        return Dispatched(received[regroup], local_counts, row_expert[regroup], state)
-
-    def combine(self, out, d: Dispatched, hidden_dtype):
-        order, weights, num_tokens, top_k, regroup, send_splits, recv_splits = d.state
-        by_source = out.new_zeros(out.shape).index_put((regroup,), out)
-        back = _wait(all_to_all_single_autograd(by_source, send_splits, recv_splits, self.group))
-        return scatter_weighted(back, order, weights, num_tokens, top_k, hidden_dtype)
+from ..ops.experts import Dispatched, LocalDispatcher
 
 
 def _wait(tensor):
     # functional collectives return an async tensor; torch.compile overlaps them, eager waits here
     return tensor.wait() if hasattr(tensor, "wait") else tensor
+
+
+def _sort_chunks(x, sizes_list, sizes, order, use_te):
+    """Reorder the row chunks of x (chunk i has sizes[i] rows) into the chunk order `order`."""
+    if use_te and x.is_cuda and x.shape[0] > 0:
+        from transformer_engine.pytorch import moe_sort_chunks_by_index
+
+        return moe_sort_chunks_by_index(x, sizes.to(torch.int32), order.to(torch.int32))
+    chunks = x.split(sizes_list)
+    return torch.cat([chunks[i] for i in order.tolist()]) if chunks else x
+
+
+class AllToAllDispatcher:
+    name = "all_to_all"
+
+    def __init__(self, group, ep_size: int, num_local: int, permuter=None):
+        self.group, self.ep_size, self.num_local = group, ep_size, num_local
+        self.permuter = permuter or LocalDispatcher()
+        self.use_te = getattr(self.permuter, "name", "") == "te_permute"
+        self.last_counts = None  # tokens per local expert in the last forward (load-balance statistics)
+        grid = torch.arange(ep_size * num_local).view(ep_size, num_local)
+        self._by_expert = grid.t().reshape(-1)  # (rank, expert) chunks -> expert-major
+        self._by_rank = torch.arange(ep_size * num_local).view(num_local, ep_size).t().reshape(-1)
+
+    def dispatch(self, hidden, top_k_index, top_k_weights, num_experts) -> Dispatched:
+        src = self.permuter.dispatch(hidden, top_k_index, top_k_weights, num_experts)
+        counts = src.counts  # [E] rows from here per global expert, grouped by owning rank
+        counts_recv = torch.empty_like(counts)  # [R * L]: rows rank r sends to my local expert e
+        dist.all_to_all_single(counts_recv, counts, group=self.group)
+        both = torch.stack([counts, counts_recv]).tolist()  # the one host sync of the layer
+        sent, recv = both[0], both[1]
+        L = self.num_local
+        send_splits = [sum(sent[r * L:(r + 1) * L]) for r in range(self.ep_size)]
+        recv_splits = [sum(recv[r * L:(r + 1) * L]) for r in range(self.ep_size)]
+        received = _wait(all_to_all_single_autograd(src.x, recv_splits, send_splits, self.group))
+        by_expert = self._by_expert.to(counts.device)
+        rows = _sort_chunks(received, recv, counts_recv, by_expert, self.use_te)
+        local_counts = counts_recv.view(self.ep_size, L).sum(0)
+        self.last_counts = local_counts.detach()
+        expert_ids = torch.repeat_interleave(torch.arange(L, device=counts.device), local_counts,
+                                             output_size=rows.shape[0])
+        recv_by_expert = counts_recv.view(self.ep_size, L).t().reshape(-1)
+        state = (src, send_splits, recv_splits, recv_by_expert, [recv[i] for i in by_expert.tolist()])
+        return Dispatched(rows, local_counts, expert_ids, state)
+
+    def combine(self, out, d: Dispatched, hidden_dtype):
+        src, send_splits, recv_splits, recv_by_expert, recv_by_expert_list = d.state
+        by_rank = self._by_rank.to(out.device)
+        back_rows = _sort_chunks(out, recv_by_expert_list, recv_by_expert, by_rank, self.use_te)
+        back = _wait(all_to_all_single_autograd(back_rows, send_splits, recv_splits, self.group))
+        return self.permuter.combine(back, src, hidden_dtype)
 
 
 DISPATCHERS = {"all_to_all": AllToAllDispatcher}

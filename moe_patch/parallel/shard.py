@@ -73,7 +73,8 @@ def shard(model, mesh, record, dispatcher: str = "all_to_all"):
                 param.data = _block(param.data, rank, size).clone()  # same Parameter, only the block kept
         module.num_global_experts = module.num_experts
         module.num_experts = module.num_experts // size
-        module.dispatcher = DISPATCHERS[dispatcher](group, size, module.num_experts)
+        # the module's local permuter (torch, or TE's fused permute) keeps sorting tokens on their own rank
+        module.dispatcher = DISPATCHERS[dispatcher](group, size, module.num_experts, permuter=module.dispatcher)
         module._ep = (group, rank, size, tuple(expert_params))
         module._register_state_dict_hook(_gather_on_save)
         module._register_load_state_dict_pre_hook(_slice_on_load, with_module=True)
