@@ -44,7 +44,15 @@ NAMED = {
     "gpt-oss-20b": ("gpt_oss", dict(hidden_size=2880, intermediate_size=2880, num_local_experts=32,
                                     num_experts_per_tok=4, num_attention_heads=64, num_key_value_heads=8,
                                     head_dim=64, vocab_size=201088, num_hidden_layers=24, sliding_window=128)),
+    # Nemotron-3-Nano-like hybrid (Mamba2 + MoE + a few attention layers); approximate public shape
+    "nemotron-3-nano-style": ("nemotron_h", dict(hidden_size=2688, n_routed_experts=128, num_experts_per_tok=6,
+                                                 moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712,
+                                                 n_group=1, topk_group=1, num_attention_heads=32,
+                                                 num_key_value_heads=2, head_dim=128, vocab_size=131072,
+                                                 mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128,
+                                                 n_groups=8, num_hidden_layers=52)),
 }
+_HYBRID_PATTERN = ("mamba", "moe", "mamba", "moe", "attention", "moe")
 
 
 def tiny_config(model_type: str, **overrides):
@@ -61,6 +69,9 @@ def named_config(name: str, layers: int | None = None, **overrides):
     kwargs = dict(kwargs)
     if layers is not None:
         kwargs["num_hidden_layers"] = layers
+    if model_type == "nemotron_h":
+        n = kwargs.pop("num_hidden_layers")
+        kwargs["layers_block_type"] = [_HYBRID_PATTERN[i % len(_HYBRID_PATTERN)] for i in range(n)]
     if model_type == "gpt_oss":
         n = kwargs["num_hidden_layers"]
         kwargs["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]

@@ -76,7 +76,10 @@ def run_family(model_type, mesh, rank, size):
     check(rel_err(out_p.loss, out_s.loss) < TOL, f"loss rel err {rel_err(out_p.loss, out_s.loss):.2e}")
     out_s.loss.backward()
     out_p.loss.backward()
-    compare_grads(stock, patched, rank, size, experts)
+    if DTYPE == torch.float32:
+        # in bf16 a router near-tie can flip an expert choice between the two models and change the
+        # whole-model gradients discretely; the module-level checks below hold the routing fixed
+        compare_grads(stock, patched, rank, size, experts)
 
     # 2. adversarial routings straight into one experts module: everything to rank 0's experts,
     #    rank 1 sending no token at all, and everything to the last expert
