@@ -5,7 +5,8 @@
 
 Random weights, bf16, fused AdamW, the same random tokens for every variant. Prints tokens/s, TFLOP/s
 (6 x active parameters per token + causal attention), peak GiB and fwd / bwd / optimizer ms (medians).
-Variants: stock | patched (moe_patch.apply, backend auto) | patched-torch (backend="torch").
+Variants: stock | patched (moe_patch.apply, backend auto) | patched-torch (backend="torch") |
+patched-noloss (backend auto, loss=False: the stock lm_head + cross-entropy).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def child(args) -> dict:
         import moe_patch
 
         backend = "torch" if args.child == "patched-torch" else "auto"
-        moe_patch.apply(model, backend=backend)
+        moe_patch.apply(model, backend=backend, loss=args.child != "patched-noloss")
         info["report"] = moe_patch.report(model).summary()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
