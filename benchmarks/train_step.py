@@ -6,7 +6,8 @@
 Random weights, bf16, fused AdamW, the same random tokens for every variant. Prints tokens/s, TFLOP/s
 (6 x active parameters per token + causal attention), peak GiB and fwd / bwd / optimizer ms (medians).
 Variants: stock | patched (moe_patch.apply, backend auto) | patched-torch (backend="torch") |
-patched-noloss (backend auto, loss=False: the stock lm_head + cross-entropy).
+patched-noloss (backend auto, loss=False: the stock lm_head + cross-entropy) |
+patched-torchloss (backend auto, but the loss on moe_patch's chunked torch kernel instead of Liger's).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def child(args) -> dict:
     if args.child.startswith("patched"):
         import moe_patch
 
-        backend = "torch" if args.child == "patched-torch" else "auto"
+        backend = {"patched-torch": "torch", "patched-torchloss": {"loss": "torch"}}.get(args.child, "auto")
         moe_patch.apply(model, backend=backend, loss=args.child != "patched-noloss")
         info["report"] = moe_patch.report(model).summary()
     model.train()

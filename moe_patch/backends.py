@@ -97,9 +97,21 @@ def unavailable(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def check_backend_name(backend: str) -> None:
+def check_backend_name(backend) -> None:
+    """backend: one name for every kind, or {kind: name} (kinds left out get "auto")."""
+    if isinstance(backend, dict):
+        unknown = sorted(set(backend) - set(KINDS))
+        if unknown:
+            raise PatchError(f"backend dict: unknown kind(s) {unknown}; kinds are {KINDS}")
+        for name in backend.values():
+            check_backend_name(name)
+        return
     if backend not in BACKENDS:
-        raise PatchError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise PatchError(f"backend must be one of {BACKENDS} (or a dict kind -> backend), got {backend!r}")
+
+
+def for_kind(backend, kind: str) -> str:
+    return backend.get(kind, "auto") if isinstance(backend, dict) else backend
 
 
 def choose(backend: str, kind: str, device: torch.device) -> tuple[str, str]:

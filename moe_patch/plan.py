@@ -49,7 +49,7 @@ class Options:
     router: bool = True
     loss: bool = True
     skip: tuple | Callable = ()
-    backend: str = "auto"
+    backend: str | dict = "auto"
 
     def enabled(self, kind: str) -> bool:
         return getattr(self, kind)
@@ -196,7 +196,7 @@ def _plan_loss(model, opts, plan) -> None:
         row.reason = why
         return
     device = _device(model.lm_head)
-    backend, fallback_reason = backends.choose(opts.backend, "loss", device)
+    backend, fallback_reason = backends.choose(backends.for_kind(opts.backend, "loss"), "loss", device)
     row.replacement = "FusedLinearCrossEntropy(" + ("liger" if backend == "liger" else "torch, chunked") + ")"
     row.backend = backend
     row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")
@@ -223,7 +223,7 @@ def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool) -> Plan:
         if user_skip:
             row.reason = user_skip
             continue
-        backend, fallback_reason = backends.choose(opts.backend, kind, _device(module))
+        backend, fallback_reason = backends.choose(backends.for_kind(opts.backend, kind), kind, _device(module))
 
         if kind == "attention":
             impl = getattr(module.config, "_attn_implementation", None)

@@ -190,3 +190,20 @@ def test_meta_device_plan():
     rep = moe_patch.report(model)
     assert len(rep.where(kind="experts", status="patched")) == 2
     assert len(rep.where(kind="router", status="patched")) == 2
+
+
+def test_backend_per_kind(monkeypatch):
+    model = moe_patch.apply(build("qwen3_moe"), backend={"loss": "torch", "experts": "torch"})
+    rep = moe_patch.report(model)
+    assert rep.where(kind="loss")[0].backend == "torch" and rep.where(kind="experts")[0].backend == "torch"
+    with pytest.raises(moe_patch.PatchError, match="unknown kind"):
+        moe_patch.apply(build("qwen3_moe"), backend={"losses": "torch"})
+    with pytest.raises(moe_patch.BackendUnavailableError):
+        moe_patch.apply(build("qwen3_moe"), backend={"rmsnorm": "liger"})  # no GPU / Liger here
+    monkeypatch.setenv("MOE_PATCH_BACKEND", "loss=torch,router=torch")
+    from moe_patch import config
+
+    assert config.from_environment()["backend"] == {"loss": "torch", "router": "torch"}
+    monkeypatch.setenv("MOE_PATCH_BACKEND", "loss=cuda")
+    with pytest.raises(moe_patch.PatchError, match="MOE_PATCH_BACKEND"):
+        config.from_environment()

@@ -4,8 +4,9 @@ The causal-LM's forward gets an instance-level wrapper (the class is untouched; 
 When the model is training and `labels` are given, the wrapper runs the stock forward with labels=None
 and logits_to_keep=1 (so the stock lm_head sees one position), captures the decoder's last hidden state,
 and computes the loss straight from hidden states and lm_head's weight:
-  torch backend: chunks of rows, each chunk's logits recomputed in backward (torch.utils.checkpoint);
-  liger backend: Liger-Kernel's fused linear cross-entropy (Triton), the fastest on GPU.
+  torch backend: large chunks of rows, gradients computed in the forward (_ChunkedLinearCrossEntropy);
+  liger backend: Liger-Kernel's fused linear cross-entropy (Triton; small chunks, so its weight-gradient
+  accumulation dominates at large vocabularies).
 Both follow Transformers' ForCausalLMLoss exactly: labels shifted by one, ignore_index -100, logits
 upcast to fp32 for the softmax, "sum / num_items_in_batch" when the Trainer passes num_items_in_batch,
 else the mean over non-ignored tokens; a router aux loss (output_router_logits) is added as stock does.
@@ -19,7 +20,6 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 CHUNK_ROWS = 4096
@@ -45,20 +45,59 @@ def why_not(model) -> str | None:
     return None
 
 
-def _chunk_loss(hidden, weight, bias, labels):
-    logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Sum of token cross-entropies of (hidden @ weight.T + bias), chunk by chunk of rows.
+
+    Like Liger's kernel, the gradients are computed during the forward (each chunk's logits exist only
+    once, briefly) and the backward only scales them; unlike it, the chunks are large (CHUNK_ROWS rows),
+    so the weight gradient is accumulated a handful of times instead of once per small chunk. Logits are
+    computed in the input dtype and the softmax in fp32, as Transformers' ForCausalLMLoss does.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels):
+        needs = ctx.needs_input_grad
+        grad_hidden = torch.empty_like(hidden) if needs[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and needs[2] \
+            else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], CHUNK_ROWS):
+            h, y = hidden[start:start + CHUNK_ROWS], labels[start:start + CHUNK_ROWS]
+            logits = F.linear(h, weight, bias).float()
+            valid = y != IGNORE
+            target = torch.where(valid, y, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+            if grad_hidden is None and grad_weight is None and grad_bias is None:
+                continue
+            # d(sum CE)/d logits = softmax - onehot, zero on ignored rows; computed in place in fp32
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0
+            grad.mul_(valid[:, None])
+            grad_low = grad.to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + CHUNK_ROWS] = grad_low @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_low.t() @ h).float()
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (grad_hidden * grad_out.to(grad_hidden.dtype) if grad_hidden is not None else None,
+                (grad_weight * grad_out).to(w_dtype) if grad_weight is not None else None,
+                (grad_bias * grad_out).to(b_dtype) if grad_bias is not None else None,
+                None)
 
 
 def _torch_sum(hidden, weight, bias, labels):
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], CHUNK_ROWS):
-        h, y = hidden[start:start + CHUNK_ROWS], labels[start:start + CHUNK_ROWS]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, h, weight, bias, y, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(h, weight, bias, y)
-    return total
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels)
 
 
 def _liger_sum(hidden, weight, bias, labels):
