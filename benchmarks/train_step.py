@@ -7,7 +7,8 @@ Random weights, bf16, fused AdamW, the same random tokens for every variant. Pri
 (6 x active parameters per token + causal attention), peak GiB and fwd / bwd / optimizer ms (medians).
 Variants: stock | patched (moe_patch.apply, backend auto) | patched-torch (backend="torch") |
 patched-noloss (backend auto, loss=False: the stock lm_head + cross-entropy) |
-patched-torchloss (backend auto, but the loss on moe_patch's chunked torch kernel instead of Liger's).
+patched-torchloss (backend auto, but the loss on moe_patch's chunked torch kernel instead of Liger's) |
+patched-fp8-delayed / patched-fp8-current (backend auto, linear layers on TE in FP8 with that recipe).
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def child(args) -> dict:
         import moe_patch
 
         backend = {"patched-torch": "torch", "patched-torchloss": {"loss": "torch"}}.get(args.child, "auto")
-        moe_patch.apply(model, backend=backend, loss=args.child != "patched-noloss")
+        fp8 = args.child.split("patched-fp8-")[1] if args.child.startswith("patched-fp8-") else None
+        moe_patch.apply(model, backend=backend, loss=args.child != "patched-noloss", fp8=fp8)
         info["report"] = moe_patch.report(model).summary()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)

@@ -18,13 +18,18 @@ BACKENDS = ("auto", "torch", "te", "liger")
 KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss")
 
 # Which kinds each backend implements today. torch implements every kind (for "linear" that means
-# keeping nn.Linear, which already is cuBLAS on GPU). te: experts with TE's fused permute / unpermute. A backend missing here for a kind is skipped by
+# keeping nn.Linear, which already is cuBLAS on GPU). te: experts with TE's fused permute / unpermute,
+# te.Linear (bf16 or FP8) and te.RMSNorm. A backend missing here for a kind is skipped by
 # "auto" with a reason, and is an error when asked for by name.
 IMPLEMENTED = {
     "torch": frozenset(KINDS),
     "liger": frozenset({"rmsnorm", "loss"}),
-    "te": frozenset({"experts"}),
+    "te": frozenset({"experts", "linear", "rmsnorm"}),
 }
+# "auto" tries these in order (those implementing the kind); measured on H200 (CHANGELOG.md): Liger's
+# RMSNorm and fused loss beat TE's / ours, TE's fused permute beats torch's sort for experts.
+PREFERENCE = {kind: ("te", "liger", "torch") for kind in KINDS}
+PREFERENCE["rmsnorm"] = ("liger", "te", "torch")
 
 
 def _has_module(name: str) -> bool:
@@ -129,7 +134,7 @@ def choose(backend: str, kind: str, device: torch.device) -> tuple[str, str]:
             return "torch", f"{backend} has no {kind} implementation in moe_patch yet"
         return backend, ""
     passed_over = []
-    for candidate in ("te", "liger", "torch"):
+    for candidate in PREFERENCE[kind]:
         if kind not in IMPLEMENTED[candidate]:
             continue
         if candidate != "torch" and device.type != "cuda":
@@ -139,3 +144,27 @@ def choose(backend: str, kind: str, device: torch.device) -> tuple[str, str]:
             return candidate, "; ".join(passed_over)
         passed_over.append(why)
     raise AssertionError("torch implements every kind")  # pragma: no cover
+
+
+FP8_RECIPES = (None, "delayed", "current", "mxfp8")
+
+
+def check_fp8(fp8, backend, linear_enabled: bool) -> None:
+    """fp8 asks for TE linear layers under an FP8 recipe: refuse clearly what cannot run here."""
+    if fp8 not in FP8_RECIPES:
+        raise PatchError(f"fp8 must be one of {FP8_RECIPES}, got {fp8!r}")
+    if fp8 is None:
+        return
+    if not linear_enabled:
+        raise PatchError("fp8 runs the linear layers on TransformerEngine: it needs linear=True")
+    if for_kind(backend, "linear") not in ("auto", "te"):
+        raise PatchError(f"fp8 needs the te backend for linear layers, got {for_kind(backend, 'linear')!r}")
+    why = unavailable("te", torch.device("cuda"))
+    if why is None and not torch.cuda.is_available():
+        why = "no CUDA device"
+    if why is None:
+        from .ops.te import fp8_unavailable
+
+        why = fp8_unavailable(fp8)
+    if why is not None:
+        raise BackendUnavailableError(f"fp8={fp8!r} cannot be used: {why}")

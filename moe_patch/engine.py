@@ -57,11 +57,13 @@ def plan_report(model, **flags) -> Report:
 
 
 def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, experts=None, router=None, loss=None,
-          skip=None, backend=None, **parallel_options):
+          skip=None, backend=None, fp8=None, **parallel_options):
     """Rewrite `model` in place for fast MoE training and return it (the same object).
 
     Every kind flag defaults to True, skip to (), backend to "auto"; an argument left out (None) is taken
     from the environment (MOE_PATCH_DISABLE / MOE_PATCH_SKIP / MOE_PATCH_BACKEND) when set there.
+    fp8: None, "delayed", "current" or "mxfp8": linear layers run on TransformerEngine under that FP8
+    recipe (needs TE and a GPU that supports the recipe; the HF weights stay the master weights).
     On any error the model is left exactly as it was. See README.md for the flags.
     """
     given = dict(attention=attention, rmsnorm=rmsnorm, linear=linear, experts=experts, router=router, loss=loss,
@@ -71,8 +73,9 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     if isinstance(skip, str):
         skip = (skip,)
     flags["skip"] = skip if callable(skip) else tuple(skip)
-    opts = Options(**flags)
+    opts = Options(**flags, fp8=fp8)
     backends.check_backend_name(opts.backend)
+    backends.check_fp8(fp8, opts.backend, opts.linear)
     _unwrap_check(model)
     existing = getattr(model, RECORD, None)
     if existing is not None:

@@ -50,6 +50,7 @@ class Options:
     loss: bool = True
     skip: tuple | Callable = ()
     backend: str | dict = "auto"
+    fp8: str | None = None
 
     def enabled(self, kind: str) -> bool:
         return getattr(self, kind)
@@ -108,7 +109,7 @@ def kind_of(module: nn.Module) -> str | None:
 
 # --- per-kind proposals: (module) -> (factory or None, replacement name, reason) ----------------------
 
-def _propose_rmsnorm(module, backend):
+def _propose_rmsnorm(module, backend, opts):
     name = type(module).__name__
     if isinstance(module, nn.RMSNorm):
         return None, "", "already torch.nn.RMSNorm"
@@ -130,7 +131,7 @@ def _propose_rmsnorm(module, backend):
     return None, "", "not proven equal to F.rms_norm (" + "; ".join(reasons) + ")"
 
 
-def _propose_router(module, backend):
+def _propose_router(module, backend, opts):
     name = type(module).__name__
     if name in tables().skip:
         return None, "", tables().skip[name]
@@ -144,7 +145,7 @@ def _propose_router(module, backend):
     return (lambda m: router.TopKRouter.build(m, spec)), f"TopKRouter({spec['score']})", ""
 
 
-def _propose_experts(module, backend):
+def _propose_experts(module, backend, opts):
     name = type(module).__name__
     if getattr(module, "_is_expert_parallel", False):
         raise PatchError(f"{name} is already sharded by Transformers' own expert parallelism; "
@@ -170,8 +171,17 @@ def _propose_experts(module, backend):
     return (lambda m: experts.GroupedExperts.build(m, flags)), "GroupedExperts(grouped_mm)", ""
 
 
-def _propose_linear(module, backend):
-    return None, "", "torch backend keeps nn.Linear (cuBLAS already)"
+def _propose_linear(module, backend, opts):
+    if backend != "te":
+        return None, "", "torch backend keeps nn.Linear (cuBLAS already)"
+    from .ops import te as te_ops  # lazy: only reached with TE usable on a GPU
+
+    fp8 = opts.fp8
+    if fp8 and (module.in_features % 16 or module.out_features % 16):
+        return (lambda m: te_ops.TELinear.build(m)), "TELinear(bf16)", \
+            "fp8 needs both dimensions divisible by 16: runs in bf16"
+    label = f"TELinear(fp8 {fp8})" if fp8 else "TELinear(bf16)"
+    return (lambda m: te_ops.TELinear.build(m, te_ops.make_recipe(fp8))), label, ""
 
 
 PROPOSE = {"rmsnorm": _propose_rmsnorm, "router": _propose_router, "experts": _propose_experts,
@@ -237,13 +247,16 @@ def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool) -> Plan:
                               "kept")
             continue
 
-        factory, replacement, reason = PROPOSE[kind](module, backend)
+        factory, replacement, reason = PROPOSE[kind](module, backend, opts)
         if factory is None:
             row.reason = reason
             continue
         if kind == "experts":
             claimed.append(path)
+            if opts.fp8:
+                replacement += " [bf16: no FP8 grouped GEMM yet]"
         row.replacement, row.backend = replacement, backend
+        fallback_reason = "; ".join(r for r in (fallback_reason, reason) if r)
         row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")
         plan.actions.append(Action(row, module, factory=factory))
     return plan

@@ -56,3 +56,22 @@ def test_gpu_backends_reported():
     assert norm.backend == ("liger" if capabilities().liger else "torch")
     attn = rows.where(kind="attention")[0]
     assert "cudnn" in attn.replacement
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "current"])
+def test_fp8_linear_layers_train_close_to_bf16(recipe):
+    from moe_patch.backends import capabilities
+
+    if not capabilities().te:
+        pytest.skip("TransformerEngine not installed")
+    stock = build("qwen3_moe", dtype=torch.bfloat16).cuda()
+    patched = moe_patch.apply(copy.deepcopy(stock), fp8=recipe)
+    rows = moe_patch.report(patched).where(kind="linear")
+    assert rows and all(r.replacement == f"TELinear(fp8 {recipe})" for r in rows)
+    assert "_extra_state" not in " ".join(patched.state_dict())
+    ids = torch.randint(0, 256, (2, 64), device="cuda")
+    stock.train(), patched.train()
+    ls, lp = stock(input_ids=ids, labels=ids).loss, patched(input_ids=ids, labels=ids).loss
+    lp.backward()
+    assert abs(lp.item() - ls.item()) < 0.02 * abs(ls.item())
+    assert all(p.grad is not None for p in patched.parameters() if p.requires_grad)

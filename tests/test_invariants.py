@@ -58,7 +58,7 @@ def test_failure_during_planning_leaves_model_untouched(monkeypatch):
     modules = dict(model.named_modules())
     from moe_patch import plan
 
-    def boom(module, backend):
+    def boom(module, backend, opts):
         raise moe_patch.PatchError("planned failure")
 
     monkeypatch.setitem(plan.PROPOSE, "router", boom)
@@ -207,3 +207,18 @@ def test_backend_per_kind(monkeypatch):
     monkeypatch.setenv("MOE_PATCH_BACKEND", "loss=cuda")
     with pytest.raises(moe_patch.PatchError, match="MOE_PATCH_BACKEND"):
         config.from_environment()
+
+
+def test_fp8_requests_are_checked_before_anything_changes():
+    model = build("qwen3_moe")
+    before = list(model.modules())
+    with pytest.raises(moe_patch.PatchError, match="fp8 must be one of"):
+        moe_patch.apply(model, fp8="fp4-magic")
+    with pytest.raises(moe_patch.PatchError, match="linear=True"):
+        moe_patch.apply(model, fp8="current", linear=False)
+    with pytest.raises(moe_patch.PatchError, match="te backend"):
+        moe_patch.apply(model, fp8="delayed", backend="torch")
+    if not torch.cuda.is_available():
+        with pytest.raises(moe_patch.BackendUnavailableError):
+            moe_patch.apply(model, fp8="current")
+    assert list(model.modules()) == before and not moe_patch.is_patched(model)

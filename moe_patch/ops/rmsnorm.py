@@ -48,6 +48,10 @@ class TorchRMSNorm(Replacement):
 
 
 def make(original, variant: str, backend: str):
+    if backend == "te":
+        from .te import TERMSNorm  # lazy: TransformerEngine only on GPU machines
+
+        return TERMSNorm.build(original, variant)
     if backend == "liger":
         from .liger import LigerRMSNorm  # lazy: triton / liger only on GPU machines
 

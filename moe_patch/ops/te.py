@@ -1,0 +1,83 @@
+"""TransformerEngine modules behind moe_patch's adopt-don't-copy rule (GPU with TE installed only).
+
+The TE module is kept *outside* the module tree (object.__setattr__), with the original Parameter objects
+registered into it: the model's state_dict keeps Hugging Face's keys and never gains TE's `_extra_state`,
+and the weights stay the HF parameters (bf16/fp32 master weights; FP8 copies are TE's transient casts).
+FP8: each TE module runs under `transformer_engine.pytorch.autocast` with the chosen recipe.
+"""
+from __future__ import annotations
+
+import torch
+import transformer_engine.pytorch as te
+from transformer_engine.common import recipe as te_recipe
+
+from .base import Replacement
+from .rmsnorm import eps_of
+
+FP8_RECIPES = ("delayed", "current", "mxfp8")
+
+
+def make_recipe(name: str | None):
+    if name is None:
+        return None
+    return {"delayed": te_recipe.DelayedScaling, "current": te_recipe.Float8CurrentScaling,
+            "mxfp8": te_recipe.MXFP8BlockScaling}[name]()
+
+
+def fp8_unavailable(name: str) -> str | None:
+    """None if this GPU runs the recipe, else why not."""
+    ok, reason = te.is_mxfp8_available(return_reason=True) if name == "mxfp8" else \
+        te.is_fp8_available(return_reason=True)
+    return None if ok else (reason or f"{name} FP8 is not supported on this GPU")
+
+
+def _inner(make):
+    try:  # no allocation: the HF parameters replace TE's right away
+        return make("meta")
+    except Exception:
+        return make("cuda")
+
+
+class _TEModule(Replacement):
+    fp8_recipe = None
+
+    def _run(self, x):
+        inner = self._moe_patch_te
+        if self.fp8_recipe is None:
+            return inner(x)
+        with te.autocast(enabled=True, recipe=self.fp8_recipe):
+            return inner(x)
+
+
+class TELinear(_TEModule):
+    kind = "linear"
+
+    def __init__(self, original, fp8_recipe=None):
+        super().__init__(original)
+        w, b = original.weight, original.bias
+        inner = _inner(lambda dev: te.Linear(w.shape[1], w.shape[0], bias=b is not None, params_dtype=w.dtype,
+                                             device=dev))
+        inner.weight = w
+        if b is not None:
+            inner.bias = b
+        object.__setattr__(self, "_moe_patch_te", inner)
+        self.fp8_recipe = fp8_recipe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x)
+
+
+class TERMSNorm(_TEModule):
+    kind = "rmsnorm"
+
+    def __init__(self, original, variant: str = "scale"):
+        super().__init__(original)
+        w = original.weight
+        inner = _inner(lambda dev: te.RMSNorm(w.shape[0], eps=eps_of(original), zero_centered_gamma=variant == "offset",
+                                              dtype=w.dtype, device=dev))
+        inner.weight = w
+        object.__setattr__(self, "_moe_patch_te", inner)
+        self.variant = variant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x)
