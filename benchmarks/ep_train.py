@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
-
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+
+from steps import timed_steps
 
 
 def main():
@@ -59,29 +58,10 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     g = torch.Generator(device="cuda").manual_seed(10 + rank)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
-    fwd, bwd, step, losses = [], [], [], []
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        loss.backward()
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        losses.append(loss.item())
-        if i >= args.warmup:
-            fwd.append(t1 - t0), bwd.append(t2 - t1), step.append(t3 - t2)
-    total = statistics.median([a + b + c for a, b, c in zip(fwd, bwd, step)])
-    result = dict(mode=args.mode, gpus=world, tokens_per_s_per_gpu=args.batch * args.seq / total,
-                  peak_gib=torch.cuda.max_memory_allocated() / 2**30, fwd_ms=statistics.median(fwd) * 1e3,
-                  bwd_ms=statistics.median(bwd) * 1e3, optim_ms=statistics.median(step) * 1e3,
-                  losses=losses, gpu=torch.cuda.get_device_name(), args=vars(args))
+    t = timed_steps(model, opt, ids, args.warmup, args.steps)
+    losses = t["losses"]
+    result = dict(mode=args.mode, gpus=world, tokens_per_s_per_gpu=args.batch * args.seq / t.pop("step_s"),
+                  gpu=torch.cuda.get_device_name(), args=vars(args), **t)
     if args.mode == "moe_patch_ep":
         balance = []
         for module in model._moe_patch.sharded:

@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 
 def active_params(model, config) -> float:
@@ -47,6 +45,7 @@ def child(args) -> dict:
     from transformers.utils import logging as hf_logging
 
     from moe_patch.shapes import named_config
+    from steps import timed_steps
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -65,25 +64,8 @@ def child(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     g = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
-    fwd, bwd, step, losses = [], [], [], []
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        loss.backward()
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        losses.append(loss.item())
-        if i >= args.warmup:
-            fwd.append(t1 - t0), bwd.append(t2 - t1), step.append(t3 - t2)
-    total = statistics.median([a + b + c for a, b, c in zip(fwd, bwd, step)])
+    t = timed_steps(model, opt, ids, args.warmup, args.steps)
+    total = t.pop("step_s")
     tokens = args.batch * args.seq
     if args.profile:  # one more step under the profiler: where the GPU time goes
         from torch.profiler import ProfilerActivity, profile
@@ -96,9 +78,7 @@ def child(args) -> dict:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile), file=sys.stderr)
     flops = (6 * active_params(model, config) + attention_flops_per_token(config, args.seq)) * tokens
     return dict(variant=args.child, tokens_per_s=tokens / total, tflops=flops / total / 1e12,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30, fwd_ms=statistics.median(fwd) * 1e3,
-                bwd_ms=statistics.median(bwd) * 1e3, optim_ms=statistics.median(step) * 1e3, losses=losses,
-                gpu=torch.cuda.get_device_name(), torch=torch.__version__, **info)
+                gpu=torch.cuda.get_device_name(), torch=torch.__version__, **t, **info)
 
 
 def main():

@@ -180,7 +180,6 @@ def test_rmsnorm_variants_are_proven_not_assumed():
 
 
 def test_meta_device_plan():
-    from transformers import AutoConfig
 
     from moe_patch.shapes import named_config
 

@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 

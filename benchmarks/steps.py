@@ -1,0 +1,33 @@
+"""The timed training loop shared by the benchmarks: fwd / bwd / optimizer wall times per step."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def timed_steps(model, opt, ids, warmup: int, steps: int) -> dict:
+    """Run warmup + steps training steps on `ids`; medians (ms) over the timed steps, all losses, peak GiB."""
+    fwd, bwd, step, losses = [], [], [], []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        loss.backward()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        losses.append(loss.item())
+        if i >= warmup:
+            fwd.append(t1 - t0), bwd.append(t2 - t1), step.append(t3 - t2)
+    total = statistics.median([a + b + c for a, b, c in zip(fwd, bwd, step)])
+    return dict(step_s=total, fwd_ms=statistics.median(fwd) * 1e3, bwd_ms=statistics.median(bwd) * 1e3,
+                optim_ms=statistics.median(step) * 1e3, losses=losses,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
