@@ -45,6 +45,32 @@ def why_not(model) -> str | None:
     return None
 
 
+def _ce_and_grad(logits, labels):
+    """Sum of cross-entropies of one chunk and d(sum)/d(logits) = softmax - onehot (0 on ignored rows),
+    softmax in fp32, gradient returned in the logits dtype. Pointwise + one row reduction: on GPU it is
+    compiled into a couple of fused kernels (see _ce_kernel)."""
+    logits32 = logits.float()
+    valid = labels != IGNORE
+    target = torch.where(valid, labels, 0)
+    lse = torch.logsumexp(logits32, dim=-1)
+    loss = ((lse - logits32.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+    onehot = torch.arange(logits.shape[-1], device=logits.device)[None, :] == target[:, None]
+    grad = (torch.exp(logits32 - lse[:, None]) - onehot.float()) * valid[:, None]
+    return loss, grad.to(logits.dtype)
+
+
+_COMPILED = {}
+
+
+def _ce_kernel(device: torch.device):
+    """Eager on CPU (the exact reference); torch.compile'd on CUDA, falling back to eager if it cannot."""
+    if device.type != "cuda":
+        return _ce_and_grad
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_ce_and_grad, dynamic=True)
+    return _COMPILED["fn"]
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum of token cross-entropies of (hidden @ weight.T + bias), chunk by chunk of rows.
 
@@ -62,26 +88,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and needs[2] \
             else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        kernel = _ce_kernel(hidden.device)
         for start in range(0, hidden.shape[0], CHUNK_ROWS):
             h, y = hidden[start:start + CHUNK_ROWS], labels[start:start + CHUNK_ROWS]
-            logits = F.linear(h, weight, bias).float()
-            valid = y != IGNORE
-            target = torch.where(valid, y, 0)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
-            if grad_hidden is None and grad_weight is None and grad_bias is None:
-                continue
-            # d(sum CE)/d logits = softmax - onehot, zero on ignored rows; computed in place in fp32
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0
-            grad.mul_(valid[:, None])
-            grad_low = grad.to(h.dtype)
+            try:
+                loss, grad = kernel(F.linear(h, weight, bias), y)
+            except Exception:  # a compiler failure must not stop training: the eager version is exact
+                _COMPILED["fn"] = kernel = _ce_and_grad
+                loss, grad = kernel(F.linear(h, weight, bias), y)
+            total += loss
             if grad_hidden is not None:
-                grad_hidden[start:start + CHUNK_ROWS] = grad_low @ weight
+                grad_hidden[start:start + CHUNK_ROWS] = grad @ weight
             if grad_weight is not None:
-                grad_weight += (grad_low.t() @ h).float()
+                grad_weight += (grad.t() @ h).float()
             if grad_bias is not None:
-                grad_bias += grad.sum(0)
+                grad_bias += grad.float().sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total
