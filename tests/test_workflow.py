@@ -123,3 +123,41 @@ def test_quantized_model_is_refused():
     with pytest.raises(moe_patch.UnsupportedModelError, match="quantized"):
         moe_patch.apply(model)
     assert _modules(model) == before
+
+
+def test_mesh_misuse_and_single_rank_expert_parallel(tmp_path):
+    """In one process (gloo, world 1): clear errors for bad meshes / dispatchers, and ep=1 is exact."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = build("qwen3_moe")
+    before = _modules(model)
+    with pytest.raises(moe_patch.MeshError, match="torch.distributed"):
+        moe_patch.apply(model, mesh=object())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        with pytest.raises(moe_patch.MeshError, match="'ep'"):
+            moe_patch.apply(model, mesh=init_device_mesh("cpu", (1,), mesh_dim_names=("dp",)))
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))
+        with pytest.raises(moe_patch.PatchError, match="dispatcher"):
+            moe_patch.apply(model, mesh=mesh, dispatcher="carrier-pigeon")
+        assert _modules(model) == before and not moe_patch.is_patched(model)
+        stock = copy.deepcopy(model)
+        moe_patch.apply(model, mesh=mesh)
+        ids = inputs()
+        assert rel_err(model(ids).logits, stock(ids).logits) < 1e-5
+        with pytest.raises(moe_patch.PatchError, match="expert-parallel"):
+            moe_patch.revert(model)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cli_report_from_a_model_directory(tmp_path):
+    import subprocess
+    import sys
+
+    build("mixtral").config.save_pretrained(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "moe_patch", "report", str(tmp_path / "config.json"), "--all"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "MixtralExperts" in out.stdout and "Linear" in out.stdout
