@@ -1,12 +1,11 @@
-"""apply / revert / report / is_patched: plan -> choose -> swap -> shard -> record."""
+"""apply / revert / report / is_patched: plan -> choose (plan.py, backends.py) -> swap (swap.py) ->
+shard (parallel/) -> record (records.py)."""
 from __future__ import annotations
 
 from torch import nn
 
-from . import backends, config
+from . import backends, config, swap
 from .errors import PatchError, UnsupportedModelError
-from .ops import attention as attention_op
-from .ops import loss as loss_op
 from .plan import Options, make_plan
 from .records import Record, Report
 
@@ -89,58 +88,20 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     elif parallel_options:
         raise PatchError(f"unexpected options without a mesh: {sorted(parallel_options)}")
 
-    # plan + choose (no mutation)
-    plan = make_plan(model, opts, _supports_sdpa(model))
+    plan = make_plan(model, opts, _supports_sdpa(model))  # plan + choose: nothing changed yet
     if mesh is not None:
         shard_mod.check_plan(plan, mesh)
-    # build every replacement before touching the model (a failing constructor leaves it untouched)
-    named = dict(model.named_modules())
-    parent_of = {}
-    for path in (a.row.path for a in plan.actions if a.factory is not None):
-        parent_path, _, child = path.rpartition(".")
-        parent_of[path] = (named[parent_path] if parent_path else model, child)
-    built = [(a, a.factory(a.module)) for a in plan.actions if a.factory is not None]
-    attn = [a for a in plan.actions if a.attention_impl is not None]
-    fused_loss = [a for a in plan.actions if a.loss_backend is not None]
-
-    # swap
+    built = swap.build(model, plan)
     record = Record(options=opts, rows=plan.rows, mesh=mesh)
-    for action, new in built:
-        parent, child = parent_of[action.row.path]
-        setattr(parent, child, new)
-        record.swaps.append((parent, child, new))
-    if attn:
-        attention_op.register()
-        for action in attn:
-            attention_op.mark(action.module, action.attention_impl, True)
-            record.attention_modules.append(action.module)
-        for cfg in {id(a.module.config): a.module.config for a in attn}.values():
-            record.configs.append((cfg, cfg._attn_implementation))
-            cfg._attn_implementation = attention_op.NAME
-    for action in fused_loss:
-        model.forward = loss_op.FusedLossForward(model, action.loss_backend)
-        record.forward_replaced = True
-    # shard
+    swap.swap(model, plan, built, record)
     if mesh is not None:
         try:
             record.sharded = shard_mod.shard(model, mesh, record, **parallel_options)
         except Exception:
-            _undo(record, model)
+            swap.undo(model, record)
             raise
-    # record
     setattr(model, RECORD, record)
     return model
-
-
-def _undo(record: Record, model=None) -> None:
-    if record.forward_replaced and model is not None and "forward" in vars(model):
-        del model.forward
-    for parent, child, new in reversed(record.swaps):
-        setattr(parent, child, new.give_back())
-    for module in record.attention_modules:
-        attention_op.unmark(module)
-    for cfg, impl in record.configs:
-        cfg._attn_implementation = impl
 
 
 def revert(model):
@@ -151,6 +112,6 @@ def revert(model):
     if record.sharded:
         raise PatchError("revert of an expert-parallel model is not supported: its experts are sharded; "
                          "save_pretrained() writes the full checkpoint, reload it to get a stock model")
-    _undo(record, model)
+    swap.undo(model, record)
     delattr(model, RECORD)
     return model

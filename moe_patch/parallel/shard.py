@@ -61,27 +61,29 @@ def _block(tensor, rank, size):
 def shard(model, mesh, record, dispatcher: str = "all_to_all"):
     ep_mesh = _ep_mesh(mesh)
     group, rank, size = ep_mesh.get_group(), ep_mesh.get_local_rank(), ep_mesh.size()
-    sharded = []
-    for _, _, module in record.swaps:
-        if not isinstance(module, GroupedExperts):
-            continue
-        expert_params = [n for n, p in module.named_parameters(recurse=False)
-                         if p.dim() >= 2 and p.shape[0] == module.num_experts]
-        with torch.no_grad():
-            for name in expert_params:
-                param = module._parameters[name]
-                param.data = _block(param.data, rank, size).clone()  # same Parameter, only the block kept
+    experts = [m for _, _, m in record.swaps if isinstance(m, GroupedExperts)]
+    # two phases, so that a failure (out of memory) cannot leave some experts cut and others whole:
+    # first every local block is copied out, then the Parameters are pointed at them (cannot fail)
+    blocks = []
+    with torch.no_grad():
+        for module in experts:
+            names = [n for n, p in module.named_parameters(recurse=False)
+                     if p.dim() >= 2 and p.shape[0] == module.num_experts]
+            blocks.append((module, names, [_block(module._parameters[n].data, rank, size).clone() for n in names]))
+    for module, names, local in blocks:
+        for name, data in zip(names, local):
+            module._parameters[name].data = data  # same Parameter object, only this rank's experts kept
         module.num_global_experts = module.num_experts
         module.num_experts = module.num_experts // size
         # the module's local permuter (torch, or TE's fused permute) keeps sorting tokens on their own rank
         module.dispatcher = DISPATCHERS[dispatcher](group, size, module.num_experts, permuter=module.dispatcher)
-        module._ep = (group, rank, size, tuple(expert_params))
+        module._ep = (group, rank, size, tuple(names))
         module._register_state_dict_hook(_gather_on_save)
         module._register_load_state_dict_pre_hook(_slice_on_load, with_module=True)
-        sharded.append(module)
-    for path, row in ((r.path, r) for r in record.rows if r.kind == "experts" and r.status != "skipped"):
-        row.replacement += f" + ep{size}/{dispatcher}"
-    return sharded
+    for row in record.rows:
+        if row.kind == "experts" and row.status != "skipped":
+            row.replacement += f" + ep{size}/{dispatcher}"
+    return experts
 
 
 def _gather_on_save(module, state_dict, prefix, local_metadata):
