@@ -58,3 +58,41 @@ def test_unknown_fused_experts_detected_structurally():
     rows = moe_patch.plan_report(model)
     (row,) = [r for r in rows if r.kind == "experts"]
     assert row.path == "block.moe" and row.status == "skipped" and "layout flags" in row.reason
+
+
+def test_undecorated_experts_declared_in_a_family_file(monkeypatch):
+    """A custom 3D-experts class without v5's decorator is patched once patches/ declares its layout."""
+    from torch import nn
+
+    from moe_patch import families
+
+    class MyExperts(nn.Module):  # v5 layout, no @use_experts_implementation
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.gate_up_proj = nn.Parameter(torch.randn(4, 2 * 6, 8, generator=g))
+            self.down_proj = nn.Parameter(torch.randn(4, 8, 6, generator=g))
+            self.act_fn = nn.SiLU()
+
+        def _apply_gate(self, h):
+            gate, up = h.chunk(2, dim=-1)
+            return self.act_fn(gate) * up
+
+        def forward(self, x, idx, w):
+            out = torch.zeros_like(x)
+            for t in range(x.shape[0]):
+                for k in range(idx.shape[1]):
+                    e = idx[t, k]
+                    h = self._apply_gate(x[t] @ self.gate_up_proj[e].T)
+                    out[t] += w[t, k] * (h @ self.down_proj[e].T)
+            return out
+
+    flags = dict(has_gate=True, has_bias=False, is_transposed=False, has_post_expert_norm=False)
+    monkeypatch.setitem(families.tables().experts, "MyExperts", flags)
+    model = nn.Sequential(MyExperts())
+    x, idx, w = torch.randn(5, 8), torch.randint(0, 4, (5, 2)), torch.rand(5, 2)
+    ref = model[0](x, idx, w)
+    moe_patch.apply(model)
+    assert moe_patch.report(model).where(kind="experts")[0].status == "patched"
+    assert type(model[0]).__name__ == "GroupedExperts[MyExperts]"
+    assert rel_err(model[0](x, idx, w), ref) < 1e-5

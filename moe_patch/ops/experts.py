@@ -23,14 +23,21 @@ from .base import Replacement
 FLAG_NAMES = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
 
 
+def _aligned(t: torch.Tensor) -> bool:
+    """grouped_mm needs 16-byte aligned data and strides (odd expert widths are not)."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride() if s != 1)
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x [S, in] sorted by group, w [G, in, out], offs [G] int32 cumulative ends -> [S, out]."""
     w = w.to(x.dtype) if w.dtype != x.dtype else w
     bf16_only = x.device.type == "cuda" or torch.compiler.is_compiling()  # CUDA kernel / fake kernel
-    if hasattr(F, "grouped_mm") and (x.dtype == torch.bfloat16 or not bf16_only) and x.shape[0] > 0:
+    if (hasattr(F, "grouped_mm") and (x.dtype == torch.bfloat16 or not bf16_only) and x.shape[0] > 0
+            and _aligned(x) and _aligned(w)):
         return F.grouped_mm(x, w, offs=offs)
-    # Per-group loop: grouped_mm is bf16-only on CUDA and under torch.compile, and an empty batch still
-    # has to touch the weights so that every rank produces a (zero) gradient for them.
+    # Per-group loop: grouped_mm is bf16-only on CUDA and under torch.compile, needs aligned operands, and
+    # an empty batch still has to touch the weights so that every rank produces a (zero) gradient for them.
     outs, start = [], 0
     for g, end in enumerate(offs.tolist()):
         outs.append(x[start:end] @ w[g])
