@@ -96,3 +96,20 @@ def test_cli_env_and_report():
     out = subprocess.run([sys.executable, "-m", "moe_patch", "report", "qwen3_moe", "--backend", "te"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 2 and "transformer_engine" in out.stderr
+
+
+def test_instrument_and_uninstrument_in_process():
+    from transformers import AutoModelForCausalLM
+
+    import moe_patch
+    from moe_patch import auto
+    from moe_patch.shapes import tiny_config
+
+    auto.instrument()
+    try:
+        patched = AutoModelForCausalLM.from_config(tiny_config("olmoe"))
+        assert moe_patch.is_patched(patched)
+    finally:
+        auto.uninstrument()
+    plain = AutoModelForCausalLM.from_config(tiny_config("olmoe"))
+    assert not moe_patch.is_patched(plain)
