@@ -39,7 +39,10 @@ def cmd_report(args) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     flags = {k: False for k in (args.disable.split(",") if args.disable else [])}
-    rows = plan_report(model, backend=args.backend, skip=tuple(args.skip.split(",")) if args.skip else (), **flags)
+    from .config import parse_backend
+
+    rows = plan_report(model, backend=parse_backend(args.backend, "--backend"), skip=tuple(args.skip.split(",")) if args.skip else (),
+                       **flags)
     print(f"{type(model).__name__} ({config.model_type}), planned on meta; nothing was changed\n")
     print(rows if args.all else _without_linear(rows))
     return 0
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
     sub.add_parser("env", help="what this machine offers").set_defaults(fn=cmd_env)
     rep = sub.add_parser("report", help="plan a model on the meta device and print the report")
     rep.add_argument("target", help="model directory, config.json or model_type (e.g. qwen3_moe)")
-    rep.add_argument("--backend", default="auto", choices=("auto", "torch", "te", "liger"))
+    rep.add_argument("--backend", default="auto", help="auto | torch | te | liger, or per kind: loss=torch,experts=te")
     rep.add_argument("--disable", default="", help="comma-separated kinds to leave alone")
     rep.add_argument("--skip", default="", help="comma-separated module-path globs to leave alone")
     rep.add_argument("--all", action="store_true", help="also list every nn.Linear")

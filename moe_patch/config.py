@@ -35,22 +35,22 @@ def from_environment() -> dict:
         out["skip"] = tuple(skip)
     backend = os.environ.get("MOE_PATCH_BACKEND", "").strip()
     if backend:
-        out["backend"] = _parse_backend(backend)
+        out["backend"] = parse_backend(backend)
     return out
 
 
-def _parse_backend(value: str):
-    """"te" for every kind, or per kind: "loss=torch,experts=te" (other kinds: auto)."""
+def parse_backend(value: str, source: str = "MOE_PATCH_BACKEND"):
+    """"te" for every kind, or per kind: "loss=torch,experts=te" (other kinds: auto). Errors name `source`."""
     if "=" not in value:
         if value not in BACKENDS:
-            raise PatchError(f"MOE_PATCH_BACKEND: unknown backend {value!r}; expected one of {BACKENDS}")
+            raise PatchError(f"{source}: unknown backend {value!r}; expected one of {BACKENDS}")
         return value
     per_kind = {}
     for item in value.split(","):
         kind, _, name = item.partition("=")
         kind, name = kind.strip(), name.strip()
         if kind not in KINDS or name not in BACKENDS:
-            raise PatchError(f"MOE_PATCH_BACKEND: bad entry {item!r}; expected kind=backend with kind in {KINDS} "
+            raise PatchError(f"{source}: bad entry {item!r}; expected kind=backend with kind in {KINDS} "
                              f"and backend in {BACKENDS}")
         per_kind[kind] = name
     return per_kind
