@@ -238,9 +238,8 @@ def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool) -> Plan:
         if kind == "attention":
             impl = getattr(module.config, "_attn_implementation", None)
             if impl == "sdpa" and supports_sdpa:
-                row.replacement, row.backend = attention.NAME, "torch"
+                row.replacement, row.backend = f"{attention.NAME} {attention.describe(_device(module))}", "torch"
                 row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")
-                row.replacement = f"{attention.NAME} {attention.describe(_device(module))}"
                 plan.actions.append(Action(row, module, attention_impl=impl))
             else:
                 row.reason = (f"model uses {impl!r} attention (chosen by the user or required by the family); "

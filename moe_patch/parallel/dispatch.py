@@ -27,14 +27,16 @@ def _wait(tensor):
     return tensor.wait() if hasattr(tensor, "wait") else tensor
 
 
-def _sort_chunks(x, sizes_list, sizes, order, use_te):
-    """Reorder the row chunks of x (chunk i has sizes[i] rows) into the chunk order `order`."""
+def _sort_chunks(x, sizes_list, sizes, order_list, use_te):
+    """Reorder the row chunks of x (chunk i has sizes[i] rows) into the chunk order `order_list`.
+    Sizes and order come both as host lists (torch path) and, for TE, as device tensors: no extra sync."""
     if use_te and x.is_cuda and x.shape[0] > 0:
         from transformer_engine.pytorch import moe_sort_chunks_by_index
 
-        return moe_sort_chunks_by_index(x, sizes.to(torch.int32), order.to(torch.int32))
+        order = torch.tensor(order_list, dtype=torch.int32, device=x.device)
+        return moe_sort_chunks_by_index(x, sizes.to(torch.int32), order)
     chunks = x.split(sizes_list)
-    return torch.cat([chunks[i] for i in order.tolist()]) if chunks else x
+    return torch.cat([chunks[i] for i in order_list]) if chunks else x
 
 
 class AllToAllDispatcher:
@@ -46,8 +48,8 @@ class AllToAllDispatcher:
         self.use_te = getattr(self.permuter, "name", "") == "te_permute"
         self.last_counts = None  # tokens per local expert in the last forward (load-balance statistics)
         grid = torch.arange(ep_size * num_local).view(ep_size, num_local)
-        self._by_expert = grid.t().reshape(-1)  # (rank, expert) chunks -> expert-major
-        self._by_rank = torch.arange(ep_size * num_local).view(num_local, ep_size).t().reshape(-1)
+        self._by_expert = grid.t().reshape(-1).tolist()  # (rank, expert) chunks -> expert-major
+        self._by_rank = torch.arange(ep_size * num_local).view(num_local, ep_size).t().reshape(-1).tolist()
 
     def dispatch(self, hidden, top_k_index, top_k_weights, num_experts) -> Dispatched:
         src = self.permuter.dispatch(hidden, top_k_index, top_k_weights, num_experts)
@@ -60,20 +62,18 @@ class AllToAllDispatcher:
         send_splits = [sum(sent[r * L:(r + 1) * L]) for r in range(self.ep_size)]
         recv_splits = [sum(recv[r * L:(r + 1) * L]) for r in range(self.ep_size)]
         received = _wait(all_to_all_single_autograd(src.x, recv_splits, send_splits, self.group))
-        by_expert = self._by_expert.to(counts.device)
-        rows = _sort_chunks(received, recv, counts_recv, by_expert, self.use_te)
+        rows = _sort_chunks(received, recv, counts_recv, self._by_expert, self.use_te)
         local_counts = counts_recv.view(self.ep_size, L).sum(0)
         self.last_counts = local_counts.detach()
         expert_ids = torch.repeat_interleave(torch.arange(L, device=counts.device), local_counts,
                                              output_size=rows.shape[0])
         recv_by_expert = counts_recv.view(self.ep_size, L).t().reshape(-1)
-        state = (src, send_splits, recv_splits, recv_by_expert, [recv[i] for i in by_expert.tolist()])
+        state = (src, send_splits, recv_splits, recv_by_expert, [recv[i] for i in self._by_expert])
         return Dispatched(rows, local_counts, expert_ids, state)
 
     def combine(self, out, d: Dispatched, hidden_dtype):
         src, send_splits, recv_splits, recv_by_expert, recv_by_expert_list = d.state
-        by_rank = self._by_rank.to(out.device)
-        back_rows = _sort_chunks(out, recv_by_expert_list, recv_by_expert, by_rank, self.use_te)
+        back_rows = _sort_chunks(out, recv_by_expert_list, recv_by_expert, self._by_rank, self.use_te)
         back = _wait(all_to_all_single_autograd(back_rows, send_splits, recv_splits, self.group))
         return self.permuter.combine(back, src, hidden_dtype)
 

@@ -46,11 +46,10 @@ def validate(model, mesh, dispatcher: str = "all_to_all") -> None:
 
 
 def check_plan(plan, mesh) -> None:
-    unpatched = [r.path for r in plan.rows if r.kind == "experts" and r.status == "skipped"]
-    if unpatched:  # they would run replicated: correct, but not what a user passing a mesh expects silently
-        for r in plan.rows:
-            if r.kind == "experts" and r.status == "skipped":
-                r.reason += " (kept whole on every rank: not expert-parallel)"
+    # experts left unpatched run replicated: correct, but a user passing a mesh must be told
+    for r in plan.rows:
+        if r.kind == "experts" and r.status == "skipped":
+            r.reason += " (kept whole on every rank: not expert-parallel)"
 
 
 def _block(tensor, rank, size):
