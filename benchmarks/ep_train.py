@@ -1,28 +1,130 @@
-"""Multi-GPU training step: stock Transformers + FSDP2 vs moe_patch expert parallelism (+ FSDP2).
+"""Multi-GPU training step: stock Transformers + FSDP2, Transformers' own expert parallelism, and moe_patch
+expert parallelism (+ FSDP2) with each dispatcher, each variant in its own torchrun job.
 
-    torchrun --nproc_per_node 2 benchmarks/ep_train.py --mode stock_fsdp --json stock.json
-    torchrun --nproc_per_node 2 benchmarks/ep_train.py --mode moe_patch_ep --json ep.json
+    python benchmarks/ep_train.py --gpus 2 --variants stock_fsdp,hf_ep,all_to_all,te_ep --json ep.json --png ep.png
 
 Qwen3-MoE-shaped model (random weights, bf16, fused AdamW), each rank its own micro-batch of random
-tokens. Prints tokens/s per GPU, peak memory, fwd / bwd / optimizer ms (medians over --steps), and for
-moe_patch the tokens each expert received per layer in the last step (load balance).
+tokens. Prints one table per GPU count: tokens/s per GPU, peak memory, fwd / bwd / optimizer ms (medians
+over --steps, slowest rank), and for moe_patch the busiest expert against the mean (load balance).
+hf_ep loads a saved copy of the random model with DistributedConfig(ep_size=N, fsdp_size=N)
+(Transformers' expert parallelism only exists through from_pretrained).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 
-from steps import timed_steps
+HERE = os.path.dirname(os.path.abspath(__file__))
+MOE_PATCH_VARIANTS = ("all_to_all", "te_ep", "deepep", "auto")
+
+
+def build(args, mesh, world):
+    import torch
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    import moe_patch
+    from moe_patch.parallel.fsdp import fully_shard_moe
+    from moe_patch.shapes import named_config
+
+    torch.manual_seed(0)
+    config = named_config(args.shape, layers=args.layers)
+    if args.variant == "hf_ep":
+        from transformers.distributed import DistributedConfig
+
+        return AutoModelForCausalLM.from_pretrained(
+            args.checkpoint, dtype=torch.bfloat16,
+            distributed_config=DistributedConfig(ep_size=world, fsdp_size=world)), config
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if args.variant == "stock_fsdp":
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    else:
+        moe_patch.apply(model, mesh=mesh, backend=args.backend, dispatcher=args.variant)
+        fully_shard_moe(model, mesh)
+    return model, config
+
+
+def child(args):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers.utils import logging as hf_logging
+
+    from steps import timed_steps
+
+    hf_logging.set_verbosity_error()
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("ep",))
+    model, config = build(args, mesh, world)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(10 + rank)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
+    t = timed_steps(model, opt, ids, args.warmup, args.steps)
+    t["tokens_per_s_per_gpu"] = args.batch * args.seq / t.pop("step_s")
+    if getattr(model, "_moe_patch", None) is not None:
+        ratios = []
+        for module in model._moe_patch.sharded:
+            counts = module.dispatcher.last_counts.float()
+            parts = [torch.empty_like(counts) for _ in range(world)]
+            dist.all_gather(parts, counts)
+            c = torch.cat(parts)
+            ratios.append(round((c.max() / c.mean()).item(), 2))
+        t["busiest_expert_over_mean"] = ratios
+        t["dispatcher"] = model._moe_patch.sharded[0].dispatcher.name
+    gathered = [None] * world
+    dist.all_gather_object(gathered, t)
+    if rank == 0:
+        slowest = min(gathered, key=lambda r: r["tokens_per_s_per_gpu"])
+        slowest.update(variant=args.variant, gpus=world, gpu=torch.cuda.get_device_name(),
+                       peak_gib=max(r["peak_gib"] for r in gathered))
+        with open(args.out, "w") as f:
+            json.dump(slowest, f)
+    dist.destroy_process_group()
+
+
+def save_checkpoint(args, directory):
+    """The random model of this run, saved once, for hf_ep's from_pretrained."""
+    code = ("import sys,torch;sys.path.insert(0,%r);from moe_patch.shapes import named_config;"
+            "from transformers import AutoModelForCausalLM;torch.manual_seed(0);"
+            "torch.set_default_device('cuda' if torch.cuda.is_available() else 'cpu');"
+            "m=AutoModelForCausalLM.from_config(named_config(%r,layers=%d),dtype=torch.bfloat16);"
+            "m.save_pretrained(%r)") % (os.path.dirname(HERE), args.shape, args.layers, directory)
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def run_child(cmd, out, timeout):
+    """One torchrun job in its own session, so a timeout kills its workers too (they hold the GPUs)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        return f"timed out after {timeout} s"
+    if proc.returncode == 0 and os.path.exists(out):
+        return None
+    with open(out + ".stderr", "w") as f:
+        f.write(err)
+    lines = [x for x in err.splitlines() if re.search(r"\w+(Error|Exception): ", x)] or err.splitlines() or [""]
+    return (lines[-1][:300] or "no output") + f" (full log: {out}.stderr)"
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=("stock_fsdp", "moe_patch_ep"), required=True)
+    parser.add_argument("--variants", default="stock_fsdp,hf_ep,all_to_all,te_ep",
+                        help="stock_fsdp, hf_ep, or a moe_patch dispatcher: " + ", ".join(MOE_PATCH_VARIANTS))
+    parser.add_argument("--gpus", default="2", help="comma-separated GPU counts")
     parser.add_argument("--shape", default="qwen3-30b-a3b")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seq", type=int, default=4096)
@@ -31,65 +133,79 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--png", default=None)
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per variant")
+    parser.add_argument("--error-dir", default=None, help="folder for the stderr of failed variants")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.variant:
+        return child(args)
 
-    import moe_patch
-    from moe_patch.parallel.fsdp import fully_shard_moe
-    from moe_patch.shapes import named_config
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = args.variants.split(",")
+        if "hf_ep" in variants:
+            save_checkpoint(args, os.path.join(tmp, "model"))
+        for gpus in map(int, args.gpus.split(",")):
+            for variant in variants:
+                out = os.path.join(tmp, f"{variant}-{gpus}.json")
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
+                       __file__, *sys.argv[1:], "--variant", variant, "--out", out,
+                       "--checkpoint", os.path.join(tmp, "model")]
+                error = run_child(cmd, out, args.timeout)
+                if error and args.error_dir and os.path.exists(out + ".stderr"):
+                    os.makedirs(args.error_dir, exist_ok=True)
+                    shutil.copy(out + ".stderr", args.error_dir)
+                results.append(dict(variant=variant, gpus=gpus, error=error) if error else json.load(open(out)))
+                print(f"done: {results[-1]}", flush=True)
+    print_tables(results, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), results=results), f, indent=1)
+    if args.png:
+        chart(results, args.png)
 
-    hf_logging.set_verbosity_error()
-    dist.init_process_group("nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("ep",))
-    torch.manual_seed(0)
-    config = named_config(args.shape, layers=args.layers)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    if args.mode == "moe_patch_ep":
-        moe_patch.apply(model, mesh=mesh, backend=args.backend)
-        fully_shard_moe(model, mesh)
-    else:
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    g = torch.Generator(device="cuda").manual_seed(10 + rank)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
-    t = timed_steps(model, opt, ids, args.warmup, args.steps)
-    losses = t["losses"]
-    result = dict(mode=args.mode, gpus=world, tokens_per_s_per_gpu=args.batch * args.seq / t.pop("step_s"),
-                  gpu=torch.cuda.get_device_name(), args=vars(args), **t)
-    if args.mode == "moe_patch_ep":
-        balance = []
-        for module in model._moe_patch.sharded:
-            counts = module.dispatcher.last_counts
-            parts = [torch.empty_like(counts) for _ in range(world)]
-            dist.all_gather(parts, counts)
-            balance.append(torch.cat(parts).tolist())
-        result["tokens_per_expert"] = balance
-    gathered = [None] * world
-    dist.all_gather_object(gathered, result)
-    if rank == 0:
-        print(f"\n{args.mode}: {args.shape}, {args.layers} layers, seq {args.seq}, micro-batch {args.batch}/GPU, "
-              f"{world} x {result['gpu']}")
-        print(f"{'rank':>4} {'tokens/s/GPU':>13} {'peak GiB':>9} {'fwd ms':>7} {'bwd ms':>7} {'optim ms':>8}")
-        for r, res in enumerate(gathered):
-            print(f"{r:>4} {res['tokens_per_s_per_gpu']:>13,.0f} {res['peak_gib']:>9.1f} {res['fwd_ms']:>7.1f} "
-                  f"{res['bwd_ms']:>7.1f} {res['optim_ms']:>8.1f}")
-        if "tokens_per_expert" in result:
-            for layer, counts in enumerate(result["tokens_per_expert"]):
-                c = torch.tensor(counts, dtype=torch.float)
-                print(f"layer {layer}: tokens/expert min {c.min():.0f} mean {c.mean():.0f} max {c.max():.0f} "
-                      f"(max/mean {c.max() / c.mean():.2f})")
-        print("loss", " ".join(f"{x:.4f}" for x in losses))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(ranks=gathered), f, indent=1)
-    dist.destroy_process_group()
+
+def print_tables(results, args):
+    print(f"\n{args.shape}, {args.layers} layers, seq {args.seq}, micro-batch {args.batch} per GPU, bf16")
+    for gpus in sorted({r["gpus"] for r in results}):
+        rows = [r for r in results if r["gpus"] == gpus]
+        base = next((r for r in rows if r["variant"] == "stock_fsdp" and "error" not in r), None)
+        gpu = next((r["gpu"] for r in rows if "gpu" in r), "?")
+        print(f"\n{gpus} x {gpu}")
+        print(f"{'variant':<12} {'tokens/s/GPU':>13} {'vs FSDP2':>9} {'peak GiB':>9} {'fwd ms':>7} {'bwd ms':>7} "
+              f"{'optim ms':>8}  busiest expert / mean")
+        for r in rows:
+            if "error" in r:
+                print(f"{r['variant']:<12} failed: {r['error']}")
+                continue
+            speed = f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.2f}x" if base else "-"
+            balance = max(r.get("busiest_expert_over_mean", [0]) or [0])
+            print(f"{r['variant']:<12} {r['tokens_per_s_per_gpu']:>13,.0f} {speed:>9} {r['peak_gib']:>9.1f} "
+                  f"{r['fwd_ms']:>7.1f} {r['bwd_ms']:>7.1f} {r['optim_ms']:>8.1f}  {balance or '-'}")
+
+
+def chart(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart", file=sys.stderr)
+        return
+    ok = [r for r in results if "error" not in r]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{r['variant']}\n{r['gpus']} GPU" for r in ok]
+    ax.bar(labels, [r["tokens_per_s_per_gpu"] for r in ok], color="tab:blue")
+    ax.set_ylabel("tokens/s per GPU")
+    ax.set_title("MoE training step, expert parallelism")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, HERE)
     main()

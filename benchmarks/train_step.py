@@ -8,7 +8,8 @@ Random weights, bf16, fused AdamW, the same random tokens for every variant. Pri
 Variants: stock | patched (moe_patch.apply, backend auto) | patched-torch (backend="torch") |
 patched-noloss (backend auto, loss=False: the stock lm_head + cross-entropy) |
 patched-torchloss (backend auto, but the loss on moe_patch's chunked torch kernel instead of Liger's) |
-patched-fp8-delayed / patched-fp8-current (backend auto, linear layers on TE in FP8 with that recipe).
+patched-fp8-delayed / patched-fp8-current (backend auto, linear layers on TE in FP8 with that recipe) |
+patched-eager (backend auto with MOE_PATCH_COMPILE=0: the experts' gate and the loss kernel not compiled).
 """
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def main():
     results = []
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--child", variant]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        env = dict(os.environ, **({"MOE_PATCH_COMPILE": "0"} if variant == "patched-eager" else {}))
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode != 0 or not line:
             print(f"{variant}: failed\n{out.stderr[-4000:]}", file=sys.stderr)

@@ -84,7 +84,7 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     from .parallel import shard as shard_mod  # parallel validates the mesh before anything is swapped
 
     if mesh is not None:
-        shard_mod.validate(model, mesh, **parallel_options)
+        parallel_options = shard_mod.validate(model, mesh, **parallel_options)
     elif parallel_options:
         raise PatchError(f"unexpected options without a mesh: {sorted(parallel_options)}")
 

@@ -21,6 +21,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from . import compiled
+
 IGNORE = -100
 CHUNK_ROWS = 4096
 # config attributes that transform logits after lm_head: the fused path would skip them
@@ -48,7 +50,7 @@ def why_not(model) -> str | None:
 def _ce_and_grad(logits, labels):
     """Sum of cross-entropies of one chunk and d(sum)/d(logits) = softmax - onehot (0 on ignored rows),
     softmax in fp32, gradient returned in the logits dtype. Pointwise + one row reduction: on GPU it is
-    compiled into a couple of fused kernels (see _ce_kernel)."""
+    compiled into a couple of fused kernels (compiled.py)."""
     logits32 = logits.float()
     valid = labels != IGNORE
     target = torch.where(valid, labels, 0)
@@ -57,18 +59,6 @@ def _ce_and_grad(logits, labels):
     onehot = torch.arange(logits.shape[-1], device=logits.device)[None, :] == target[:, None]
     grad = (torch.exp(logits32 - lse[:, None]) - onehot.float()) * valid[:, None]
     return loss, grad.to(logits.dtype)
-
-
-_COMPILED = {}
-
-
-def _ce_kernel(device: torch.device):
-    """Eager on CPU (the exact reference); torch.compile'd on CUDA, falling back to eager if it cannot."""
-    if device.type != "cuda":
-        return _ce_and_grad
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(_ce_and_grad, dynamic=True)
-    return _COMPILED["fn"]
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -88,14 +78,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and needs[2] \
             else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        kernel = _ce_kernel(hidden.device)
         for start in range(0, hidden.shape[0], CHUNK_ROWS):
             h, y = hidden[start:start + CHUNK_ROWS], labels[start:start + CHUNK_ROWS]
-            try:
-                loss, grad = kernel(F.linear(h, weight, bias), y)
-            except Exception:  # a compiler failure must not stop training: the eager version is exact
-                _COMPILED["fn"] = kernel = _ce_and_grad
-                loss, grad = kernel(F.linear(h, weight, bias), y)
+            loss, grad = compiled.run(_ce_and_grad, F.linear(h, weight, bias), y)
             total += loss
             if grad_hidden is not None:
                 grad_hidden[start:start + CHUNK_ROWS] = grad @ weight

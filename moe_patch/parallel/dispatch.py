@@ -12,8 +12,13 @@ by (source rank, local expert) and are re-chunked by local expert; the way back 
 routing weights are applied on the token's own rank (router gradients stay local).
 Every rank runs the same collectives in the same order whatever the routing (empty sends included), so
 no routing can deadlock it. The one host synchronisation per layer reads the split sizes.
+
+The fused dispatchers (te_ep.py: TransformerEngine NCCL-EP; deepep.py: DeepEP, unverified) have the same
+interface; choose() resolves `dispatcher=` ("auto" by default) once per apply().
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 import torch.distributed as dist
@@ -78,4 +83,48 @@ class AllToAllDispatcher:
         return self.permuter.combine(back, src, hidden_dtype)
 
 
-DISPATCHERS = {"all_to_all": AllToAllDispatcher}
+def _te_ep():
+    from .te_ep import TEEPDispatcher  # lazy: TE only where installed
+
+    return TEEPDispatcher
+
+
+def _deepep():
+    from .deepep import DeepEPDispatcher
+
+    return DeepEPDispatcher
+
+
+DISPATCHERS = {"all_to_all": lambda: AllToAllDispatcher, "te_ep": _te_ep, "deepep": _deepep}
+NAMES = ("auto", *DISPATCHERS)
+
+
+def _deepep_reason():
+    try:
+        importlib.import_module("deep_ep")
+    except Exception as exc:
+        return f"deep_ep is not importable ({type(exc).__name__}: {exc})"
+    return None if torch.cuda.is_available() else "needs CUDA"
+
+
+def choose(name: str, group, dtype) -> tuple[str, str]:
+    """(dispatcher, why) for a requested name; raises when a named fused dispatcher cannot run here.
+    "auto" takes te_ep when every rank can run it (one small all-reduce, so that all ranks agree), else
+    all_to_all. DeepEP is never chosen by "auto": it is unverified (see deepep.py)."""
+    from ..errors import MeshError
+    from .te_ep import unavailable_reason
+
+    if name == "all_to_all":
+        return name, "requested"
+    if name in ("te_ep", "deepep"):
+        why = unavailable_reason(group, dtype) if name == "te_ep" else _deepep_reason()
+        if why:
+            raise MeshError(f"dispatcher {name!r} cannot run here: {why}")
+        return name, "requested"
+    why = unavailable_reason(group, dtype)
+    device = "cuda" if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available() else "cpu"
+    ok = torch.tensor([0 if why else 1], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    if ok.item():
+        return "te_ep", "auto: TransformerEngine NCCL-EP fused dispatch available"
+    return "all_to_all", f"auto: te_ep unavailable ({why or 'on another rank'})"

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ..errors import MeshError, PatchError
 from ..ops.experts import GroupedExperts
-from .dispatch import DISPATCHERS
+from . import dispatch
 
 
 def _ep_mesh(mesh):
@@ -32,17 +32,24 @@ def _expert_count(module) -> int | None:
     return None
 
 
-def validate(model, mesh, dispatcher: str = "all_to_all") -> None:
-    if dispatcher not in DISPATCHERS:
-        raise PatchError(f"dispatcher must be one of {sorted(DISPATCHERS)}, got {dispatcher!r}")
+def validate(model, mesh, dispatcher: str = "auto", max_tokens_per_rank: int | None = None) -> dict:
+    """Check the mesh against the model and resolve the dispatcher; returns the options for shard()."""
+    if dispatcher not in dispatch.NAMES:
+        raise PatchError(f"dispatcher must be one of {list(dispatch.NAMES)}, got {dispatcher!r}")
+    if max_tokens_per_rank is not None and (not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1):
+        raise PatchError(f"max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
     if not dist.is_available() or not dist.is_initialized():
         raise MeshError("expert parallelism needs torch.distributed initialised (torchrun + init_process_group)")
-    ep = _ep_mesh(mesh).size()
+    ep_mesh = _ep_mesh(mesh)
+    ep, dtype = ep_mesh.size(), None
     for path, module in model.named_modules():
         if hasattr(module, "has_gate") and hasattr(module, "is_transposed"):
             n = _expert_count(module)
             if n is not None and n % ep:
                 raise MeshError(f"{path}: {n} experts cannot be split evenly over ep={ep} ranks")
+            dtype = dtype or next(module.parameters()).dtype
+    name, why = dispatch.choose(dispatcher, ep_mesh.get_group(), dtype)
+    return dict(dispatcher=name, why=why, max_tokens_per_rank=max_tokens_per_rank)
 
 
 def check_plan(plan, mesh) -> None:
@@ -57,7 +64,7 @@ def _block(tensor, rank, size):
     return tensor[rank * n:(rank + 1) * n]
 
 
-def shard(model, mesh, record, dispatcher: str = "all_to_all"):
+def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=None):
     ep_mesh = _ep_mesh(mesh)
     group, rank, size = ep_mesh.get_group(), ep_mesh.get_local_rank(), ep_mesh.size()
     experts = [m for _, _, m in record.swaps if isinstance(m, GroupedExperts)]
@@ -75,13 +82,16 @@ def shard(model, mesh, record, dispatcher: str = "all_to_all"):
         module.num_global_experts = module.num_experts
         module.num_experts = module.num_experts // size
         # the module's local permuter (torch, or TE's fused permute) keeps sorting tokens on their own rank
-        module.dispatcher = DISPATCHERS[dispatcher](group, size, module.num_experts, permuter=module.dispatcher)
+        cls = dispatch.DISPATCHERS[dispatcher]()
+        extra = dict(max_tokens_per_rank=max_tokens_per_rank) if dispatcher == "te_ep" else {}
+        module.dispatcher = cls(group, size, module.num_experts, permuter=module.dispatcher, **extra)
         module._ep = (group, rank, size, tuple(names))
         module._register_state_dict_hook(_gather_on_save)
         module._register_load_state_dict_pre_hook(_slice_on_load, with_module=True)
     for row in record.rows:
         if row.kind == "experts" and row.status != "skipped":
             row.replacement += f" + ep{size}/{dispatcher}"
+            row.reason = "; ".join(x for x in (row.reason, f"dispatcher {dispatcher}: {why}") if x)
     return experts
 
 
