@@ -119,11 +119,13 @@ class TEEPDispatcher:
         self.last_counts = counts.detach()
         expert_ids = torch.repeat_interleave(torch.arange(self.num_local, device=counts.device), counts,
                                              output_size=rows.shape[0])
-        return Dispatched(rows, counts, expert_ids, (buffer, row_weights, hidden.shape[0]))
+        return Dispatched(rows, counts, expert_ids, (buffer, row_weights, hidden.shape[0], top_k_weights.dtype))
 
     def combine(self, out, d: Dispatched, hidden_dtype):
         from transformer_engine.pytorch import ep
 
-        buffer, row_weights, tokens = d.state
-        weighted = (out * row_weights.unsqueeze(-1)).to(torch.bfloat16)
+        buffer, row_weights, tokens, weight_dtype = d.state
+        # weight in the routing weights' own dtype, as the reference does (TE carries them as fp32): for bf16
+        # weights that is a bf16 product, half the memory traffic of an fp32 one, forward and backward
+        weighted = (out * row_weights.to(weight_dtype).unsqueeze(-1)).to(torch.bfloat16)
         return ep.ep_combine(buffer, weighted, num_local_tokens=tokens).to(hidden_dtype)
