@@ -63,6 +63,8 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     from the environment (MOE_PATCH_DISABLE / MOE_PATCH_SKIP / MOE_PATCH_BACKEND) when set there.
     fp8: None, "delayed", "current" or "mxfp8": linear layers run on TransformerEngine under that FP8
     recipe (needs TE and a GPU that supports the recipe; the HF weights stay the master weights).
+    With a mesh (a DeviceMesh with an "ep" dimension; call apply on every rank): dispatcher="auto" |
+    "all_to_all" | "te_ep" | "deepep" and max_tokens_per_rank (te_ep's buffer size), see README.md.
     On any error the model is left exactly as it was. See README.md for the flags.
     """
     given = dict(attention=attention, rmsnorm=rmsnorm, linear=linear, experts=experts, router=router, loss=loss,

@@ -162,14 +162,19 @@ def main():
     except moe_patch.MeshError as exc:
         check("'ep'" in str(exc), str(exc))
     check(list(model.modules()) == before and not moe_patch.is_patched(model), "model touched")
-    for bad_choice, error in (("te_ep", moe_patch.MeshError), ("bogus", moe_patch.PatchError)):
-        if DEVICE.type == "cpu":  # te_ep under gloo: refused with the reason, model untouched
-            try:
-                moe_patch.apply(model, mesh=mesh, dispatcher=bad_choice)
-                check(False, f"dispatcher {bad_choice} accepted on CPU")
-            except error as exc:
-                check(bad_choice in str(exc), str(exc))
-            check(list(model.modules()) == before and not moe_patch.is_patched(model), "model touched")
+    bad_options = [(dict(dispatcher="bogus"), moe_patch.PatchError, "bogus"),
+                   (dict(max_tokens_per_rank=0), moe_patch.PatchError, "max_tokens_per_rank")]
+    if DEVICE.type == "cpu":  # te_ep under gloo: refused with the reason
+        bad_options.append((dict(dispatcher="te_ep"), moe_patch.MeshError, "te_ep"))
+    for options, error, word in bad_options:
+        try:
+            moe_patch.apply(model, mesh=mesh, **options)
+            check(False, f"{options} accepted")
+        except error as exc:
+            check(word in str(exc), str(exc))
+        check(list(model.modules()) == before and not moe_patch.is_patched(model), "model touched")
+    if DEVICE.type == "cpu":
+        check_auto_agreement(mesh["ep"].get_group(), rank)
     if size > 1:
         odd = build("mixtral", num_local_experts=size * 2 + 1)
         try:
@@ -179,6 +184,22 @@ def main():
             check("evenly" in str(exc), str(exc))
     dist.destroy_process_group()
 
+
+
+def check_auto_agreement(group, rank):
+    """dispatcher="auto" takes te_ep only when every rank can run it (the availability test is faked)."""
+    from moe_patch.parallel import dispatch, te_ep
+
+    real = te_ep.unavailable_reason
+    try:
+        te_ep.unavailable_reason = lambda g, d: None if rank == 0 else "missing here"
+        name, why = dispatch.choose("auto", group, torch.bfloat16)
+        expected = "te_ep" if dist.get_world_size(group) == 1 else "all_to_all"
+        check(name == expected and (name == "te_ep" or "another rank" in why or "missing" in why), (name, why))
+        te_ep.unavailable_reason = lambda g, d: None
+        check(dispatch.choose("auto", group, torch.bfloat16)[0] == "te_ep", "auto refused te_ep everywhere")
+    finally:
+        te_ep.unavailable_reason = real
 
 
 def run_fsdp(model_type):
