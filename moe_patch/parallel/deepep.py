@@ -1,7 +1,7 @@
 """DeepEP (`deep_ep.Buffer`, normal kernels) as an expert-parallel dispatcher, for users who build DeepEP.
 
-UNVERIFIED: written against DeepEP's documented training API (get_dispatch_layout / dispatch / combine with a
-handle) but never run by this project: the PyPI package cannot be built and no GPU machine here has DeepEP.
+UNVERIFIED: written against DeepEP's training API (deep_ep/buffer.py: get_dispatch_layout, dispatch, combine,
+cached dispatch with a handle; intranode and internode alike) but never run by this project: the PyPI package cannot be built and no GPU machine here has DeepEP.
 `dispatcher="auto"` never picks it; ask for it by name. The GPU test in tests/test_gpu.py runs it against the
 all_to_all reference wherever `import deep_ep` works.
 
@@ -46,7 +46,8 @@ class _Dispatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_x, g_w, *_):
-        g_x, g_w, _ = ctx.buffer.combine(g_x.contiguous(), ctx.handle, topk_weights=g_w.contiguous())
+        g_w = None if g_w is None else g_w.contiguous()  # None when the routing weights need no gradient
+        g_x, g_w, _ = ctx.buffer.combine(g_x.contiguous(), ctx.handle, topk_weights=g_w)
         return g_x, g_w, None, None, None
 
 
