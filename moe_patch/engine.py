@@ -37,6 +37,11 @@ def _supports_sdpa(model) -> bool:
     return bool(getattr(model, "_supports_sdpa", False))
 
 
+def _parallel(mesh, options) -> dict:
+    """The expert-parallel options as asked for, defaults filled in (for the idempotence check)."""
+    return dict(dict(dispatcher="auto", max_tokens_per_rank=None), **options) if mesh is not None else dict(options)
+
+
 def is_patched(model) -> bool:
     return getattr(model, RECORD, None) is not None
 
@@ -80,11 +85,12 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     _unwrap_check(model)
     existing = getattr(model, RECORD, None)
     if existing is not None:
-        if existing.options == opts and existing.mesh is mesh:
+        if existing.options == opts and existing.mesh is mesh and existing.parallel == _parallel(mesh, parallel_options):
             return model  # idempotent
         raise PatchError("model is already patched with other options; call moe_patch.revert(model) first")
     from .parallel import shard as shard_mod  # parallel validates the mesh before anything is swapped
 
+    requested = _parallel(mesh, parallel_options)
     if mesh is not None:
         parallel_options = shard_mod.validate(model, mesh, **parallel_options)
     elif parallel_options:
@@ -94,7 +100,7 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     if mesh is not None:
         shard_mod.check_plan(plan, mesh)
     built = swap.build(model, plan)
-    record = Record(options=opts, rows=plan.rows, mesh=mesh)
+    record = Record(options=opts, rows=plan.rows, mesh=mesh, parallel=requested)
     swap.swap(model, plan, built, record)
     if mesh is not None:
         try:

@@ -57,5 +57,6 @@ class Record:
     attention_modules: list = field(default_factory=list)
     configs: list = field(default_factory=list)  # (config, attention implementation before)
     mesh: object = None
+    parallel: dict = field(default_factory=dict)  # the expert-parallel options asked for (dispatcher, ...)
     sharded: list = field(default_factory=list)  # expert modules sharded over the mesh
     forward_replaced: bool = False  # the fused loss's instance-level forward

@@ -69,6 +69,13 @@ def run_family(model_type, mesh, rank, size):
         m = dict(patched.named_modules())[name]
         check(m.num_experts * size == m.num_global_experts, "not sharded")
         check(expected == "auto" or m.dispatcher.name == expected, f"dispatcher {m.dispatcher.name}")
+    check(moe_patch.apply(patched, mesh=mesh, dispatcher=DISPATCHER) is patched, "second apply not idempotent")
+    if DISPATCHER != "all_to_all":
+        try:
+            moe_patch.apply(patched, mesh=mesh, dispatcher="all_to_all")
+            check(False, "re-apply with another dispatcher accepted")
+        except moe_patch.PatchError:
+            pass
     rows = moe_patch.report(patched).where(kind="experts")
     check(all(f"dispatcher {m.dispatcher.name}" in r.reason for r in rows), "dispatcher choice not reported")
 

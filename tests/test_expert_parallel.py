@@ -1,4 +1,5 @@
 """Expert parallelism under torchrun with gloo processes (see dist_ep.py for the checks themselves)."""
+import importlib
 import os
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def _dispatcher_missing(name):
             return f"te_ep unavailable: {exc}"
     if name == "deepep":
         try:
-            import deep_ep  # noqa: F401
+            importlib.import_module("deep_ep")
         except Exception as exc:
             return f"deep_ep unavailable (unverified adapter): {exc}"
     return None
