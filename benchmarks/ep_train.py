@@ -24,25 +24,32 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MOE_PATCH_VARIANTS = ("all_to_all", "te_ep", "deepep", "auto")
 
 
-def build(args, mesh, world):
+def config_for(args):
+    from moe_patch.shapes import named_config, tiny_config
+
+    if args.shape.startswith("tiny:"):  # e.g. tiny:qwen3_moe, for a CPU smoke run of this script
+        return tiny_config(args.shape[5:], num_hidden_layers=args.layers)
+    return named_config(args.shape, layers=args.layers)
+
+
+def build(args, mesh, world, device, dtype):
     import torch
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
 
     import moe_patch
     from moe_patch.parallel.fsdp import fully_shard_moe
-    from moe_patch.shapes import named_config
 
     torch.manual_seed(0)
-    config = named_config(args.shape, layers=args.layers)
+    config = config_for(args)
     if args.variant == "hf_ep":
         from transformers.distributed import DistributedConfig
 
         return AutoModelForCausalLM.from_pretrained(
-            args.checkpoint, dtype=torch.bfloat16,
+            args.checkpoint, dtype=dtype,
             distributed_config=DistributedConfig(ep_size=world, fsdp_size=world)), config
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if args.variant == "stock_fsdp":
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
@@ -51,6 +58,23 @@ def build(args, mesh, world):
         moe_patch.apply(model, mesh=mesh, backend=args.backend, dispatcher=args.variant)
         fully_shard_moe(model, mesh)
     return model, config
+
+
+def save_checkpoint(args):
+    """The random model of this run, saved once (own process), for hf_ep's from_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda" if args.device == "cuda" else "cpu"):
+        model = AutoModelForCausalLM.from_config(config_for(args), dtype=_dtype(args))
+    model.save_pretrained(args.checkpoint)
+
+
+def _dtype(args):
+    import torch
+
+    return torch.bfloat16 if args.device == "cuda" else torch.float32
 
 
 def child(args):
@@ -62,14 +86,19 @@ def child(args):
     from steps import timed_steps
 
     hf_logging.set_verbosity_error()
-    dist.init_process_group("nccl")
+    if args.variant == "save":
+        return save_checkpoint(args)
+    cuda = args.device == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("ep",))
-    model, config = build(args, mesh, world)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    g = torch.Generator(device="cuda").manual_seed(10 + rank)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))
+    model, config = build(args, mesh, world, device, _dtype(args))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+    g = torch.Generator(device=device).manual_seed(10 + rank)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device, generator=g)
     t = timed_steps(model, opt, ids, args.warmup, args.steps)
     t["tokens_per_s_per_gpu"] = args.batch * args.seq / t.pop("step_s")
     if getattr(model, "_moe_patch", None) is not None:
@@ -86,21 +115,11 @@ def child(args):
     dist.all_gather_object(gathered, t)
     if rank == 0:
         slowest = min(gathered, key=lambda r: r["tokens_per_s_per_gpu"])
-        slowest.update(variant=args.variant, gpus=world, gpu=torch.cuda.get_device_name(),
+        slowest.update(variant=args.variant, gpus=world, gpu=torch.cuda.get_device_name() if cuda else "CPU",
                        peak_gib=max(r["peak_gib"] for r in gathered))
         with open(args.out, "w") as f:
             json.dump(slowest, f)
     dist.destroy_process_group()
-
-
-def save_checkpoint(args, directory):
-    """The random model of this run, saved once, for hf_ep's from_pretrained."""
-    code = ("import sys,torch;sys.path.insert(0,%r);from moe_patch.shapes import named_config;"
-            "from transformers import AutoModelForCausalLM;torch.manual_seed(0);"
-            "torch.set_default_device('cuda' if torch.cuda.is_available() else 'cpu');"
-            "m=AutoModelForCausalLM.from_config(named_config(%r,layers=%d),dtype=torch.bfloat16);"
-            "m.save_pretrained(%r)") % (os.path.dirname(HERE), args.shape, args.layers, directory)
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def run_child(cmd, out, timeout):
@@ -116,8 +135,9 @@ def run_child(cmd, out, timeout):
         return None
     with open(out + ".stderr", "w") as f:
         f.write(err)
-    lines = [x for x in err.splitlines() if re.search(r"\w+(Error|Exception): ", x)] or err.splitlines() or [""]
-    return (lines[-1][:300] or "no output") + f" (full log: {out}.stderr)"
+    errors = [x for x in err.splitlines() if re.search(r"\w+(Error|Exception): ", x)]
+    first = [x for x in errors if x.startswith("[rank")][:1] or errors[-1:] or err.splitlines()[-1:] or ["no output"]
+    return first[0][:300] + f" (full log: {out}.stderr)"
 
 
 def main():
@@ -132,6 +152,8 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: gloo processes in fp32, to smoke-test this script (no meaningful timings)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--png", default=None)
     parser.add_argument("--timeout", type=int, default=600, help="seconds per variant")
@@ -147,7 +169,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         variants = args.variants.split(",")
         if "hf_ep" in variants:
-            save_checkpoint(args, os.path.join(tmp, "model"))
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", "save",
+                            "--checkpoint", os.path.join(tmp, "model")], check=True)
         for gpus in map(int, args.gpus.split(",")):
             for variant in variants:
                 out = os.path.join(tmp, f"{variant}-{gpus}.json")
@@ -169,7 +192,8 @@ def main():
 
 
 def print_tables(results, args):
-    print(f"\n{args.shape}, {args.layers} layers, seq {args.seq}, micro-batch {args.batch} per GPU, bf16")
+    dtype = "bf16" if args.device == "cuda" else "fp32 (CPU smoke run: timings mean nothing)"
+    print(f"\n{args.shape}, {args.layers} layers, seq {args.seq}, micro-batch {args.batch} per GPU, {dtype}")
     for gpus in sorted({r["gpus"] for r in results}):
         rows = [r for r in results if r["gpus"] == gpus]
         base = next((r for r in rows if r["variant"] == "stock_fsdp" and "error" not in r), None)

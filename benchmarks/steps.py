@@ -8,21 +8,25 @@ import torch
 
 
 def timed_steps(model, opt, ids, warmup: int, steps: int) -> dict:
-    """Run warmup + steps training steps on `ids`; medians (ms) over the timed steps, all losses, peak GiB."""
+    """Run warmup + steps training steps on `ids`; medians (ms) over the timed steps, all losses, peak GiB
+    (peak 0 off CUDA: the CPU path exists to smoke-test the benchmark scripts, not to time anything)."""
     fwd, bwd, step, losses = [], [], [], []
-    torch.cuda.reset_peak_memory_stats()
+    cuda = ids.is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
-        torch.cuda.synchronize()
+        sync()
         t1 = time.perf_counter()
         loss.backward()
-        torch.cuda.synchronize()
+        sync()
         t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         t3 = time.perf_counter()
         losses.append(loss.item())
         if i >= warmup:
@@ -30,4 +34,4 @@ def timed_steps(model, opt, ids, warmup: int, steps: int) -> dict:
     total = statistics.median([a + b + c for a, b, c in zip(fwd, bwd, step)])
     return dict(step_s=total, fwd_ms=statistics.median(fwd) * 1e3, bwd_ms=statistics.median(bwd) * 1e3,
                 optim_ms=statistics.median(step) * 1e3, losses=losses,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
