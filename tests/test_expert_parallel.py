@@ -20,13 +20,14 @@ def torchrun(nproc, families, **env_extra):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     for family in families:
-        expected = f"ok fsdp {family[5:]} ep={nproc}" if family.startswith("fsdp:") else f"ok {family} ep={nproc}"
+        kind, _, name = family.rpartition(":")
+        expected = f"ok {kind} {name} ep={nproc}" if kind else f"ok {family} ep={nproc}"
         assert expected in out.stdout
 
 
 @pytest.mark.distributed
 def test_expert_parallel_2_ranks_every_family():
-    torchrun(2, MOE_FAMILIES + ["fsdp:qwen3_moe", "fsdp:gpt_oss"])
+    torchrun(2, MOE_FAMILIES + ["fsdp:qwen3_moe", "fsdp:gpt_oss", "gc:mixtral", "gc:deepseek_v3"])
 
 
 @pytest.mark.distributed

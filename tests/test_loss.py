@@ -39,6 +39,21 @@ def test_router_aux_loss_and_ignored_labels_and_num_items():
         assert rel_err(p.grad, g[n].grad) < 1e-4, n
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_router_logits_recorded_when_the_model_ran_before_apply(model_type):
+    """Transformers installs its output recorders at the first forward, on the stock router modules: the
+    replacements must keep them firing, or output_router_logits (the aux loss) breaks after apply()."""
+    stock = build(model_type, output_router_logits=True)
+    ids = inputs()
+    ref = stock(input_ids=ids, labels=ids)  # installs the recorder hooks
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    out = patched(input_ids=ids, labels=ids)
+    assert len(out.router_logits) == len(ref.router_logits) > 0
+    assert rel_err(out.aux_loss, ref.aux_loss) < 1e-5 and rel_err(out.loss, ref.loss) < 1e-5
+    moe_patch.revert(patched)
+    assert rel_err(patched(input_ids=ids, labels=ids).aux_loss, ref.aux_loss) < 1e-5
+
+
 def test_families_with_logit_transforms_keep_the_stock_loss():
     model = moe_patch.apply(build("granitemoe", logits_scaling=4.0))
     (row,) = moe_patch.report(model).where(kind="loss")

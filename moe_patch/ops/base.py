@@ -2,13 +2,21 @@
 
 A replacement registers the original module's Parameter objects, buffers and children under the same
 names, so `state_dict()` keys, shapes and dtypes stay Hugging Face's, memory does not grow, and an
-optimizer built before apply() still updates the weights the patched model uses.
+optimizer built before apply() still updates the weights the patched model uses. It also shares the
+original's forward / backward hook dictionaries, so hooks installed before apply() keep firing (Transformers
+installs its output recorders, e.g. for `output_router_logits`, at the first forward).
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
 from torch import nn
+
+
+# the same dict objects, not copies: a hook's RemovableHandle still removes it, and hooks added while
+# patched are still there after revert()
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
 @lru_cache(maxsize=None)
@@ -36,6 +44,8 @@ class Replacement(nn.Module):
         for name, child in original._modules.items():
             self.add_module(name, child)
         self.training = original.training
+        for name in _HOOK_DICTS:
+            setattr(self, name, getattr(original, name))
         # Kept outside the module tree (object.__setattr__) so it adds no state_dict keys; revert() needs it.
         object.__setattr__(self, "_moe_patch_original", original)
 
