@@ -185,6 +185,7 @@ def main():
         check(list(model.modules()) == before and not moe_patch.is_patched(model), "model touched")
     if DEVICE.type == "cpu":
         check_auto_agreement(mesh["ep"].get_group(), rank)
+        check_outside_tree_params_under_fsdp(mesh)
     if size > 1:
         odd = build("mixtral", num_local_experts=size * 2 + 1)
         try:
@@ -194,6 +195,28 @@ def main():
             check("evenly" in str(exc), str(exc))
     dist.destroy_process_group()
 
+
+
+def check_outside_tree_params_under_fsdp(mesh):
+    """FSDP2 swaps the Parameter objects (sharded at rest, unsharded per forward): a module computing through
+    an outside-tree module (the TE replacements' pattern) must still train its sharded parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    from test_invariants import _OutsideTree
+
+    torch.manual_seed(1)
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model = copy.deepcopy(ref)
+    model[0] = _OutsideTree(model[0])
+    for m in (ref, model):
+        fully_shard(m[0], mesh=mesh)
+        fully_shard(m, mesh=mesh)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(dist.get_rank()))
+    ref(x).sum().backward()
+    model(x).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        check(p.grad is not None, f"outside-tree parameter {name} got no gradient under FSDP2")
+        check(rel_err(p.grad.full_tensor(), q.grad.full_tensor()) < 1e-5, f"outside-tree gradient of {name}")
 
 
 def check_auto_agreement(group, rank):
@@ -253,7 +276,9 @@ def run_fsdp(model_type):
     check(rel_err(loss, loss_s) < TOL, f"fsdp loss rel err {rel_err(loss, loss_s):.2e}")
     loss_s.backward()
     loss.backward()
-    if DTYPE != torch.float32:  # whole-model gradients: fp32 only (a bf16 router near-tie flips experts)
+    for name, p in patched.named_parameters():  # every sharded parameter trains (TE modules included)
+        check(p.grad is not None, f"fsdp: {name} got no gradient")
+    if DTYPE != torch.float32:  # gradient values: fp32 only (a bf16 router near-tie flips experts)
         if rank == 0:
             print(f"ok fsdp {model_type} ep={size}", flush=True)
         return

@@ -75,3 +75,36 @@ def test_fp8_linear_layers_train_close_to_bf16(recipe):
     lp.backward()
     assert abs(lp.item() - ls.item()) < 0.02 * abs(ls.item())
     assert all(p.grad is not None for p in patched.parameters() if p.requires_grad)
+
+
+def test_te_replacements_train_under_fsdp2(tmp_path):
+    """FSDP2 swaps the Parameter objects the TE modules (kept outside the module tree) compute with: every
+    sharded parameter must still receive its gradient (one-rank NCCL group, so one GPU is enough)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from moe_patch.backends import capabilities
+
+    if not capabilities().te:
+        pytest.skip("TransformerEngine not installed")
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = moe_patch.apply(build("qwen3_moe", dtype=torch.bfloat16).cuda(), backend="te")
+        te_rows = [r for r in moe_patch.report(model) if r.replacement.startswith("TE")]
+        assert te_rows
+        mesh = init_device_mesh("cuda", (1,), mesh_dim_names=("dp",))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        ids = torch.randint(0, 256, (2, 64), device="cuda")
+        model(input_ids=ids, labels=ids).loss.backward()
+        modules = dict(model.named_modules())
+        for r in te_rows:
+            for name, p in modules[r.path].named_parameters(recurse=False):
+                assert p.grad is not None and p.grad.full_tensor().abs().sum() > 0, (r.path, name)
+    finally:
+        if own_group:
+            dist.destroy_process_group()

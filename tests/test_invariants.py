@@ -221,3 +221,33 @@ def test_fp8_requests_are_checked_before_anything_changes():
         with pytest.raises(moe_patch.BackendUnavailableError):
             moe_patch.apply(model, fp8="current")
     assert list(model.modules()) == before and not moe_patch.is_patched(model)
+
+
+class _OutsideTree(torch.nn.Module):
+    """The pattern of the TE replacements: the computing module kept outside the module tree."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        object.__setattr__(self, "inner", linear)
+
+    def forward(self, x):
+        from moe_patch.ops.base import current_params_into
+
+        current_params_into(self.inner, self)
+        return self.inner(x)
+
+
+def test_outside_tree_module_follows_replaced_parameters():
+    """load_state_dict(assign=True) (like FSDP2, see dist_ep.py) puts new Parameter objects on the module: the
+    outside-tree module must compute with them and send their gradients there, not to the old ones."""
+    module = _OutsideTree(torch.nn.Linear(4, 3))
+    old = module.weight
+    new_state = {"weight": torch.randn(3, 4), "bias": torch.randn(3)}
+    module.load_state_dict(new_state, assign=True)
+    assert module.weight is not old
+    x = torch.randn(2, 4)
+    y = module(x)
+    assert rel_err(y, x @ new_state["weight"].t() + new_state["bias"]) < 1e-6
+    y.sum().backward()
+    assert module.weight.grad is not None and old.grad is None

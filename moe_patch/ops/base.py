@@ -19,6 +19,16 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
+def current_params_into(inner: nn.Module, owner: nn.Module) -> None:
+    """Point `inner`, a module kept outside the module tree (a TE module), at `owner`'s *current* Parameter
+    objects. FSDP2 (sharded at rest, unsharded for each forward), load_state_dict(assign=True) and friends
+    replace the Parameter objects on the owner; without this the inner module would keep computing with, and
+    sending gradients to, the old ones, which then never train. Called at every forward (a dict lookup)."""
+    for name, param in owner._parameters.items():
+        if inner._parameters.get(name) is not param:
+            inner._parameters[name] = param
+
+
 @lru_cache(maxsize=None)
 def _combined(impl: type, original_cls: type) -> type:
     """impl first in the MRO (its forward runs), the original class second, so that isinstance checks in

@@ -1,7 +1,7 @@
 """TransformerEngine modules behind moe_patch's adopt-don't-copy rule (GPU with TE installed only).
 
-The TE module is kept *outside* the module tree (object.__setattr__), with the original Parameter objects
-registered into it: the model's state_dict keeps Hugging Face's keys and never gains TE's `_extra_state`,
+The TE module is kept *outside* the module tree (object.__setattr__), with the replacement's Parameter
+objects (the original ones; re-pointed at every forward if FSDP2 or a load replaced them) registered into it: the model's state_dict keeps Hugging Face's keys and never gains TE's `_extra_state`,
 and the weights stay the HF parameters (bf16/fp32 master weights; FP8 copies are TE's transient casts).
 FP8: each TE module runs under `transformer_engine.pytorch.autocast` with the chosen recipe.
 """
@@ -11,7 +11,7 @@ import torch
 import transformer_engine.pytorch as te
 from transformer_engine.common import recipe as te_recipe
 
-from .base import Replacement
+from .base import Replacement, current_params_into
 from .rmsnorm import eps_of
 
 FP8_RECIPES = ("delayed", "current", "mxfp8")
@@ -43,6 +43,7 @@ class _TEModule(Replacement):
 
     def _run(self, x):
         inner = self._moe_patch_te
+        current_params_into(inner, self)  # e.g. FSDP2's unsharded parameters of this forward
         # FP8 GEMMs need the row count divisible by 16 (decoding one token, logits_to_keep=1): run bf16 then
         if self.fp8_recipe is None or (x.numel() // x.shape[-1]) % 16:
             return inner(x)
