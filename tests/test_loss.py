@@ -85,3 +85,13 @@ def test_chunking_covers_every_row(monkeypatch, rows):
     ids = inputs(seq=7)
     ls, lp = stock(input_ids=ids, labels=ids).loss, patched(input_ids=ids, labels=ids).loss
     assert rel_err(lp, ls) < 1e-5
+
+
+def test_tuple_outputs_keep_their_positions():
+    """return_dict=False gives (loss, logits, ...) exactly as stock (the fused path would drop the logits)."""
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    ids = inputs()
+    ref, out = stock(input_ids=ids, labels=ids, return_dict=False), patched(input_ids=ids, labels=ids, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == len(ref)
+    assert rel_err(out[0], ref[0]) < 1e-5 and rel_err(out[1], ref[1]) < 1e-5

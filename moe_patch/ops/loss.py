@@ -138,7 +138,11 @@ class FusedLossForward:
     def __call__(self, *args, **kwargs):
         model = self.model
         labels = kwargs.get("labels")
-        if not model.training or labels is None or not torch.is_grad_enabled():
+        return_dict = kwargs.get("return_dict")
+        return_dict = getattr(model.config, "return_dict", True) if return_dict is None else return_dict
+        # tuple outputs are positional (loss, logits, ...): without logits they would shift, so they take
+        # the stock path, as evaluation and calls without labels do
+        if not model.training or labels is None or not torch.is_grad_enabled() or not return_dict:
             return self.stock_forward(*args, **kwargs)
         captured = {}
 
