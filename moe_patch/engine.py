@@ -28,6 +28,12 @@ def _unwrap_check(model) -> None:
     if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
         raise UnsupportedModelError("model is a PEFT model: patch the base model before get_peft_model(); "
                                     "LoRA on attention projections composes with a patched model")
+    hooked = sum(hasattr(m, "_hf_hook") for m in model.modules())
+    if hooked:
+        raise UnsupportedModelError(
+            f"model is dispatched by accelerate (device_map with offload or several devices: hooks on {hooked} "
+            "modules, which a module swap would drop): load it on one device (device_map='cuda' or .to(device)) "
+            "and use expert parallelism (apply(model, mesh=...)) to spread the experts")
     if getattr(model, "hf_quantizer", None) is not None or getattr(getattr(model, "config", None),
                                                                     "quantization_config", None):
         raise UnsupportedModelError("quantized models are not supported: their weights are not plain tensors")

@@ -125,6 +125,25 @@ def test_quantized_model_is_refused():
     assert _modules(model) == before
 
 
+def test_accelerate_dispatched_model_is_refused(tmp_path):
+    """device_map with offload (accelerate hooks on modules): a clear error, the model untouched and still
+    computing as before."""
+    from transformers import AutoModelForCausalLM
+
+    build("qwen3_moe").save_pretrained(tmp_path / "ckpt")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=device_map,
+                                                 offload_folder=str(tmp_path / "offload"))
+    ids = inputs()
+    ref = model(input_ids=ids).logits
+    before = _modules(model)
+    with pytest.raises(moe_patch.UnsupportedModelError, match="accelerate"):
+        moe_patch.apply(model)
+    assert _modules(model) == before and not moe_patch.is_patched(model)
+    assert rel_err(model(input_ids=ids).logits, ref) == 0
+
+
 def test_mesh_misuse_and_single_rank_expert_parallel(tmp_path):
     """In one process (gloo, world 1): clear errors for bad meshes / dispatchers, and ep=1 is exact."""
     import torch.distributed as dist
