@@ -186,6 +186,7 @@ def main():
     if DEVICE.type == "cpu":
         check_auto_agreement(mesh["ep"].get_group(), rank)
         check_outside_tree_params_under_fsdp(mesh)
+        check_generate_synced(mesh, rank)
     if size > 1:
         odd = build("mixtral", num_local_experts=size * 2 + 1)
         try:
@@ -217,6 +218,17 @@ def check_outside_tree_params_under_fsdp(mesh):
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         check(p.grad is not None, f"outside-tree parameter {name} got no gradient under FSDP2")
         check(rel_err(p.grad.full_tensor(), q.grad.full_tensor()) < 1e-5, f"outside-tree gradient of {name}")
+
+
+def check_generate_synced(mesh, rank):
+    """Generation under EP: every forward is a collective, so ranks stopping at different lengths need
+    synced_gpus=True (as with FSDP); the tokens equal the unsharded model's."""
+    stock = build("qwen3_moe").eval()
+    patched = moe_patch.apply(copy.deepcopy(stock), mesh=mesh).eval()
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(rank))
+    kw = dict(max_new_tokens=2 + 3 * rank, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = patched.generate(ids, synced_gpus=True, **kw)
+    check(torch.equal(out, stock.generate(ids, **kw)), "EP generation differs from the unsharded model")
 
 
 def check_auto_agreement(group, rank):
