@@ -44,8 +44,8 @@ def compare_grads(stock, patched, rank, size, experts):
         gs = s_params[name].grad
         gs = torch.zeros_like(s_params[name]) if gs is None else gs
         owner = name.rpartition(".")[0]
-        if owner in experts and p.shape != s_params[name].shape:  # sharded: sum over every rank's batch
-            gs = block(summed(gs), rank, size)
+        if owner in experts and p.shape != s_params[name].shape:  # sharded: mean over every rank's loss
+            gs = block(summed(gs), rank, size) / size
         gp = p.grad if p.grad is not None else torch.zeros_like(p)
         check(rel_err(gp, gs) < GTOL, f"gradient of {name}: rel err {rel_err(gp, gs):.2e}")
 
@@ -126,7 +126,7 @@ def run_family(model_type, mesh, rank, size):
         for pname, p in p_mod.named_parameters(recurse=False):
             gs = getattr(s_mod, pname).grad
             gs = torch.zeros_like(getattr(s_mod, pname)) if gs is None else gs
-            check(rel_err(p.grad, block(summed(gs), rank, size)) < GTOL, f"{case}: gradient of {pname}")
+            check(rel_err(p.grad, block(summed(gs), rank, size) / size) < GTOL, f"{case}: gradient of {pname}")
 
     # 3. checkpoint: save_pretrained gathers the experts; stock Transformers loads it; loading back works
     from transformers import AutoModelForCausalLM
@@ -155,6 +155,9 @@ def main():
     for model_type in sys.argv[1:]:
         if model_type.startswith("fsdp:"):
             run_fsdp(model_type[5:])
+            continue
+        if model_type.startswith("ddp:"):
+            run_ddp(model_type[4:], mesh, rank, size)
             continue
         if model_type.startswith("gc:"):
             run_checkpointed(model_type[3:], mesh, rank, size)
@@ -245,6 +248,36 @@ def check_auto_agreement(group, rank):
         check(dispatch.choose("auto", group, torch.bfloat16)[0] == "te_ep", "auto refused te_ep everywhere")
     finally:
         te_ep.unavailable_reason = real
+
+
+def run_ddp(model_type, mesh, rank, size):
+    """EP model wrapped by DDP (what Trainer does under torchrun): the wrap leaves every rank's experts alone,
+    and every gradient equals the stock gradient of the mean of the per-rank losses."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    stock = build(model_type, dtype=DTYPE).to(DEVICE)
+    patched = copy.deepcopy(stock)
+    moe_patch.apply(patched, mesh=mesh, dispatcher=DISPATCHER)
+    experts = expert_names(patched)
+    local = {n: p.detach().clone() for n, p in patched.named_parameters()}
+    wrapped = DDP(patched, device_ids=[DEVICE.index] if DEVICE.type == "cuda" else None)
+    for n, p in patched.named_parameters():
+        check(torch.equal(p.detach(), local[n]), f"ddp wrap changed {n}")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(400 + rank)).to(DEVICE)
+    stock(input_ids=ids, labels=ids).loss.backward()
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    s_params = dict(stock.named_parameters())
+    for name, p in patched.named_parameters():
+        gs = s_params[name].grad if s_params[name].grad is not None else torch.zeros_like(s_params[name])
+        gs = summed(gs) / size
+        if name.rpartition(".")[0] in experts and p.shape != s_params[name].shape:
+            gs = block(gs, rank, size)
+        if DTYPE == torch.float32:
+            check(rel_err(p.grad, gs) < GTOL, f"ddp gradient of {name}: {rel_err(p.grad, gs):.2e}")
+        else:
+            check(p.grad is not None, f"ddp: {name} got no gradient")
+    if rank == 0:
+        print(f"ok ddp {model_type} ep={size}", flush=True)
 
 
 def run_checkpointed(model_type, mesh, rank, size):

@@ -27,12 +27,12 @@ def torchrun(nproc, families, **env_extra):
 
 @pytest.mark.distributed
 def test_expert_parallel_2_ranks_every_family():
-    torchrun(2, MOE_FAMILIES + ["fsdp:qwen3_moe", "fsdp:gpt_oss", "gc:mixtral", "gc:deepseek_v3"])
+    torchrun(2, MOE_FAMILIES + ["fsdp:qwen3_moe", "fsdp:gpt_oss", "gc:mixtral", "gc:deepseek_v3", "ddp:qwen3_moe"])
 
 
 @pytest.mark.distributed
 def test_expert_parallel_4_ranks():
-    torchrun(4, ["qwen3_moe", "deepseek_v3", "gpt_oss", "fsdp:deepseek_v3"])
+    torchrun(4, ["qwen3_moe", "deepseek_v3", "gpt_oss", "fsdp:deepseek_v3", "ddp:gpt_oss"])
 
 
 def _dispatcher_missing(name):
@@ -60,5 +60,5 @@ def test_expert_parallel_2_gpus_bf16(dispatcher):
     missing = _dispatcher_missing(dispatcher)
     if missing:
         pytest.skip(missing)
-    torchrun(2, ["qwen3_moe", "deepseek_v3", "gpt_oss", "mixtral", "fsdp:qwen3_moe"], EP_TEST_DEVICE="cuda",
+    torchrun(2, ["qwen3_moe", "deepseek_v3", "gpt_oss", "mixtral", "fsdp:qwen3_moe", "ddp:qwen3_moe"], EP_TEST_DEVICE="cuda",
              EP_TEST_DTYPE="bfloat16", EP_TEST_DISPATCHER=dispatcher)

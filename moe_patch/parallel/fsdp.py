@@ -40,6 +40,8 @@ def fully_shard_moe(model, mesh, **fsdp_kwargs):
     else:
         raise PatchError(f"fully_shard_moe supports meshes ('ep',) and ('dp_shard', 'ep'), got {names}")
     for experts in record.sharded:
+        for hook in experts._ep_grad_hooks:  # FSDP's divide factor below does the averaging instead
+            hook.remove()
         fully_shard(experts, mesh=expert_dp, **fsdp_kwargs)
         experts.set_gradient_divide_factor(float(world))
     for layer in _decoder_layers(model):

@@ -5,8 +5,14 @@ storage is replaced by the block, the rest is freed). state_dict() of an expert-
 full expert tensors (a collective: call it, or save_pretrained, on every rank; pass
 is_main_process=rank == 0 so one process writes), and load_state_dict() accepts full tensors and keeps the
 local block, so a standard Hugging Face checkpoint goes in and out unchanged.
+
+Gradients: an expert's gradient is that of the mean of the per-rank losses, like the dense parameters' under
+DDP / FSDP. With a 1-D ("ep",) mesh, DDP works (the expert parameters are on DDP's ignore list: they are not
+replicas); meshes with a dp_shard dimension need moe_patch.parallel.fsdp.fully_shard_moe.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -88,11 +94,28 @@ def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=No
         module._ep = (group, rank, size, tuple(names))
         module._register_state_dict_hook(_gather_on_save)
         module._register_load_state_dict_pre_hook(_slice_on_load, with_module=True)
+        # the all-to-all backward sums every rank's loss into an expert's gradient; DDP and FSDP average
+        # the dense gradients, so the experts' are averaged too (fully_shard_moe lets FSDP do it instead)
+        module._ep_grad_hooks = [module._parameters[n].register_hook(functools.partial(_mean_over, size))
+                                 for n in names]
+    _ignore_in_ddp(model, blocks)
     for row in record.rows:
         if row.kind == "experts" and row.status != "skipped":
             row.replacement += f" + ep{size}/{dispatcher}"
             row.reason = "; ".join(x for x in (row.reason, f"dispatcher {dispatcher}: {why}") if x)
     return experts
+
+
+def _mean_over(size, grad):
+    return grad / size
+
+
+def _ignore_in_ddp(model, blocks):
+    """Each rank holds other experts under the same names: DDP (e.g. Trainer under torchrun) would overwrite
+    them with rank 0's at wrap time and then average different experts. DDP skips the names listed here."""
+    paths = {id(m): path for path, m in model.named_modules()}
+    names = {f"{paths[id(module)]}.{n}" for module, local_names, _ in blocks for n in local_names}
+    model._ddp_params_and_buffers_to_ignore = sorted(set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | names)
 
 
 def _gather_on_save(module, state_dict, prefix, local_metadata):
