@@ -252,7 +252,8 @@ def check_auto_agreement(group, rank):
 
 def run_ddp(model_type, mesh, rank, size):
     """EP model wrapped by DDP (what Trainer does under torchrun): the wrap leaves every rank's experts alone,
-    and every gradient equals the stock gradient of the mean of the per-rank losses."""
+    every gradient equals the stock gradient of the mean of the per-rank losses, and clipping by the global
+    norm (moe_patch.parallel.clip) equals torch's clipping of the unsharded model."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     stock = build(model_type, dtype=DTYPE).to(DEVICE)
@@ -266,10 +267,16 @@ def run_ddp(model_type, mesh, rank, size):
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(400 + rank)).to(DEVICE)
     stock(input_ids=ids, labels=ids).loss.backward()
     wrapped(input_ids=ids, labels=ids).loss.backward()
+    for p in stock.parameters():  # the reference: gradients of the mean loss, clipped by torch
+        p.grad = summed(p.grad if p.grad is not None else torch.zeros_like(p)) / size
+    ref_norm = torch.nn.utils.clip_grad_norm_(stock.parameters(), max_norm=0.05)
+    from moe_patch.parallel.clip import clip_grad_norm_
+
+    norm = clip_grad_norm_(wrapped, max_norm=0.05)  # counts every rank's experts once
+    check(rel_err(norm, ref_norm) < TOL and ref_norm > 0.05, f"global grad norm {norm} vs {ref_norm}")
     s_params = dict(stock.named_parameters())
     for name, p in patched.named_parameters():
-        gs = s_params[name].grad if s_params[name].grad is not None else torch.zeros_like(s_params[name])
-        gs = summed(gs) / size
+        gs = s_params[name].grad
         if name.rpartition(".")[0] in experts and p.shape != s_params[name].shape:
             gs = block(gs, rank, size)
         if DTYPE == torch.float32:
