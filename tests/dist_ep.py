@@ -186,6 +186,11 @@ def main():
         except error as exc:
             check(word in str(exc), str(exc))
         check(list(model.modules()) == before and not moe_patch.is_patched(model), "model touched")
+    frozen = build("qwen3_moe", dtype=DTYPE).to(DEVICE)  # experts frozen before apply (fine-tuning only the rest): still shards
+    for n, p in frozen.named_parameters():
+        p.requires_grad_(".experts." not in n)
+    moe_patch.apply(frozen, mesh=mesh)
+    frozen(input_ids=torch.randint(0, 256, (1, 6)).to(DEVICE), labels=torch.randint(0, 256, (1, 6)).to(DEVICE)).loss.backward()
     if DEVICE.type == "cpu":
         check_auto_agreement(mesh["ep"].get_group(), rank)
         check_outside_tree_params_under_fsdp(mesh)

@@ -97,7 +97,7 @@ def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=No
         # the all-to-all backward sums every rank's loss into an expert's gradient; DDP and FSDP average
         # the dense gradients, so the experts' are averaged too (fully_shard_moe lets FSDP do it instead)
         module._ep_grad_hooks = [module._parameters[n].register_hook(functools.partial(_mean_over, size))
-                                 for n in names]
+                                 for n in names if module._parameters[n].requires_grad]  # frozen: no gradient
     _ignore_in_ddp(model, blocks)
     for row in record.rows:
         if row.kind == "experts" and row.status != "skipped":
