@@ -159,6 +159,9 @@ def main():
         if model_type.startswith("ddp:"):
             run_ddp(model_type[4:], mesh, rank, size)
             continue
+        if model_type.startswith("trainer:"):
+            run_trainer(model_type[8:], mesh, rank, size)
+            continue
         if model_type.startswith("gc:"):
             run_checkpointed(model_type[3:], mesh, rank, size)
             continue
@@ -290,6 +293,37 @@ def run_ddp(model_type, mesh, rank, size):
             check(p.grad is not None, f"ddp: {name} got no gradient")
     if rank == 0:
         print(f"ok ddp {model_type} ep={size}", flush=True)
+
+
+def run_trainer(model_type, mesh, rank, size):
+    """Hugging Face Trainer under torchrun (it wraps the model in DDP): two optimizer steps of the EP model
+    end with the same weights as two steps of the stock model under the same Trainer (README's settings)."""
+    from transformers import Trainer, TrainingArguments
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    def train(model):
+        args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, max_steps=2,
+                                 learning_rate=1e-3, max_grad_norm=0, save_strategy="no", report_to=[],
+                                 use_cpu=DEVICE.type == "cpu", seed=0)
+        Trainer(model=model, args=args, train_dataset=Data()).train()
+        return model
+
+    stock = build(model_type, dtype=DTYPE).to(DEVICE)
+    patched = copy.deepcopy(stock)
+    moe_patch.apply(patched, mesh=mesh, dispatcher=DISPATCHER)
+    train(stock), train(patched)
+    full = patched.state_dict()  # gathers the experts
+    for name, ref in stock.state_dict().items():
+        check(rel_err(full[name], ref) < TOL, f"trainer: {name} differs after training: {rel_err(full[name], ref):.2e}")
+    if rank == 0:
+        print(f"ok trainer {model_type} ep={size}", flush=True)
 
 
 def run_checkpointed(model_type, mesh, rank, size):

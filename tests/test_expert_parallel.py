@@ -27,7 +27,7 @@ def torchrun(nproc, families, **env_extra):
 
 @pytest.mark.distributed
 def test_expert_parallel_2_ranks_every_family():
-    torchrun(2, MOE_FAMILIES + ["fsdp:qwen3_moe", "fsdp:gpt_oss", "gc:mixtral", "gc:deepseek_v3", "ddp:qwen3_moe"])
+    torchrun(2, MOE_FAMILIES + ["fsdp:qwen3_moe", "fsdp:gpt_oss", "gc:mixtral", "gc:deepseek_v3", "ddp:qwen3_moe", "trainer:qwen3_moe"])
 
 
 @pytest.mark.distributed
