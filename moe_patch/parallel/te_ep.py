@@ -8,12 +8,12 @@ applied to the expert outputs before the combine, so the router gradient flows b
 backward (TE's dispatch backward is a combine and the combine's backward a dispatch, exact in bf16).
 
 TE's EP group is process-wide (ep_bootstrap once, sized by experts, hidden size, top-k and the most tokens a
-rank sends per call). A call's routing handle lives in its EpBuffer and must live
-until that layer's backward: every call gets a fresh EpBuffer (a few small tensors), so a second forward
-before the backward (gradient accumulation in one graph, activation recomputation) cannot overwrite the
-handle the first one's backward needs. Eager mode (no fixed receive capacity) sizes the received rows per call with one
-host read per layer; the capacity mode is not used because on torch 2.11 it fails inside autograd
-(pytorch#176078). NCCL-EP payloads are bf16 only.
+rank sends per call). A call's routing handle lives in its EpBuffer and must live until that layer's
+backward: every call gets a fresh EpBuffer (a few small tensors), so a second forward before the backward
+(gradient accumulation in one graph, activation recomputation) cannot overwrite the handle the first one's
+backward needs. Eager mode (no fixed receive capacity) sizes the received rows per call with one host read
+per layer; the capacity mode is not used because on torch 2.11 it fails inside autograd (pytorch#176078).
+NCCL-EP payloads are bf16 only.
 """
 from __future__ import annotations
 
