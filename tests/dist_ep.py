@@ -297,7 +297,8 @@ def run_ddp(model_type, mesh, rank, size):
 
 def run_trainer(model_type, mesh, rank, size):
     """Hugging Face Trainer under torchrun (it wraps the model in DDP): two optimizer steps of the EP model
-    end with the same weights as two steps of the stock model under the same Trainer (README's settings)."""
+    end with the same weights as two steps of the stock model under the same Trainer (README's settings), and
+    ExpertParallelCheckpoint writes a checkpoint stock Transformers loads with those weights."""
     from transformers import Trainer, TrainingArguments
 
     class Data(torch.utils.data.Dataset):
@@ -308,20 +309,32 @@ def run_trainer(model_type, mesh, rank, size):
             ids = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(i))
             return {"input_ids": ids, "labels": ids}
 
-    def train(model):
-        args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, max_steps=2,
+    from moe_patch.parallel.trainer import ExpertParallelCheckpoint
+
+    out = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(out)
+
+    def train(model, callbacks=()):
+        args = TrainingArguments(output_dir=out[0], per_device_train_batch_size=2, max_steps=2,
                                  learning_rate=1e-3, max_grad_norm=0, save_strategy="no", report_to=[],
                                  use_cpu=DEVICE.type == "cpu", seed=0)
-        Trainer(model=model, args=args, train_dataset=Data()).train()
+        Trainer(model=model, args=args, train_dataset=Data(), callbacks=list(callbacks)).train()
         return model
 
     stock = build(model_type, dtype=DTYPE).to(DEVICE)
     patched = copy.deepcopy(stock)
     moe_patch.apply(patched, mesh=mesh, dispatcher=DISPATCHER)
-    train(stock), train(patched)
+    train(stock), train(patched, [ExpertParallelCheckpoint(every=2)])
     full = patched.state_dict()  # gathers the experts
     for name, ref in stock.state_dict().items():
         check(rel_err(full[name], ref) < TOL, f"trainer: {name} differs after training: {rel_err(full[name], ref):.2e}")
+    dist.barrier()
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(os.path.join(out[0], "checkpoint-2"), dtype=DTYPE).to(DEVICE)
+    loaded = saved.state_dict()
+    for name, ref in stock.state_dict().items():  # a stock model loads the callback's checkpoint
+        check(rel_err(loaded[name], ref) < TOL, f"trainer checkpoint: {name}")
     if rank == 0:
         print(f"ok trainer {model_type} ep={size}", flush=True)
 
