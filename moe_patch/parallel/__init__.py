@@ -1,1 +1,8 @@
-"""Expert parallelism: shard experts over a DeviceMesh's `ep` dimension and move tokens between ranks."""
+"""Expert parallelism: shard experts over a DeviceMesh's `ep` dimension and move tokens between ranks.
+
+shard.py     validate the mesh, choose the dispatcher, keep this rank's experts (apply(model, mesh) calls it)
+dispatch.py  the all-to-all dispatcher (exact reference) and the choice among dispatchers
+te_ep.py     TransformerEngine NCCL-EP fused dispatch;  deepep.py  DeepEP adapter (unverified)
+fsdp.py      fully_shard_moe: FSDP2 around an expert-parallel model
+clip.py      global-norm gradient clipping under DDP;  trainer.py  Trainer checkpoint callback
+"""
