@@ -71,6 +71,27 @@ def save_checkpoint(args):
     model.save_pretrained(args.checkpoint)
 
 
+def balance_routing(model):
+    """Replace each router's expert choice by a uniformly random one (benchmark only): random weights route
+    most tokens to a few experts, which trained routers (with their balancing loss) do not. The routing
+    weights stay the router's own."""
+    import torch
+
+    def uniform(module, args, out):
+        if not (isinstance(out, tuple) and len(out) == 3):
+            raise SystemExit(f"--routing balanced: {type(module).__name__} does not return (logits, weights, "
+                             "indices); not supported for this family")
+        logits, weights, indices = out
+        choice = torch.rand(indices.shape[0], logits.shape[-1], device=indices.device).argsort(dim=-1)
+        return logits, weights, choice[:, :indices.shape[-1]].to(indices.dtype)
+
+    routers = [m for n, m in model.named_modules() if n.endswith(".mlp.gate") or n.endswith(".mlp.router")]
+    if not routers:
+        raise SystemExit("--routing balanced: no router modules (…mlp.gate / …mlp.router) in this model")
+    for m in routers:
+        m.register_forward_hook(uniform)
+
+
 def _dtype(args):
     import torch
 
@@ -96,6 +117,8 @@ def child(args):
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))
     model, config = build(args, mesh, world, device, _dtype(args))
+    if args.routing == "balanced":
+        balance_routing(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     g = torch.Generator(device=device).manual_seed(10 + rank)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device, generator=g)
@@ -157,6 +180,8 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--routing", choices=("model", "balanced"), default="model",
+                        help="balanced: uniformly random expert choice, as trained routers roughly give")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: gloo processes in fp32, to smoke-test this script (no meaningful timings)")
     parser.add_argument("--json", default=None)

@@ -18,7 +18,7 @@ def test_ep_train_driver_on_cpu(tmp_path):
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "ep_train.py"), "--device", "cpu",
            "--shape", "tiny:qwen3_moe", "--layers", "2", "--seq", "16", "--batch", "2", "--steps", "1",
-           "--warmup", "1", "--variants", "stock_fsdp,auto,te_ep", "--json", str(out)]
+           "--warmup", "1", "--variants", "stock_fsdp,auto,te_ep", "--routing", "balanced", "--json", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
