@@ -25,7 +25,7 @@ def current_params_into(inner: nn.Module, owner: nn.Module) -> None:
     replace the Parameter objects on the owner; without this the inner module would keep computing with, and
     sending gradients to, the old ones, which then never train. Called at every forward (a dict lookup)."""
     for name, param in owner._parameters.items():
-        if inner._parameters.get(name) is not param:
+        if param is not None and inner._parameters.get(name) is not param:  # (no bias: nothing to point at)
             inner._parameters[name] = param
 
 
