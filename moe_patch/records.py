@@ -60,3 +60,12 @@ class Record:
     parallel: dict = field(default_factory=dict)  # the expert-parallel options asked for (dispatcher, ...)
     sharded: list = field(default_factory=list)  # expert modules sharded over the mesh
     forward_replaced: bool = False  # the fused loss's instance-level forward
+
+    def __setstate__(self, state):
+        # a pickled patched model (torch.save(model)) loaded in a new process: the configs name
+        # "moe_patch_sdpa", which has to be registered with Transformers again
+        self.__dict__.update(state)
+        if self.configs:
+            from .ops.attention import register
+
+            register()

@@ -251,3 +251,24 @@ def test_outside_tree_module_follows_replaced_parameters():
     assert rel_err(y, x @ new_state["weight"].t() + new_state["bias"]) < 1e-6
     y.sum().backward()
     assert module.weight.grad is not None and old.grad is None
+
+
+def test_whole_model_pickle_round_trip(tmp_path):
+    """torch.save(model) of a patched model (its classes are made at apply time) loads back, in this process
+    and in a fresh one (which must re-register the attention function), computing the same loss."""
+    import subprocess
+    import sys
+
+    model = moe_patch.apply(build("qwen3_moe"))
+    ids = inputs()
+    ref = model(input_ids=ids, labels=ids).loss.item()
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    torch.save(ids, tmp_path / "ids.pt")
+    again = torch.load(path, weights_only=False)
+    assert moe_patch.is_patched(again) and abs(again(input_ids=ids, labels=ids).loss.item() - ref) < 1e-6
+    code = ("import torch; m = torch.load(%r, weights_only=False); ids = torch.load(%r); "
+            "print(m(input_ids=ids, labels=ids).loss.item())") % (str(path), str(tmp_path / "ids.pt"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert abs(float(out.stdout.strip().splitlines()[-1]) - ref) < 1e-6

@@ -37,8 +37,19 @@ def _combined(impl: type, original_cls: type) -> type:
     return type(name, (impl, original_cls), {"__module__": impl.__module__, "__qualname__": name})
 
 
+def _unpickled(impl: type, original_cls: type):
+    """An empty instance of the combined class (pickle then restores its state)."""
+    cls = _combined(impl, original_cls)
+    return cls.__new__(cls)
+
+
 class Replacement(nn.Module):
     kind: str = ""
+
+    def __reduce_ex__(self, protocol):
+        # the combined class is made at apply() time, so pickle (torch.save(model)) names its two parts
+        impl, original_cls = type(self).__bases__
+        return _unpickled, (impl, original_cls), self.__getstate__()
 
     @classmethod
     def build(cls, original: nn.Module, *args, **kwargs):
