@@ -383,6 +383,19 @@ def run_fsdp(model_type):
     loss.backward()
     for name, p in patched.named_parameters():  # every sharded parameter trains (TE modules included)
         check(p.grad is not None, f"fsdp: {name} got no gradient")
+    # checkpoint with torch's FSDP2 recipe: a full state dict (the experts gathered too), written by rank 0
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    full = get_model_state_dict(patched, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    out = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(out)
+    if rank == 0:
+        patched.save_pretrained(out[0], state_dict=full)
+    dist.barrier()
+    reloaded = AutoModelForCausalLM.from_pretrained(out[0], dtype=DTYPE).to(DEVICE)
+    with torch.no_grad():
+        check(rel_err(reloaded(input_ids=ids).logits, stock(input_ids=ids).logits) < TOL, "fsdp checkpoint")
     if DTYPE != torch.float32:  # gradient values: fp32 only (a bf16 router near-tie flips experts)
         if rank == 0:
             print(f"ok fsdp {model_type} ep={size}", flush=True)

@@ -123,6 +123,8 @@ def _gather_on_save(module, state_dict, prefix, local_metadata):
     for name in names:
         key = prefix + name
         local = state_dict[key]
+        if hasattr(local, "full_tensor"):  # under fully_shard_moe: this rank's experts, sharded over dp_shard
+            local = local.full_tensor()
         parts = [torch.empty_like(local) for _ in range(size)]
         dist.all_gather(parts, local.contiguous(), group=group)
         state_dict[key] = torch.cat(parts)
