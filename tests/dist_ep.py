@@ -409,6 +409,19 @@ def run_fsdp(model_type):
         if name.rpartition(".")[0] in experts:
             gs = block(gs, rank, size)
         check(rel_err(full, gs) < GTOL, f"fsdp gradient of {name}: {rel_err(full, gs):.2e}")
+    # clipping by the global norm equals torch's on the unsharded model
+    from moe_patch.parallel.clip import clip_grad_norm_
+
+    for p in stock.parameters():
+        p.grad = summed(p.grad if p.grad is not None else torch.zeros_like(p)) / size
+    ref_norm = torch.nn.utils.clip_grad_norm_(stock.parameters(), max_norm=0.05)
+    norm = clip_grad_norm_(patched, max_norm=0.05)
+    check(rel_err(norm, ref_norm) < TOL and ref_norm > 0.05, f"fsdp grad norm {norm} vs {ref_norm}")
+    s_params = dict(stock.named_parameters())
+    for name, p in patched.named_parameters():
+        gs = s_params[name].grad
+        gs = block(gs, rank, size) if name.rpartition(".")[0] in expert_names(patched) else gs
+        check(rel_err(p.grad.full_tensor(), gs) < GTOL, f"fsdp clipped gradient of {name}")
     if rank == 0:
         print(f"ok fsdp {model_type} ep={size}", flush=True)
 

@@ -1,7 +1,8 @@
-"""Gradient-norm clipping for an expert-parallel model whose dense parameters are replicas (DDP, or a loop that
-averages them): the norm has to count every rank's experts, or each rank clips by a different factor and the
-replicas drift apart. (Under fully_shard_moe every parameter is a DTensor and torch's own clip_grad_norm_
-already computes the global norm.)
+"""Gradient-norm clipping for an expert-parallel model, by the global norm over every rank's experts.
+
+torch.nn.utils.clip_grad_norm_ does not fit: under DDP it counts only the local experts (each rank would clip
+by a different factor and the dense replicas drift apart), and under fully_shard_moe the experts and the
+rest are DTensors on different meshes, which it refuses to stack.
 
     loss.backward()
     moe_patch.parallel.clip.clip_grad_norm_(model, max_norm=1.0)
@@ -15,30 +16,43 @@ import torch.distributed as dist
 from ..errors import PatchError
 
 
+def _squares(grads, device):
+    if not grads:
+        return torch.zeros((), device=device, dtype=torch.float32)
+    return torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+
+
 def clip_grad_norm_(model, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
-    """Scale every gradient of `model` (the module moe_patch.apply(model, mesh) patched, unwrapped or inside DDP)
-    so that their global L2 norm is at most max_norm; returns that norm, the same on every rank."""
+    """Scale every gradient of `model` (patched by moe_patch.apply(model, mesh); bare, inside DDP, or under
+    fully_shard_moe) so that their global L2 norm is at most max_norm; returns that norm, equal on all ranks."""
     inner = getattr(model, "module", model)  # DistributedDataParallel
     record = getattr(inner, "_moe_patch", None)
     if record is None or not record.sharded:
         raise PatchError("clip_grad_norm_ is for models patched with expert parallelism (apply(model, mesh=...))")
-    group = record.sharded[0]._ep[0]
-    sharded = {id(p) for m in record.sharded for p in m.parameters(recurse=False) if p.dim() >= 2}
-    dense, experts = [], []
-    for p in inner.parameters():
-        if p.grad is not None and hasattr(p.grad, "full_tensor"):
-            raise PatchError("gradients are DTensors (FSDP): torch.nn.utils.clip_grad_norm_ computes the global "
-                             "norm itself there")
-        if p.grad is not None:
-            (experts if id(p) in sharded else dense).append(p.grad)
-    device = (dense or experts)[0].device
-    squares = [torch.zeros((), device=device, dtype=torch.float32)] * 2
-    for i, grads in enumerate((dense, experts)):
-        if grads:
-            squares[i] = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
-    dist.all_reduce(squares[1], group=group)  # every rank's experts; the dense replicas count once
-    total = (squares[0] + squares[1]).sqrt()
+    grads = [p.grad for p in inner.parameters() if p.grad is not None]
+    if not grads:
+        raise PatchError("no gradients to clip (call it after backward)")
+    sharded = [hasattr(g, "to_local") for g in grads]
+    if any(sharded):
+        # FSDP2: every rank holds distinct shards of the dense and expert gradients, so the squares of the
+        # local shards, summed over all ranks, are the squared global norm
+        if not all(sharded) or record.mesh.size() != dist.get_world_size():
+            raise PatchError("clip_grad_norm_ under FSDP2 needs every parameter sharded by fully_shard_moe over "
+                             "a mesh of all ranks")
+        local = [g.to_local() for g in grads]
+        total = _squares(local, local[0].device)
+        dist.all_reduce(total)
+    else:
+        # DDP or a bare loop: the dense gradients are replicas (count them once), the experts differ per rank
+        experts = {id(p) for m in record.sharded for p in m.parameters(recurse=False) if p.dim() >= 2}
+        params = [p for p in inner.parameters() if p.grad is not None]
+        local = grads
+        dense = _squares([p.grad for p in params if id(p) not in experts], grads[0].device)
+        spread = _squares([p.grad for p in params if id(p) in experts], grads[0].device)
+        dist.all_reduce(spread, group=record.sharded[0]._ep[0])
+        total = dense + spread
+    total = total.sqrt()
     scale = (max_norm / (total + eps)).clamp(max=1.0)
-    for g in dense + experts:
+    for g in local:
         g.mul_(scale.to(g.dtype))
     return total
