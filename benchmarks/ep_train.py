@@ -242,22 +242,12 @@ def print_tables(results, args):
 
 
 def chart(results, path):
-    try:
-        import matplotlib
+    from steps import bar_charts
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart", file=sys.stderr)
-        return
     ok = [r for r in results if "error" not in r]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = [f"{r['variant']}\n{r['gpus']} GPU" for r in ok]
-    ax.bar(labels, [r["tokens_per_s_per_gpu"] for r in ok], color="tab:blue")
-    ax.set_ylabel("tokens/s per GPU")
-    ax.set_title("MoE training step, expert parallelism")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    bar_charts(path, [f"{r['variant']}\n{r['gpus']} GPU" for r in ok],
+               [("tokens/s per GPU", [r["tokens_per_s_per_gpu"] for r in ok]), ("peak GiB", [r["peak_gib"] for r in ok])],
+               title="MoE training step, expert parallelism")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""The timed training loop shared by the benchmarks: fwd / bwd / optimizer wall times per step."""
+"""Shared by the benchmarks: the timed training loop (fwd / bwd / optimizer wall times) and the bar chart."""
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
@@ -35,3 +36,23 @@ def timed_steps(model, opt, ids, warmup: int, steps: int) -> dict:
     return dict(step_s=total, fwd_ms=statistics.median(fwd) * 1e3, bwd_ms=statistics.median(bwd) * 1e3,
                 optim_ms=statistics.median(step) * 1e3, losses=losses,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+
+
+def bar_charts(path, labels, panels, title=None):
+    """One PNG of bar panels over the same labels: panels = [(panel title, values), ...]."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 2.5, 3.5), squeeze=False)
+    for ax, (name, values) in zip(axes[0], panels):
+        ax.bar(labels, values)
+        ax.set_title(name)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

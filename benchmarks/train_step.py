@@ -9,7 +9,8 @@ Variants: stock | patched (moe_patch.apply, backend auto) | patched-torch (backe
 patched-noloss (backend auto, loss=False: the stock lm_head + cross-entropy) |
 patched-torchloss (backend auto, but the loss on moe_patch's chunked torch kernel instead of Liger's) |
 patched-fp8-delayed / patched-fp8-current (backend auto, linear layers on TE in FP8 with that recipe) |
-patched-eager (backend auto with MOE_PATCH_COMPILE=0: the experts' gate and the loss kernel not compiled).
+patched-eager (MOE_PATCH_COMPILE=0: moe_patch's compiled helper, the chunked torch loss's softmax-gradient
+step, runs eagerly; it changes nothing where the loss is on Liger, as under backend auto on a GPU).
 """
 from __future__ import annotations
 
@@ -141,23 +142,11 @@ def print_table(results, args):
 
 
 def chart(results, path):
-    try:
-        import matplotlib
+    from steps import bar_charts
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart", file=sys.stderr)
-        return
     ok = [r for r in results if "error" not in r]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    names = [r["variant"] for r in ok]
-    axes[0].bar(names, [r["tokens_per_s"] for r in ok])
-    axes[0].set_title("tokens/s")
-    axes[1].bar(names, [r["peak_gib"] for r in ok])
-    axes[1].set_title("peak GiB")
-    fig.tight_layout()
-    fig.savefig(path)
+    bar_charts(path, [r["variant"] for r in ok],
+               [("tokens/s", [r["tokens_per_s"] for r in ok]), ("peak GiB", [r["peak_gib"] for r in ok])])
 
 
 if __name__ == "__main__":

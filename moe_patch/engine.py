@@ -89,14 +89,14 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     backends.check_backend_name(opts.backend)
     backends.check_fp8(fp8, opts.backend, opts.linear)
     _unwrap_check(model)
+    requested = _parallel(mesh, parallel_options)
     existing = getattr(model, RECORD, None)
     if existing is not None:
-        if existing.options == opts and existing.mesh is mesh and existing.parallel == _parallel(mesh, parallel_options):
+        if existing.options == opts and existing.mesh is mesh and existing.parallel == requested:
             return model  # idempotent
         raise PatchError("model is already patched with other options; call moe_patch.revert(model) first")
     from .parallel import shard as shard_mod  # parallel validates the mesh before anything is swapped
 
-    requested = _parallel(mesh, parallel_options)
     if mesh is not None:
         parallel_options = shard_mod.validate(model, mesh, **parallel_options)
     elif parallel_options:

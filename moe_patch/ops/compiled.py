@@ -1,4 +1,4 @@
-"""Small pointwise functions run torch.compile'd on CUDA (one fused kernel forward, one backward, instead
+"""Small pointwise functions (today: the chunked loss's softmax-gradient step) run torch.compile'd on CUDA (one fused kernel forward, one backward, instead
 of a chain of elementwise kernels over strided views), eagerly elsewhere (CPU: the exact reference).
 
 MOE_PATCH_COMPILE=0 keeps them eager everywhere (e.g. where Triton cannot build kernels); a compiler

@@ -4,5 +4,5 @@ shard.py     validate the mesh, choose the dispatcher, keep this rank's experts 
 dispatch.py  the all-to-all dispatcher (exact reference) and the choice among dispatchers
 te_ep.py     TransformerEngine NCCL-EP fused dispatch;  deepep.py  DeepEP adapter (unverified)
 fsdp.py      fully_shard_moe: FSDP2 around an expert-parallel model
-clip.py      global-norm gradient clipping under DDP;  trainer.py  Trainer checkpoint callback
+clip.py      global-norm gradient clipping (bare, DDP, FSDP2);  trainer.py  Trainer checkpoint callback
 """

@@ -1,9 +1,9 @@
 """DeepEP (`deep_ep.Buffer`, normal kernels) as an expert-parallel dispatcher, for users who build DeepEP.
 
 UNVERIFIED: written against DeepEP's training API (deep_ep/buffer.py: get_dispatch_layout, dispatch, combine,
-cached dispatch with a handle; intranode and internode alike) but never run by this project: the PyPI package cannot be built and no GPU machine here has DeepEP.
-`dispatcher="auto"` never picks it; ask for it by name. The GPU test in tests/test_gpu.py runs it against the
-all_to_all reference wherever `import deep_ep` works.
+cached dispatch with a handle; intranode and internode alike) but never run by this project: the PyPI
+package cannot be built and no GPU machine here has DeepEP. `dispatcher="auto"` never picks it; ask for it
+by name. tests/test_expert_parallel.py runs it against the unsharded model wherever `import deep_ep` works.
 
 DeepEP sends each token once per destination rank (not once per expert): a rank receives tokens with their
 top-k expert ids (local ids, -1 for experts elsewhere) and weights, groups the (token, k) pairs of its own
