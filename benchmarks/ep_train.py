@@ -104,7 +104,7 @@ def child(args):
     from torch.distributed.device_mesh import init_device_mesh
     from transformers.utils import logging as hf_logging
 
-    from steps import timed_steps
+    from steps import profile_step, timed_steps
 
     hf_logging.set_verbosity_error()
     if args.variant == "save":
@@ -124,6 +124,10 @@ def child(args):
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device, generator=g)
     t = timed_steps(model, opt, ids, args.warmup, args.steps)
     t["tokens_per_s_per_gpu"] = args.batch * args.seq / t.pop("step_s")
+    if args.profile and cuda:  # every rank steps (collectives); rank 0's kernels are kept
+        table = profile_step(model, opt, ids, args.profile)
+        if rank == 0:
+            t["profile"] = table
     if getattr(model, "_moe_patch", None) is not None:
         ratios = []
         for module in model._moe_patch.sharded:
@@ -137,7 +141,7 @@ def child(args):
     gathered = [None] * world
     dist.all_gather_object(gathered, t)
     if rank == 0:
-        slowest = min(gathered, key=lambda r: r["tokens_per_s_per_gpu"])
+        slowest = dict(min(gathered, key=lambda r: r["tokens_per_s_per_gpu"]), profile=t.get("profile"))
         slowest.update(variant=args.variant, gpus=world, gpu=torch.cuda.get_device_name() if cuda else "CPU",
                        peak_gib=max(r["peak_gib"] for r in gathered))
         with open(args.out, "w") as f:
@@ -188,6 +192,7 @@ def main():
     parser.add_argument("--png", default=None)
     parser.add_argument("--timeout", type=int, default=600, help="seconds per variant")
     parser.add_argument("--error-dir", default=None, help="folder for the stderr of failed variants")
+    parser.add_argument("--profile", type=int, default=0, help="print the top-N GPU kernels of one step (rank 0)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -212,7 +217,10 @@ def main():
                     os.makedirs(args.error_dir, exist_ok=True)
                     shutil.copy(out + ".stderr", args.error_dir)
                 results.append(dict(variant=variant, gpus=gpus, error=error) if error else json.load(open(out)))
+                profile = results[-1].pop("profile", None)
                 print(f"done: {results[-1]}", flush=True)
+                if profile:
+                    print(f"--- {variant}, {gpus} GPUs: GPU kernels of one step on rank 0\n{profile}", flush=True)
     print_tables(results, args)
     if args.json:
         with open(args.json, "w") as f:

@@ -38,6 +38,18 @@ def timed_steps(model, opt, ids, warmup: int, steps: int) -> dict:
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
 
 
+def profile_step(model, opt, ids, rows: int) -> str:
+    """One more training step under torch.profiler: the top `rows` GPU kernels by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+
+
 def bar_charts(path, labels, panels, title=None):
     """One PNG of bar panels over the same labels: panels = [(panel title, values), ...]."""
     try:

@@ -7,10 +7,11 @@ Random weights, bf16, fused AdamW, the same random tokens for every variant. Pri
 (6 x active parameters per token + causal attention), peak GiB and fwd / bwd / optimizer ms (medians).
 Variants: stock | patched (moe_patch.apply, backend auto) | patched-torch (backend="torch") |
 patched-noloss (backend auto, loss=False: the stock lm_head + cross-entropy) |
-patched-torchloss (backend auto, but the loss on moe_patch's chunked torch kernel instead of Liger's) |
+patched-torchloss (backend auto, the loss on moe_patch's chunked torch kernel, as auto picks on GPU) |
+patched-ligerloss (backend auto, but the loss on Liger's fused linear cross-entropy) |
 patched-fp8-delayed / patched-fp8-current (backend auto, linear layers on TE in FP8 with that recipe) |
 patched-eager (MOE_PATCH_COMPILE=0: moe_patch's compiled helper, the chunked torch loss's softmax-gradient
-step, runs eagerly; it changes nothing where the loss is on Liger, as under backend auto on a GPU).
+step, runs eagerly).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def child(args) -> dict:
     from transformers.utils import logging as hf_logging
 
     from moe_patch.shapes import named_config
-    from steps import timed_steps
+    from steps import profile_step, timed_steps
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -58,7 +59,8 @@ def child(args) -> dict:
     if args.child.startswith("patched"):
         import moe_patch
 
-        backend = {"patched-torch": "torch", "patched-torchloss": {"loss": "torch"}}.get(args.child, "auto")
+        backend = {"patched-torch": "torch", "patched-torchloss": {"loss": "torch"},
+                   "patched-ligerloss": {"loss": "liger"}}.get(args.child, "auto")
         fp8 = args.child.split("patched-fp8-")[1] if args.child.startswith("patched-fp8-") else None
         moe_patch.apply(model, backend=backend, loss=args.child != "patched-noloss", fp8=fp8)
         info["report"] = moe_patch.report(model).summary()
@@ -70,14 +72,7 @@ def child(args) -> dict:
     total = t.pop("step_s")
     tokens = args.batch * args.seq
     if args.profile:  # one more step under the profiler: where the GPU time goes
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile), file=sys.stderr)
+        print(profile_step(model, opt, ids, args.profile), file=sys.stderr)
     flops = (6 * active_params(model, config) + attention_flops_per_token(config, args.seq)) * tokens
     return dict(variant=args.child, tokens_per_s=tokens / total, tflops=flops / total / 1e12,
                 gpu=torch.cuda.get_device_name(), torch=torch.__version__, **t, **info)

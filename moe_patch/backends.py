@@ -27,9 +27,11 @@ IMPLEMENTED = {
     "te": frozenset({"experts", "linear", "rmsnorm"}),
 }
 # "auto" tries these in order (those implementing the kind); measured on H200 (CHANGELOG.md): Liger's
-# RMSNorm and fused loss beat TE's / ours, TE's fused permute beats torch's sort for experts.
+# RMSNorm beats TE's and ours, TE's fused permute beats torch's sort for experts, and moe_patch's chunked
+# loss (few large chunks) beats Liger's (many small ones) at 150k-200k vocabularies, within the memory aim.
 PREFERENCE = {kind: ("te", "liger", "torch") for kind in KINDS}
 PREFERENCE["rmsnorm"] = ("liger", "te", "torch")
+PREFERENCE["loss"] = ("torch", "liger")
 
 
 def _has_module(name: str) -> bool:

@@ -58,6 +58,33 @@ def test_gpu_backends_reported():
     assert "cudnn" in attn.replacement
 
 
+@pytest.mark.parametrize("model_type,fused", [("qwen3_moe", True), ("mixtral", True), ("deepseek_v3", True),
+                                              ("gpt_oss", False)])
+def test_te_swiglu_only_where_it_is_the_family_gate(model_type, fused):
+    """TE's fused SwiGLU replaces the family's gate only where the probe proved them equal (GPT-OSS's gate is
+    clamped and interleaved: it keeps its own, with the reason); the experts module with the chosen gate
+    matches the stock experts module in bf16 on random routings (outputs, hidden / routing-weight / weight
+    gradients)."""
+    from moe_patch.backends import capabilities
+
+    if not capabilities().te:
+        pytest.skip("TransformerEngine not installed")
+    patched = moe_patch.apply(build(model_type, dtype=torch.bfloat16).cuda(), backend="te")
+    row = moe_patch.report(patched).where(kind="experts")[0]
+    assert ("te swiglu" in row.replacement) == fused, row
+    assert fused or "not the family's gate" in row.reason, row
+    experts = patched.get_submodule(row.path)
+    tokens, k = 256, patched.config.num_experts_per_tok
+    x = torch.randn(tokens, patched.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    idx = torch.rand(tokens, experts.num_experts, device="cuda").topk(k, dim=-1).indices
+    weights = torch.randn(tokens, k, device="cuda").softmax(-1).to(torch.bfloat16)
+    out_s, in_s, par_s = run_module(experts.original, (x, idx, weights), {})
+    out_p, in_p, par_p = run_module(experts, (x, idx, weights), {})
+    for a, b in zip(out_p + in_p, out_s + in_s):
+        assert rel_err(a, b) < 2e-2
+    assert par_s.keys() == par_p.keys() and all(rel_err(par_p[n], g) < 2e-2 for n, g in par_s.items())
+
+
 @pytest.mark.parametrize("recipe", ["delayed", "current"])
 def test_fp8_linear_layers_train_close_to_bf16(recipe):
     from moe_patch.backends import capabilities

@@ -77,14 +77,19 @@ def test_loss_opt_out_and_revert():
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_chunking_covers_every_row(monkeypatch, rows):
+    """Many chunks, the last one partial: the loss and the accumulated lm_head / hidden gradients."""
     from moe_patch.ops import loss
 
-    monkeypatch.setattr(loss, "CHUNK_ROWS", rows)  # many chunks, last one partial
     stock = build("olmoe")
+    monkeypatch.setattr(loss, "CHUNK_BYTES", rows * stock.config.vocab_size * 4)  # fp32 logits: `rows` rows
+    assert loss.chunk_rows(stock.config.vocab_size, 4) == rows
     patched = moe_patch.apply(copy.deepcopy(stock))
     ids = inputs(seq=7)
     ls, lp = stock(input_ids=ids, labels=ids).loss, patched(input_ids=ids, labels=ids).loss
     assert rel_err(lp, ls) < 1e-5
+    ls.backward(), lp.backward()
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        assert rel_err(patched.get_parameter(name).grad, stock.get_parameter(name).grad) < 1e-4, name
 
 
 def test_tuple_outputs_keep_their_positions():

@@ -91,8 +91,10 @@ def scatter_weighted(out, order, weights, num_tokens, top_k, hidden_dtype):
 class GroupedExperts(Replacement):
     kind = "experts"
 
-    def __init__(self, original, flags: dict, backend: str = "torch"):
+    def __init__(self, original, flags: dict, backend: str = "torch", fused_gate=None):
         super().__init__(original)
+        # a fused kernel proven equal to the family's _apply_gate (te_gate.py), or None; outside the module tree
+        object.__setattr__(self, "_fused_gate", fused_gate)
         for name in FLAG_NAMES:
             setattr(self, name, bool(flags[name]))
         self.up_name = "gate_up_proj" if self.has_gate else "up_proj"
@@ -110,9 +112,12 @@ class GroupedExperts(Replacement):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         bias = (lambda name: getattr(self, name + "_bias")[expert_ids]) if self.has_bias else (lambda name: None)
         h = grouped_linear(x, getattr(self, self.up_name), offs, bias(self.up_name), self.is_transposed)
-        # the family's own gate (or activation) on its original module; compiling it (one fused kernel each
-        # way) measured no faster on the Qwen3-30B-A3B shape, so it runs eagerly
-        h = self.original._apply_gate(h) if self.has_gate else self.original.act_fn(h)
+        # TE's fused SwiGLU where it was proven to be the family's gate, else the family's own gate (or
+        # activation) on its original module
+        if self.has_gate:
+            h = self._fused_gate(h) if self._fused_gate is not None else self.original._apply_gate(h)
+        else:
+            h = self.original.act_fn(h)
         out = grouped_linear(h, self.down_proj, offs, bias("down_proj"), self.is_transposed)
         if self.has_post_expert_norm:
             out = self.post_expert_norm(out)
@@ -127,5 +132,6 @@ class GroupedExperts(Replacement):
 
     def extra_repr(self) -> str:
         flags = ", ".join(n for n in FLAG_NAMES if getattr(self, n))
+        gate = ", fused gate" if self._fused_gate is not None else ""
         return (f"{super().extra_repr()}, experts={self.num_experts}/{self.num_global_experts}, "
-                f"dispatcher={self.dispatcher.name}, {flags or 'no flags'}")
+                f"dispatcher={self.dispatcher.name}{gate}, {flags or 'no flags'}")

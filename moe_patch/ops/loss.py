@@ -4,7 +4,8 @@ The causal-LM's forward gets an instance-level wrapper (the class is untouched; 
 When the model is training and `labels` are given, the wrapper runs the stock forward with labels=None
 and logits_to_keep=1 (so the stock lm_head sees one position), captures the decoder's last hidden state,
 and computes the loss straight from hidden states and lm_head's weight:
-  torch backend: large chunks of rows, gradients computed in the forward (_ChunkedLinearCrossEntropy);
+  torch backend: large chunks of rows (about 1 GiB of logits each), gradients computed in the forward
+    (_ChunkedLinearCrossEntropy);
   liger backend: Liger-Kernel's fused linear cross-entropy (Triton; small chunks, so its weight-gradient
   accumulation dominates at large vocabularies).
 Both follow Transformers' ForCausalLMLoss exactly: labels shifted by one, ignore_index -100, logits
@@ -24,7 +25,15 @@ import torch.nn.functional as F
 from . import compiled
 
 IGNORE = -100
-CHUNK_ROWS = 4096
+# Rows per chunk: as many as keep one chunk's logits near CHUNK_BYTES. Large chunks keep the weight-gradient
+# accumulation (a read and write of the whole [vocab, hidden] gradient per chunk) to a handful of passes;
+# small ones keep the transient logits and their gradient small.
+CHUNK_BYTES = 1 << 30
+
+
+def chunk_rows(vocab: int, itemsize: int) -> int:
+    rows = max(1, CHUNK_BYTES // (vocab * itemsize))
+    return rows - rows % 256 if rows >= 256 else rows  # whole GEMM tiles
 # config attributes that transform logits after lm_head: the fused path would skip them
 LOGIT_TRANSFORMS = ("logits_scaling", "final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
@@ -67,25 +76,31 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     Like Liger's kernel, the gradients are computed during the forward (each chunk's logits exist only
     once, briefly) and the backward only scales them; unlike it, the chunks are large (CHUNK_ROWS rows),
     so the weight gradient is accumulated a handful of times instead of once per small chunk. Logits are
-    computed in the input dtype and the softmax in fp32, as Transformers' ForCausalLMLoss does.
+    computed in the input dtype and the softmax in fp32, as Transformers' ForCausalLMLoss does. The weight
+    gradient accumulates in place in the weight's dtype (the GEMM itself accumulates in fp32), as Liger's
+    does: an fp32 accumulator would hold another [vocab, hidden] fp32 tensor at the step's memory peak.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels):
         needs = ctx.needs_input_grad
         grad_hidden = torch.empty_like(hidden) if needs[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
+        grad_weight = torch.zeros_like(weight) if needs[1] else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and needs[2] \
             else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], CHUNK_ROWS):
-            h, y = hidden[start:start + CHUNK_ROWS], labels[start:start + CHUNK_ROWS]
+        step = chunk_rows(weight.shape[0], hidden.element_size())
+        for start in range(0, hidden.shape[0], step):
+            h, y = hidden[start:start + step], labels[start:start + step]
             loss, grad = compiled.run(_ce_and_grad, F.linear(h, weight, bias), y)
             total += loss
             if grad_hidden is not None:
-                grad_hidden[start:start + CHUNK_ROWS] = grad @ weight
+                grad_hidden[start:start + step] = grad @ weight
             if grad_weight is not None:
-                grad_weight += (grad.t() @ h).float()
+                if grad_weight.dtype == grad.dtype == h.dtype:
+                    grad_weight.addmm_(grad.t(), h)  # in place: no [vocab, hidden] temporary
+                else:  # mixed dtypes (autocast over fp32 weights): matmul in the autocast dtype
+                    grad_weight += grad.t() @ h
             if grad_bias is not None:
                 grad_bias += grad.float().sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)

@@ -115,7 +115,9 @@ class TEEPDispatcher:
         from transformer_engine.pytorch import ep
 
         buffer = self._buffer(hidden, top_k_index, num_experts)
-        rows, row_weights, counts = ep.ep_dispatch(buffer, hidden.contiguous(), top_k_index, top_k_weights.float())
+        # TE asserts contiguous routing tensors; a router may return slices (e.g. the first k of a sort)
+        rows, row_weights, counts = ep.ep_dispatch(buffer, hidden.contiguous(), top_k_index.contiguous(),
+                                                   top_k_weights.float().contiguous())
         self.last_counts = counts.detach()
         expert_ids = torch.repeat_interleave(torch.arange(self.num_local, device=counts.device), counts,
                                              output_size=rows.shape[0])

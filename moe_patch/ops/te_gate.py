@@ -1,0 +1,54 @@
+"""TransformerEngine's fused SwiGLU as the experts' gate, where it is the family's gate (GPU, TE installed).
+
+Families write their gate in Python (`_apply_gate`: chunk into gate / up halves, silu(gate) * up): on the
+[rows, 2 x width] expert activations that is a chain of strided elementwise kernels each way plus a cat of
+the two gradient halves in the backward. TE's `ops.SwiGLU` does it in one kernel each way and writes the
+[rows, 2 x width] gradient directly. Rather than a flag per family, TE's op is proven equal to the
+family's own `_apply_gate` on random inputs (fp32 and bf16, outputs and input gradients, on the GPU) before
+it is used; a family whose gate differs (GPT-OSS's clamped, interleaved one) keeps its own, with the reason.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import probe
+
+_CACHE: dict = {}
+
+
+def fused_swiglu(module, width: int, device: torch.device):
+    """(gate function, "") if TE's SwiGLU equals `module._apply_gate` on [rows, width] inputs, else (None, why).
+
+    One probe per (class, width) per process. The TE op is kept out of the module tree: it would add an
+    `_extra_state` entry to the model's state_dict.
+    """
+    key = (type(module), width)
+    if key not in _CACHE:
+        _CACHE[key] = _probe(module, width, device)
+    return _CACHE[key]
+
+
+def _probe(module, width, device):
+    try:
+        import transformer_engine.pytorch as te
+
+        op = te.ops.SwiGLU()
+        g = torch.Generator(device=device).manual_seed(0)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randn(64, width, device=device, generator=g) * 2).to(dtype)
+            w = torch.randn(64, width // 2, device=device, generator=g).to(dtype)
+            x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ref, out = module._apply_gate(x1), op(x2)
+            if ref.shape != out.shape or ref.dtype != out.dtype:
+                return None, f"TE SwiGLU output {tuple(out.shape)} {out.dtype} differs from the family's gate"
+            err = probe.rel_err(out, ref)
+            if err > probe.TOL[dtype]:
+                return None, f"TE SwiGLU is not the family's gate (rel. error {err:.1e}, {dtype})"
+            (ga,) = torch.autograd.grad((ref * w).float().sum(), x1)
+            (gb,) = torch.autograd.grad((out * w).float().sum(), x2)
+            err = probe.rel_err(gb, ga)
+            if err > probe.GRAD_TOL[dtype]:
+                return None, f"TE SwiGLU gradient differs from the family's gate (rel. error {err:.1e}, {dtype})"
+    except Exception as exc:  # a probe never takes the program down: the family's gate stays
+        return None, f"TE SwiGLU probe failed: {type(exc).__name__}: {exc}"
+    return op, ""
