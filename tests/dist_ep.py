@@ -156,6 +156,9 @@ def main():
         if model_type.startswith("fsdp:"):
             run_fsdp(model_type[5:])
             continue
+        if model_type.startswith("fsdp_mp:"):
+            run_fsdp_mixed_precision(model_type[8:])
+            continue
         if model_type.startswith("ddp:"):
             run_ddp(model_type[4:], mesh, rank, size)
             continue
@@ -196,6 +199,7 @@ def main():
     frozen(input_ids=torch.randint(0, 256, (1, 6)).to(DEVICE), labels=torch.randint(0, 256, (1, 6)).to(DEVICE)).loss.backward()
     if DEVICE.type == "cpu":
         check_auto_agreement(mesh["ep"].get_group(), rank)
+        check_auto_at_first_forward(mesh, rank)
         check_outside_tree_params_under_fsdp(mesh)
         check_generate_synced(mesh, rank)
     if size > 1:
@@ -256,6 +260,63 @@ def check_auto_agreement(group, rank):
         check(dispatch.choose("auto", group, torch.bfloat16)[0] == "te_ep", "auto refused te_ep everywhere")
     finally:
         te_ep.unavailable_reason = real
+
+
+def check_auto_at_first_forward(mesh, rank):
+    """fp32 weights where te_ep would run on bf16 tokens (availability faked): "auto" waits for the first
+    forward, decides on the tokens' dtype, the same on every rank, and writes the choice into the report."""
+    from moe_patch.parallel import dispatch, te_ep
+
+    real = te_ep.unavailable_reason
+    try:
+        te_ep.unavailable_reason = lambda g, d: None if d == torch.bfloat16 else "NCCL-EP carries bf16 tokens only"
+        stock = build("qwen3_moe")
+        patched = moe_patch.apply(copy.deepcopy(stock), mesh=mesh)
+        deferred = [m.dispatcher for m in patched.modules() if isinstance(getattr(m, "dispatcher", None),
+                                                                            dispatch.DeferredDispatcher)]
+        rows = moe_patch.report(patched).where(kind="experts")
+        check(deferred and all(d.name == "auto" for d in deferred), "auto not deferred for fp32 weights")
+        check(all("first forward" in r.reason for r in rows), "deferred choice not reported")
+        ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(rank))
+        with torch.no_grad():
+            check(rel_err(patched(input_ids=ids).logits, stock(input_ids=ids).logits) < TOL, "deferred auto logits")
+        check(all(d.name == "all_to_all" for d in deferred), "fp32 tokens must take all_to_all")
+        check(all(r.replacement.endswith("/all_to_all") and "dispatcher all_to_all (float32" in r.reason
+                  for r in moe_patch.report(patched).where(kind="experts")), "first-forward choice not reported")
+        group = mesh["ep"].get_group()
+        mixed = dispatch.FirstForwardChoice(group, []).decide(torch.bfloat16 if rank == 0 else torch.float32)
+        check(mixed == ("te_ep" if dist.get_world_size(group) == 1 else "all_to_all"), f"ranks disagree: {mixed}")
+        check(dispatch.FirstForwardChoice(group, []).decide(torch.bfloat16) == "te_ep", "bf16 tokens refused")
+    finally:
+        te_ep.unavailable_reason = real
+
+
+def run_fsdp_mixed_precision(model_type):
+    """The usual FSDP2 recipe: fp32 master weights, bf16 compute (MixedPrecisionPolicy), against the fp32
+    stock model (bf16 tolerance). Where te_ep can run, "auto" decides at the first forward and takes it."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from moe_patch.parallel.dispatch import DeferredDispatcher
+    from moe_patch.parallel.fsdp import fully_shard_moe
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh(DEVICE.type, (size,), mesh_dim_names=("ep",))
+    stock = build(model_type, dtype=torch.float32).to(DEVICE)
+    patched = copy.deepcopy(stock)
+    moe_patch.apply(patched, mesh=mesh, dispatcher=DISPATCHER)
+    deferred = [m.dispatcher for m in patched.modules() if isinstance(getattr(m, "dispatcher", None), DeferredDispatcher)]
+    fully_shard_moe(patched, mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(300 + rank)).to(DEVICE)
+    loss_s = stock(input_ids=ids, labels=ids).loss
+    loss = patched(input_ids=ids, labels=ids).loss
+    check(rel_err(loss, loss_s) < 2e-2, f"fsdp_mp loss rel err {rel_err(loss, loss_s):.2e}")
+    loss.backward()
+    for name, p in patched.named_parameters():
+        check(p.grad is not None and p.grad.dtype == torch.float32, f"fsdp_mp: {name} gradient {p.grad}")
+    check(all(d.name == "te_ep" for d in deferred), f"deferred auto took {[d.name for d in deferred][:1]}")
+    dispatcher = moe_patch.report(patched).where(kind="experts")[0].replacement.rpartition("/")[2]
+    if rank == 0:
+        print(f"ok fsdp_mp {model_type} ep={size} ({dispatcher})", flush=True)
 
 
 def run_ddp(model_type, mesh, rank, size):

@@ -23,11 +23,13 @@ def torchrun(nproc, families, **env_extra):
         kind, _, name = family.rpartition(":")
         expected = f"ok {kind} {name} ep={nproc}" if kind else f"ok {family} ep={nproc}"
         assert expected in out.stdout
+    return out.stdout
 
 
 @pytest.mark.distributed
 def test_expert_parallel_2_ranks_every_family():
-    torchrun(2, MOE_FAMILIES + ["fsdp:qwen3_moe", "fsdp:gpt_oss", "gc:mixtral", "gc:deepseek_v3", "ddp:qwen3_moe", "trainer:qwen3_moe"])
+    torchrun(2, MOE_FAMILIES + ["fsdp:qwen3_moe", "fsdp:gpt_oss", "gc:mixtral", "gc:deepseek_v3", "ddp:qwen3_moe", "trainer:qwen3_moe",
+                         "fsdp_mp:qwen3_moe"])
 
 
 @pytest.mark.distributed
@@ -54,11 +56,26 @@ def _dispatcher_missing(name):
 @pytest.mark.parametrize("dispatcher", ["all_to_all", "te_ep", "deepep"])
 def test_expert_parallel_2_gpus_bf16(dispatcher):
     """Each dispatcher on 2 GPUs with NCCL in bf16 against the unsharded stock model (rel. error < 2e-2),
-    adversarial routings, FSDP2 and checkpoints included."""
+    adversarial routings, FSDP2 (also with fp32 master weights under a bf16 MixedPrecisionPolicy) and
+    checkpoints included."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs")
     missing = _dispatcher_missing(dispatcher)
     if missing:
         pytest.skip(missing)
-    torchrun(2, ["qwen3_moe", "deepseek_v3", "gpt_oss", "mixtral", "fsdp:qwen3_moe", "ddp:qwen3_moe"], EP_TEST_DEVICE="cuda",
+    torchrun(2, ["qwen3_moe", "deepseek_v3", "gpt_oss", "mixtral", "fsdp:qwen3_moe", "ddp:qwen3_moe", "fsdp_mp:qwen3_moe"],
+             EP_TEST_DEVICE="cuda",
              EP_TEST_DTYPE="bfloat16", EP_TEST_DISPATCHER=dispatcher)
+
+
+@pytest.mark.gpu
+def test_auto_takes_te_ep_under_mixed_precision_2_gpus():
+    """fp32 master weights + bf16 MixedPrecisionPolicy (the usual FSDP2 recipe): "auto" decides at the first
+    forward and takes te_ep (the tokens are bf16) where te_ep can run."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    missing = _dispatcher_missing("te_ep")
+    if missing:
+        pytest.skip(missing)
+    out = torchrun(2, ["fsdp_mp:qwen3_moe"], EP_TEST_DEVICE="cuda", EP_TEST_DTYPE="bfloat16", EP_TEST_DISPATCHER="auto")
+    assert "ok fsdp_mp qwen3_moe ep=2 (te_ep)" in out

@@ -14,7 +14,9 @@ Every rank runs the same collectives in the same order whatever the routing (emp
 no routing can deadlock it. The one host synchronisation per layer reads the split sizes.
 
 The fused dispatchers (te_ep.py: TransformerEngine NCCL-EP; deepep.py: DeepEP, unverified) have the same
-interface; choose() resolves `dispatcher=` ("auto" by default) once per apply().
+interface; choose() resolves `dispatcher=` ("auto" by default) once per apply(), except where only the
+weights' dtype stands in te_ep's way: with fp32 master weights under FSDP2's MixedPrecisionPolicy the
+tokens are bf16 anyway, so FirstForwardChoice decides at the first forward, on the tokens' dtype.
 """
 from __future__ import annotations
 
@@ -107,24 +109,85 @@ def _deepep_reason():
     return None if torch.cuda.is_available() else "needs CUDA"
 
 
+def _agree(flag: int, group) -> int:
+    """The smallest flag over the group's ranks (one tiny all-reduce): every rank takes the same branch."""
+    device = "cuda" if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available() else "cpu"
+    t = torch.tensor([flag], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t.item())
+
+
 def choose(name: str, group, dtype) -> tuple[str, str]:
     """(dispatcher, why) for a requested name; raises when a named fused dispatcher cannot run here.
     "auto" takes te_ep when every rank can run it (one small all-reduce, so that all ranks agree), else
-    all_to_all. DeepEP is never chosen by "auto": it is unverified (see deepep.py)."""
+    all_to_all; where only the weights' dtype stands in the way it returns "auto" (FirstForwardChoice
+    decides on the tokens). DeepEP is never chosen by "auto": it is unverified (see deepep.py)."""
     from ..errors import MeshError
     from .te_ep import unavailable_reason
 
     if name == "all_to_all":
         return name, "requested"
     if name in ("te_ep", "deepep"):
-        why = unavailable_reason(group, dtype) if name == "te_ep" else _deepep_reason()
+        # te_ep by name: everything but the dtype is checked here; fp32 weights are fine when the tokens are
+        # bf16 (a mixed-precision policy), and te_ep itself refuses other tokens at the first forward
+        why = unavailable_reason(group, torch.bfloat16) if name == "te_ep" else _deepep_reason()
         if why:
             raise MeshError(f"dispatcher {name!r} cannot run here: {why}")
         return name, "requested"
     why = unavailable_reason(group, dtype)
-    device = "cuda" if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available() else "cpu"
-    ok = torch.tensor([0 if why else 1], device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
-    if ok.item():
+    # 2: te_ep runs here; 1: it would, with bf16 tokens (fp32 weights, e.g. cast by a mixed-precision
+    # policy at each forward); 0: it cannot
+    deferrable = why is not None and dtype != torch.bfloat16 and unavailable_reason(group, torch.bfloat16) is None
+    level = _agree(2 if why is None else 1 if deferrable else 0, group)
+    if level == 2:
         return "te_ep", "auto: TransformerEngine NCCL-EP fused dispatch available"
+    if level == 1:
+        return "auto", (f"auto: {str(dtype).replace('torch.', '')} weights; decided at the first forward: te_ep "
+                        "if the tokens are bf16 (e.g. FSDP2 MixedPrecisionPolicy), else all_to_all")
     return "all_to_all", f"auto: te_ep unavailable ({why or 'on another rank'})"
+
+
+class FirstForwardChoice:
+    """The deferred "auto" choice of one model, shared by all its experts modules: made once, at the first
+    dispatch (every rank dispatches the same layer together, so the agreeing all-reduce is safe there), and
+    written into the report rows."""
+
+    def __init__(self, group, rows):
+        self.group, self.rows, self.name = group, rows, None
+
+    def decide(self, dtype) -> str:
+        if self.name is None:
+            bf16 = _agree(int(dtype == torch.bfloat16), self.group)
+            self.name = "te_ep" if bf16 else "all_to_all"
+            why = "bf16 tokens" if bf16 else f"{str(dtype).replace('torch.', '')} tokens (on some rank)"
+            for row in self.rows:
+                row.replacement = row.replacement.replace("/auto", f"/{self.name}")
+                row.reason += f"; at the first forward: dispatcher {self.name} ({why})"
+        return self.name
+
+
+class DeferredDispatcher:
+    """Stands in for te_ep or all_to_all until FirstForwardChoice has decided, then delegates."""
+
+    def __init__(self, choice: FirstForwardChoice, group, ep_size, num_local, permuter=None, max_tokens_per_rank=None):
+        self.choice, self.inner = choice, None
+        self._args = (group, ep_size, num_local, permuter, max_tokens_per_rank)
+
+    @property
+    def name(self) -> str:
+        return self.inner.name if self.inner is not None else "auto"
+
+    def dispatch(self, hidden, top_k_index, top_k_weights, num_experts) -> Dispatched:
+        if self.inner is None:
+            chosen = self.choice.decide(hidden.dtype)
+            group, ep_size, num_local, permuter, max_tokens = self._args
+            extra = dict(max_tokens_per_rank=max_tokens) if chosen == "te_ep" else {}
+            self.inner = DISPATCHERS[chosen]()(group, ep_size, num_local, permuter=permuter, **extra)
+        return self.inner.dispatch(hidden, top_k_index, top_k_weights, num_experts)
+
+    def combine(self, out, d: Dispatched, hidden_dtype):
+        return self.inner.combine(out, d, hidden_dtype)
+
+    @property
+    def last_counts(self):
+        return self.inner.last_counts if self.inner is not None else None

@@ -77,6 +77,8 @@ def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=No
     # two phases, so that a failure (out of memory) cannot leave some experts cut and others whole:
     # first every local block is copied out, then the Parameters are pointed at them (cannot fail)
     blocks = []
+    rows = [r for r in record.rows if r.kind == "experts" and r.status != "skipped"]
+    choice = dispatch.FirstForwardChoice(group, rows) if dispatcher == "auto" else None
     with torch.no_grad():
         for module in experts:
             names = [n for n, p in module.named_parameters(recurse=False)
@@ -88,9 +90,13 @@ def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=No
         module.num_global_experts = module.num_experts
         module.num_experts = module.num_experts // size
         # the module's local permuter (torch, or TE's fused permute) keeps sorting tokens on their own rank
-        cls = dispatch.DISPATCHERS[dispatcher]()
-        extra = dict(max_tokens_per_rank=max_tokens_per_rank) if dispatcher == "te_ep" else {}
-        module.dispatcher = cls(group, size, module.num_experts, permuter=module.dispatcher, **extra)
+        if choice is not None:  # "auto" decided at the first forward
+            module.dispatcher = dispatch.DeferredDispatcher(choice, group, size, module.num_experts, module.dispatcher,
+                                                            max_tokens_per_rank)
+        else:
+            cls = dispatch.DISPATCHERS[dispatcher]()
+            extra = dict(max_tokens_per_rank=max_tokens_per_rank) if dispatcher == "te_ep" else {}
+            module.dispatcher = cls(group, size, module.num_experts, permuter=module.dispatcher, **extra)
         module._ep = (group, rank, size, tuple(names))
         module._register_state_dict_hook(_gather_on_save)
         module._register_load_state_dict_pre_hook(_slice_on_load, with_module=True)
@@ -99,10 +105,9 @@ def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=No
         module._ep_grad_hooks = [module._parameters[n].register_hook(functools.partial(_mean_over, size))
                                  for n in names if module._parameters[n].requires_grad]  # frozen: no gradient
     _ignore_in_ddp(model, blocks)
-    for row in record.rows:
-        if row.kind == "experts" and row.status != "skipped":
-            row.replacement += f" + ep{size}/{dispatcher}"
-            row.reason = "; ".join(x for x in (row.reason, f"dispatcher {dispatcher}: {why}") if x)
+    for row in rows:
+        row.replacement += f" + ep{size}/{dispatcher}"
+        row.reason = "; ".join(x for x in (row.reason, f"dispatcher {dispatcher}: {why}") if x)
     return experts
 
 

@@ -114,6 +114,9 @@ class TEEPDispatcher:
     def dispatch(self, hidden, top_k_index, top_k_weights, num_experts) -> Dispatched:
         from transformer_engine.pytorch import ep
 
+        if hidden.dtype != torch.bfloat16:  # the same dtype on every rank: all raise, none waits
+            raise MeshError(f"te_ep carries bf16 tokens only, got {str(hidden.dtype).replace('torch.', '')}: use bf16 "
+                            "weights, a bf16 MixedPrecisionPolicy, or dispatcher='all_to_all'")
         buffer = self._buffer(hidden, top_k_index, num_experts)
         # TE asserts contiguous routing tensors; a router may return slices (e.g. the first k of a sort)
         rows, row_weights, counts = ep.ep_dispatch(buffer, hidden.contiguous(), top_k_index.contiguous(),
