@@ -9,6 +9,12 @@ TINY = {
                       decoder_sparse_step=1, mlp_only_layers=[]),
     "qwen2_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
                       num_experts_per_tok=2, norm_topk_prob=False),
+    # hybrid: Gated DeltaNet linear attention + full attention, shared expert with its own gate
+    "qwen3_next": dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+                       num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                       layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                       linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                       linear_conv_kernel_dim=4),
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
     "olmoe": dict(num_experts=8, num_experts_per_tok=2),
     "deepseek_v3": dict(num_key_value_heads=4, head_dim=8, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
