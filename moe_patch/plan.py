@@ -37,6 +37,7 @@ class Action:
     module: nn.Module
     factory: Callable[[nn.Module], nn.Module] | None = None  # module swaps
     attention_impl: str | None = None  # attention: the implementation it had
+    rope: bool = False  # attention: RoPE calls go to the proven fused kernel (ops/rope.py)
     loss_backend: str | None = None  # loss: the root model's forward gets the fused loss
 
 
@@ -60,6 +61,7 @@ class Options:
 class Plan:
     actions: list = field(default_factory=list)
     rows: list = field(default_factory=list)
+    supports_sdpa: bool = True
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -221,8 +223,28 @@ def _plan_loss(model, opts, plan) -> None:
     plan.actions.append(Action(row, model, loss_backend=backend))
 
 
+def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
+    impl = getattr(module.config, "_attn_implementation", None)
+    if impl != "sdpa" or not plan.supports_sdpa:
+        row.reason = f"model uses {impl!r} attention (chosen by the user or required by the family); kept"
+        return
+    device = _device(module)
+    row.replacement, row.backend = f"{attention.NAME} {attention.describe(device)}", "torch"
+    rope_label = None
+    if backend == "liger":  # SDPA plus Liger's fused RoPE, where it is the family's RoPE
+        from .ops import rope  # lazy: only reached with Liger usable on a GPU
+
+        rope_label, why = rope.prove(model, module)
+        if rope_label:
+            row.replacement, row.backend = f"{row.replacement} + {rope_label}", "liger"
+        else:
+            fallback_reason = "; ".join(r for r in (fallback_reason, why) if r)
+    row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")
+    plan.actions.append(Action(row, module, attention_impl=impl, rope=rope_label is not None))
+
+
 def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool) -> Plan:
-    plan = Plan()
+    plan = Plan(supports_sdpa=supports_sdpa)
     _plan_loss(model, opts, plan)
     claimed: list[str] = []  # replaced modules' paths: their children belong to them
     for path, module in model.named_modules():
@@ -244,14 +266,7 @@ def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool) -> Plan:
         backend, fallback_reason = backends.choose(backends.for_kind(opts.backend, kind), kind, _device(module))
 
         if kind == "attention":
-            impl = getattr(module.config, "_attn_implementation", None)
-            if impl == "sdpa" and supports_sdpa:
-                row.replacement, row.backend = f"{attention.NAME} {attention.describe(_device(module))}", "torch"
-                row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")
-                plan.actions.append(Action(row, module, attention_impl=impl))
-            else:
-                row.reason = (f"model uses {impl!r} attention (chosen by the user or required by the family); "
-                              "kept")
+            _plan_attention(model, module, row, backend, fallback_reason, plan)
             continue
 
         factory, replacement, reason = PROPOSE[kind](module, backend, opts)

@@ -56,6 +56,7 @@ class Record:
     swaps: list = field(default_factory=list)  # (parent, child name, replacement module)
     attention_modules: list = field(default_factory=list)
     configs: list = field(default_factory=list)  # (config, attention implementation before)
+    hooks: list = field(default_factory=list)  # hook handles installed by apply() (fused RoPE), removed by revert()
     mesh: object = None
     parallel: dict = field(default_factory=dict)  # the expert-parallel options asked for (dispatcher, ...)
     sharded: list = field(default_factory=list)  # expert modules sharded over the mesh

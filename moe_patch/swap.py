@@ -29,6 +29,10 @@ def swap(model, plan, built, record: Record) -> None:
         for action in attn:
             attention_op.mark(action.module, action.attention_impl, True)
             record.attention_modules.append(action.module)
+            if action.rope:
+                from .ops import rope  # lazy: Liger only where it runs
+
+                record.hooks += rope.install(action.module)
         for cfg in {id(a.module.config): a.module.config for a in attn}.values():
             record.configs.append((cfg, cfg._attn_implementation))
             cfg._attn_implementation = attention_op.NAME
@@ -45,5 +49,7 @@ def undo(model, record: Record) -> None:
         setattr(parent, child, new.give_back())
     for module in record.attention_modules:
         attention_op.unmark(module)
+    for handle in record.hooks:
+        handle.remove()
     for cfg, impl in record.configs:
         cfg._attn_implementation = impl

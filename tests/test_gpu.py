@@ -56,6 +56,8 @@ def test_gpu_backends_reported():
     assert norm.backend == ("liger" if capabilities().liger else "torch")
     attn = rows.where(kind="attention")[0]
     assert "cudnn" in attn.replacement
+    if capabilities().liger:  # Qwen3's RoPE is the standard one: Liger's fused kernel, proven at apply()
+        assert attn.backend == "liger" and attn.replacement.endswith("+ liger rope"), attn
 
 
 @pytest.mark.parametrize("model_type,fused", [("qwen3_moe", True), ("mixtral", True), ("deepseek_v3", True),

@@ -6,7 +6,7 @@ import torch
 
 import moe_patch
 from moe_patch.ops.experts import GroupedExperts
-from util import MOE_FAMILIES, build, rel_err
+from util import MOE_FAMILIES, build, inputs, rel_err
 
 
 def _experts_pairs(model_type):
@@ -98,3 +98,62 @@ def test_every_replaced_module_on_its_real_inputs(model_type):
         assert all(rel_err(a, b) < 1e-5 for a, b in zip(out_p, out_s)), r.path
         assert all(rel_err(a, b) < 1e-4 for a, b in zip(in_p, in_s)), r.path
         assert all(rel_err(par_p[n], g) < 1e-4 for n, g in par_s.items()), r.path
+
+
+def test_fused_rope_routing_is_per_model(monkeypatch):
+    """The fused-RoPE mechanism (ops/rope.py) on CPU with a stand-in kernel (Liger's needs a GPU): proven
+    against the family's function on the model's own cos/sin, used only inside the patched model's attention
+    (a stock model of the same family in the process keeps the stock function), gone after the hooks are
+    removed; a kernel that is not the family's RoPE is refused with the reason."""
+    import sys
+
+    from moe_patch.ops import rope
+
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    attn = [m for m in patched.modules() if type(m).__name__.endswith("Attention")]
+    family = sys.modules[type(attn[0]).__module__].apply_rotary_pos_emb
+    family = getattr(family, "__wrapped__", family)
+    calls = []
+
+    def spy(q, k, cos, sin):
+        calls.append(q.shape)
+        return family(q, k, cos, sin)
+
+    def wrong(q, k, cos, sin):  # rotates the other way
+        return family(q, k, cos, -sin)
+
+    monkeypatch.setattr(rope, "_CACHE", {})
+    monkeypatch.setattr(rope, "_PROVEN", {})
+    monkeypatch.setattr(rope, "_STOCK", {})
+    monkeypatch.setattr(rope, "_liger_candidates", lambda: [("wrong rope", wrong, lambda w: w)])
+    label, why = rope.prove(patched, attn[0])
+    assert label is None and "not the family's" in why and "wrong rope" in why
+    monkeypatch.setattr(rope, "_CACHE", {})
+    monkeypatch.setattr(rope, "_liger_candidates", lambda: [("spy rope", spy, lambda w: w)])
+    assert rope.prove(patched, attn[0]) == ("spy rope", "")
+    handles = [h for m in attn for h in rope.install(m)]
+    ids = inputs()
+    try:
+        calls.clear()
+        with torch.no_grad():
+            ref = stock(input_ids=ids).logits
+        assert not calls  # the stock model of the same family: its own RoPE
+        with torch.no_grad():
+            out = patched(input_ids=ids).logits
+        assert len(calls) == len(attn) and rel_err(out, ref) < 1e-5
+        # torch.compile: dynamo reads the global before the hook's switch takes effect, so it traces the
+        # family's RoPE (inductor fuses it itself); the point is that it compiles (a wrapper object on the
+        # global made dynamo's guards fail) and gives the same result
+        with torch.no_grad():
+            out = torch.compile(patched, backend="eager")(input_ids=ids).logits
+        assert rel_err(out, ref) < 1e-5
+        module = sys.modules[type(attn[0]).__module__]
+        assert module.apply_rotary_pos_emb is rope._STOCK[module.__name__]  # put back after each forward
+    finally:
+        for h in handles:
+            h.remove()
+    calls.clear()
+    with torch.no_grad():
+        patched(input_ids=ids)
+    assert not calls

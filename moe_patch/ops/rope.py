@@ -1,0 +1,154 @@
+"""Fused RoPE: Liger's Triton kernel in place of a family's `apply_rotary_pos_emb` (GPU, Liger installed).
+
+The stock RoPE is a chain of elementwise kernels over q and k each way (slices, a negation, a cat, two
+broadcast products, a sum); Liger's kernel rotates q and k in one pass each way. Attention modules are not
+swapped (attention.py), and their forward calls the global `apply_rotary_pos_emb` of its modeling module.
+So a forward pre-hook on each marked attention module points that global at a plain function that takes
+Liger's kernel for the call shape it was proven on (same head and rotary widths, device type, default
+unsqueeze_dim) and the family's function otherwise, and a forward hook (always called, also on errors)
+points it back: other models of the family in the process keep the stock RoPE. Under torch.compile, dynamo
+reads the global before the switch takes effect and traces the family's RoPE, which inductor fuses itself
+(a permanent wrapper object on the global instead made dynamo's guards fail). Liger's
+kernel (standard half-split rotation, or its form for un-duplicated half-width cos/sin) is proven equal to
+the family's function on the model's own cos/sin (fp32 and bf16, outputs and gradients) before it is used.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+
+import torch
+
+from .. import probe
+
+_STOCK: dict = {}  # modeling module name -> its apply_rotary_pos_emb (what the hooks put back)
+_PROVEN: dict = {}  # modeling module name -> the function the hooks install during a patched forward
+_CACHE: dict = {}  # (modeling module name, cos width) -> (candidate or None, reason)
+
+
+def _liger_candidates():
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb, liger_rotary_pos_emb_gpt_oss
+
+    # (name, fused function, q head width for a cos/sin width w)
+    return [("liger rope", liger_rotary_pos_emb, lambda w: w),
+            ("liger rope (half-width cos/sin)", liger_rotary_pos_emb_gpt_oss, lambda w: 2 * w)]
+
+
+def _rotary_embedding(model):
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("RotaryEmbedding") and not name.count(".layers."):
+            return module
+    return None
+
+
+def _modeling_module(attention_module):
+    return sys.modules[type(attention_module).__module__]
+
+
+def prove(model, attention_module) -> tuple[str | None, str]:
+    """(label, "") if a Liger kernel equals this family's apply_rotary_pos_emb on the model's own cos/sin,
+    else (None, why not). One probe per modeling module per process; the model is not changed."""
+    mod = _modeling_module(attention_module)
+    stock = getattr(mod, "apply_rotary_pos_emb", None)
+    if stock is None:
+        return None, "no apply_rotary_pos_emb in the family's modeling module: stock RoPE"
+    try:
+        source = inspect.getsource(type(attention_module).forward)
+    except (OSError, TypeError):
+        source = ""
+    others = sorted(set(re.findall(r"\b(apply_rotary_pos_emb\w+|apply_rotary_emb\w*)\(", source)))
+    if "apply_rotary_pos_emb(" not in source or others:
+        return None, f"attention forward does not call apply_rotary_pos_emb only ({', '.join(others) or 'no call'}): " \
+                     "stock RoPE"
+    rotary = _rotary_embedding(model)
+    if rotary is None:
+        return None, "no rotary embedding module found: stock RoPE"
+    buffers = list(rotary.buffers())
+    device = buffers[0].device if buffers else torch.device("cpu")
+    try:
+        x = torch.zeros(1, 1, device=device)
+        cos, _ = rotary(x, torch.arange(8, device=device)[None])
+    except Exception as exc:  # an unusual rotary signature: not worth a guess
+        return None, f"rotary embedding not callable as (x, position_ids) ({type(exc).__name__}): stock RoPE"
+    key = (mod.__name__, cos.shape[-1])
+    if key not in _CACHE:
+        _CACHE[key] = _probe(stock, rotary, cos.shape[-1], device)
+    found, why = _CACHE[key]
+    if found is None:
+        return None, why
+    label, fused, q_width = found
+    head_dim = getattr(attention_module, "head_dim", q_width)
+    if head_dim != q_width:  # the call shape proven would never occur: say so rather than claim the kernel
+        return None, f"partial rotary ({q_width} of head dim {head_dim}): stock RoPE"
+    _STOCK.setdefault(mod.__name__, stock)
+    _PROVEN[mod.__name__] = _call(_STOCK[mod.__name__], fused, q_width, cos.shape[-1], device.type)
+    return label, ""
+
+
+def _probe(stock, rotary, cos_width, device):
+    try:
+        candidates = _liger_candidates()
+    except Exception as exc:
+        return None, f"Liger's RoPE not importable ({type(exc).__name__}): stock RoPE"
+    reasons = []
+    for label, fused, width in candidates:
+        d = width(cos_width)
+        why = _equal(stock, fused, rotary, d, device)
+        if why is None:
+            return (label, fused, d), ""
+        reasons.append(f"{label}: {why}")
+    return None, "Liger's RoPE is not the family's (" + "; ".join(reasons) + "): stock RoPE"
+
+
+def _equal(stock, fused, rotary, head_dim, device) -> str | None:
+    g = torch.Generator(device=device).manual_seed(0)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            positions = torch.arange(3, 19, device=device)[None].expand(2, -1)
+            cos, sin = rotary(torch.zeros(1, 1, device=device, dtype=dtype), positions)
+            q = torch.randn(2, 16, 4, head_dim, device=device, generator=g).to(dtype).transpose(1, 2)  # as HF
+            k = torch.randn(2, 16, 2, head_dim, device=device, generator=g).to(dtype).transpose(1, 2)
+            inputs = [(q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()) for _ in range(2)]
+            ref = stock(*inputs[0], cos, sin)
+            out = fused(*(t.clone() for t in inputs[1]), cos, sin)  # Liger rotates in place: give it copies
+            for a, b in zip(out, ref):
+                if a.shape != b.shape or a.dtype != b.dtype or probe.rel_err(a, b) > probe.TOL[dtype]:
+                    return f"outputs differ ({dtype})"
+            weights = [torch.randn(t.shape, device=device, generator=g).to(dtype) for t in ref]
+            ga = torch.autograd.grad(sum((t * w).float().sum() for t, w in zip(ref, weights)), inputs[0])
+            gb = torch.autograd.grad(sum((t * w).float().sum() for t, w in zip(out, weights)), inputs[1])
+            if any(probe.rel_err(b, a) > probe.GRAD_TOL[dtype] for a, b in zip(ga, gb)):
+                return f"gradients differ ({dtype})"
+    except Exception as exc:  # a probe never takes the program down
+        return f"probe failed ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _call(stock, fused, q_width, cos_width, device_type):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if (not args and kwargs.get("unsqueeze_dim", 1) == 1 and q.dim() == 4 and q.shape[-1] == k.shape[-1] == q_width
+                and cos.shape[-1] == cos_width and q.device.type == device_type):
+            return fused(q, k, cos, sin)
+        return stock(q, k, cos, sin, *args, **kwargs)
+
+    return apply_rotary_pos_emb
+
+
+def _enter(module, args):
+    mod = sys.modules[type(module).__module__]
+    call = _PROVEN.get(mod.__name__)
+    if call is not None:  # (None in a process that unpickled the model without proving: stock RoPE)
+        mod.apply_rotary_pos_emb = call
+
+
+def _leave(module, args, output):
+    mod = sys.modules[type(module).__module__]
+    if mod.__name__ in _STOCK:
+        mod.apply_rotary_pos_emb = _STOCK[mod.__name__]
+
+
+def install(attention_module) -> list:
+    """Route this attention module's RoPE calls through the proven kernel; returns hook handles for undo."""
+    return [attention_module.register_forward_pre_hook(_enter),
+            attention_module.register_forward_hook(_leave, always_call=True)]
