@@ -156,6 +156,9 @@ def main():
         if model_type.startswith("fsdp:"):
             run_fsdp(model_type[5:])
             continue
+        if model_type.startswith("resume:"):
+            run_resume(model_type[7:], mesh, rank, size)
+            continue
         if model_type.startswith("fsdp_mp:"):
             run_fsdp_mixed_precision(model_type[8:])
             continue
@@ -289,6 +292,56 @@ def check_auto_at_first_forward(mesh, rank):
         check(dispatch.FirstForwardChoice(group, []).decide(torch.bfloat16) == "te_ep", "bf16 tokens refused")
     finally:
         te_ep.unavailable_reason = real
+
+
+def run_resume(model_type, mesh, rank, size):
+    """Resuming EP training from a DCP checkpoint (moe_patch.parallel.checkpoint), bare and under
+    fully_shard_moe: a run stopped after one step and resumed into a freshly built model and optimizer
+    continues exactly as the uninterrupted run (every parameter after the next step), and each rank gets its
+    own experts' optimizer states back."""
+    import torch.distributed.checkpoint as dcp
+
+    from moe_patch.parallel import checkpoint
+    from moe_patch.parallel.fsdp import fully_shard_moe
+
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(400 + rank)).to(DEVICE)
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+    for fsdp in (False, True):
+        def make(seed):
+            model = moe_patch.apply(build(model_type, seed=seed, dtype=DTYPE).to(DEVICE), mesh=mesh)
+            if fsdp:
+                fully_shard_moe(model, mesh)
+            return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+        def step(model, opt):
+            model(input_ids=ids, labels=ids).loss.backward()
+            if not fsdp:  # a bare loop averages the dense gradients itself (experts' are averaged by apply)
+                for n, p in model.named_parameters():
+                    if p.grad is not None and ".experts." not in n:
+                        dist.all_reduce(p.grad)
+                        p.grad /= size
+            opt.step()
+            opt.zero_grad()
+
+        a, opt_a = make(0)
+        step(a, opt_a)
+        path = [tempfile.mkdtemp() if rank == 0 else None]
+        dist.broadcast_object_list(path)
+        dcp.save(checkpoint.state_dict(a, opt_a), checkpoint_id=path[0])
+        saved = {n: {k: full(v).clone() for k, v in opt_a.state[p].items()} for n, p in a.named_parameters()}
+        step(a, opt_a)
+        b, opt_b = make(1)  # other initial weights: everything must come from the checkpoint
+        state = checkpoint.state_dict(b, opt_b)
+        dcp.load(state, checkpoint_id=path[0])
+        checkpoint.load_state_dict(b, opt_b, state)
+        for n, p in b.named_parameters():
+            for k, v in opt_b.state[p].items():
+                check(rel_err(full(v).float(), saved[n][k].float()) < 1e-6, f"resume: optimizer {k} of {n} (fsdp={fsdp})")
+        step(b, opt_b)
+        for (n, p), q in zip(a.named_parameters(), b.parameters()):
+            check(rel_err(full(q), full(p)) < TOL, f"resume: {n} differs from the uninterrupted run (fsdp={fsdp})")
+    if rank == 0:
+        print(f"ok resume {model_type} ep={size}", flush=True)
 
 
 def run_fsdp_mixed_precision(model_type):

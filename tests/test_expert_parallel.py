@@ -29,12 +29,12 @@ def torchrun(nproc, families, **env_extra):
 @pytest.mark.distributed
 def test_expert_parallel_2_ranks_every_family():
     torchrun(2, MOE_FAMILIES + ["fsdp:qwen3_moe", "fsdp:gpt_oss", "gc:mixtral", "gc:deepseek_v3", "ddp:qwen3_moe", "trainer:qwen3_moe",
-                         "fsdp_mp:qwen3_moe"])
+                         "fsdp_mp:qwen3_moe", "resume:qwen3_moe"])
 
 
 @pytest.mark.distributed
 def test_expert_parallel_4_ranks():
-    torchrun(4, ["qwen3_moe", "deepseek_v3", "gpt_oss", "fsdp:deepseek_v3", "ddp:gpt_oss"])
+    torchrun(4, ["qwen3_moe", "deepseek_v3", "gpt_oss", "fsdp:deepseek_v3", "ddp:gpt_oss", "resume:mixtral"])
 
 
 def _dispatcher_missing(name):

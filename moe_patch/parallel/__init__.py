@@ -1,8 +1,10 @@
 """Expert parallelism: shard experts over a DeviceMesh's `ep` dimension and move tokens between ranks.
 
 shard.py     validate the mesh, choose the dispatcher, keep this rank's experts (apply(model, mesh) calls it)
-dispatch.py  the all-to-all dispatcher (exact reference) and the choice among dispatchers
+dispatch.py  the all-to-all dispatcher (exact reference) and the choice among dispatchers (at apply(), or
+             at the first forward when only fp32 weights stand in te_ep's way)
 te_ep.py     TransformerEngine NCCL-EP fused dispatch;  deepep.py  DeepEP adapter (unverified)
 fsdp.py      fully_shard_moe: FSDP2 around an expert-parallel model
 clip.py      global-norm gradient clipping (bare, DDP, FSDP2);  trainer.py  Trainer checkpoint callback
+checkpoint.py  model + optimizer state for torch.distributed.checkpoint (resuming EP training)
 """

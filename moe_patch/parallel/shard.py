@@ -142,4 +142,12 @@ def _slice_on_load(module, state_dict, prefix, local_metadata, strict, missing, 
         key = prefix + name
         full = state_dict.get(key)
         if full is not None and full.shape[0] == module.num_global_experts != module.num_experts:
-            state_dict[key] = _block(full, rank, size)
+            block = _block(full, rank, size)
+            param = module._parameters[name]
+            if hasattr(param, "device_mesh") and not hasattr(block, "device_mesh"):
+                # under fully_shard_moe (e.g. torch's set_state_dict after a DCP load): FSDP2 copies into its
+                # DTensor, so the block takes the parameter's layout (each rank keeps its own data)
+                from torch.distributed.tensor import distribute_tensor
+
+                block = distribute_tensor(block.contiguous(), param.device_mesh, param.placements, src_data_rank=None)
+            state_dict[key] = block

@@ -1,0 +1,80 @@
+"""Resumable checkpoints (model and optimizer) of expert-parallel training with torch.distributed.checkpoint.
+
+    from moe_patch.parallel import checkpoint
+    dcp.save(checkpoint.state_dict(model, optimizer), checkpoint_id=path)          # every rank
+    ...                                                                            # later, same or new run:
+    state = checkpoint.state_dict(model, optimizer)    # the template: model / optimizer built as before
+    dcp.load(state, checkpoint_id=path)
+    checkpoint.load_state_dict(model, optimizer, state)
+
+torch's get_state_dict(model, optimizer) already gives the expert *weights* whole (moe_patch's state-dict
+hooks gather them over the ep ranks), but the optimizer's expert states stay per rank: under the same
+names every rank holds other experts' moments, and DCP, seeing one name with one shape, would save one
+rank's and hand them to every rank on load. Here they are gathered whole as well, so a checkpoint holds
+each expert once, like a stock model's, and load_state_dict() gives each rank its block back (as the
+DTensor FSDP2 expects under fully_shard_moe). Works bare, under DDP and under fully_shard_moe.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..errors import PatchError
+
+
+def _expert_states(model):
+    """{fqn: (module, group, rank, size)} of every expert-parallel parameter."""
+    record = getattr(model, "_moe_patch", None)
+    if record is None or not record.sharded:
+        raise PatchError("not an expert-parallel model: call moe_patch.apply(model, mesh=mesh) first")
+    paths = {id(m): path for path, m in model.named_modules()}
+    out = {}
+    for module in record.sharded:
+        group, rank, size, names = module._ep
+        for name in names:
+            out[f"{paths[id(module)]}.{name}"] = (module, group, rank, size)
+    return out
+
+
+def _gather(tensor, group, size):
+    local = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # fully_shard_moe: dp_shard
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def state_dict(model, optimizer) -> dict:
+    """{"model": ..., "optim": ...} for dcp.save / dcp.load: torch's get_state_dict with every expert
+    tensor (weights and optimizer states) whole. A collective: call it on every rank."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    experts = _expert_states(model)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    for fqn, (module, group, rank, size) in experts.items():
+        if fqn not in optim_sd["state"]:
+            continue
+        # a new dict: torch's optimizer state dict shares its per-parameter dicts with the optimizer itself
+        optim_sd["state"][fqn] = {
+            key: _gather(value, group, size)
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == module.num_experts else value
+            for key, value in optim_sd["state"][fqn].items()}
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def load_state_dict(model, optimizer, state: dict) -> None:
+    """Load what state_dict() gave (after dcp.load into it): each rank takes its experts' block."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.tensor import distribute_tensor
+
+    experts = _expert_states(model)
+    params = dict(model.named_parameters())
+    for fqn, (module, group, rank, size) in experts.items():
+        param = params[fqn]
+        for key, value in state["optim"]["state"].get(fqn, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == module.num_global_experts:
+                n = module.num_experts
+                block = value[rank * n:(rank + 1) * n].contiguous()
+                if hasattr(param, "device_mesh"):  # fully_shard_moe: the DTensor layout of the parameter
+                    block = distribute_tensor(block, param.device_mesh, param.placements, src_data_rank=None)
+                state["optim"]["state"][fqn][key] = block
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
