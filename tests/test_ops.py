@@ -126,6 +126,7 @@ def test_fused_rope_routing_is_per_model(monkeypatch):
     monkeypatch.setattr(rope, "_CACHE", {})
     monkeypatch.setattr(rope, "_PROVEN", {})
     monkeypatch.setattr(rope, "_STOCK", {})
+    monkeypatch.setattr(rope, "_SHAPES", {})
     monkeypatch.setattr(rope, "_liger_candidates", lambda: [("wrong rope", wrong, lambda w: w)])
     label, why = rope.prove(patched, attn[0])
     assert label is None and "not the family's" in why and "wrong rope" in why
@@ -150,6 +151,15 @@ def test_fused_rope_routing_is_per_model(monkeypatch):
         assert rel_err(out, ref) < 1e-5
         module = sys.modules[type(attn[0]).__module__]
         assert module.apply_rotary_pos_emb is rope._STOCK[module.__name__]  # put back after each forward
+        # a second model of the family with another head width: both call shapes are proven and used
+        other = moe_patch.apply(build("qwen3_moe", head_dim=8))
+        other_attn = [m for m in other.modules() if type(m).__name__.endswith("Attention")]
+        assert rope.prove(other, other_attn[0]) == ("spy rope", "")
+        handles += [h for m in other_attn for h in rope.install(m)]
+        calls.clear()
+        with torch.no_grad():
+            other(input_ids=ids), patched(input_ids=ids)
+        assert sorted(c[-1] for c in calls) == [8] * len(other_attn) + [16] * len(attn)
     finally:
         for h in handles:
             h.remove()

@@ -23,6 +23,7 @@ import torch
 from .. import probe
 
 _STOCK: dict = {}  # modeling module name -> its apply_rotary_pos_emb (what the hooks put back)
+_SHAPES: dict = {}  # modeling module name -> {(q head width, cos width, device type): fused kernel}
 _PROVEN: dict = {}  # modeling module name -> the function the hooks install during a patched forward
 _CACHE: dict = {}  # (modeling module name, cos width) -> (candidate or None, reason)
 
@@ -82,7 +83,9 @@ def prove(model, attention_module) -> tuple[str | None, str]:
     if head_dim != q_width:  # the call shape proven would never occur: say so rather than claim the kernel
         return None, f"partial rotary ({q_width} of head dim {head_dim}): stock RoPE"
     _STOCK.setdefault(mod.__name__, stock)
-    _PROVEN[mod.__name__] = _call(_STOCK[mod.__name__], fused, q_width, cos.shape[-1], device.type)
+    # every proven call shape of this family (two models of one family may differ in head or rotary width)
+    _SHAPES.setdefault(mod.__name__, {})[(q_width, cos.shape[-1], device.type)] = fused
+    _PROVEN.setdefault(mod.__name__, _call(_STOCK[mod.__name__], _SHAPES[mod.__name__]))
     return label, ""
 
 
@@ -125,10 +128,11 @@ def _equal(stock, fused, rotary, head_dim, device) -> str | None:
     return None
 
 
-def _call(stock, fused, q_width, cos_width, device_type):
+def _call(stock, shapes):
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if (not args and kwargs.get("unsqueeze_dim", 1) == 1 and q.dim() == 4 and q.shape[-1] == k.shape[-1] == q_width
-                and cos.shape[-1] == cos_width and q.device.type == device_type):
+        fused = shapes.get((q.shape[-1], cos.shape[-1], q.device.type))
+        if fused is not None and not args and kwargs.get("unsqueeze_dim", 1) == 1 and q.dim() == 4 \
+                and k.shape[-1] == q.shape[-1]:
             return fused(q, k, cos, sin)
         return stock(q, k, cos, sin, *args, **kwargs)
 
