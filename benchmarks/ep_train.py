@@ -222,11 +222,9 @@ def main():
                 if profile:
                     print(f"--- {variant}, {gpus} GPUs: GPU kernels of one step on rank 0\n{profile}", flush=True)
     print_tables(results, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), results=results), f, indent=1)
-    if args.png:
-        chart(results, args.png)
+    from steps import write_results
+
+    write_results(args, results, chart)
 
 
 def print_tables(results, args):

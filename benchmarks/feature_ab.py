@@ -10,7 +10,6 @@ warm-up). Random weights, bf16, fused AdamW; prints tokens/s, fwd / bwd ms and p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -59,7 +58,7 @@ def main():
 
     import moe_patch
     from moe_patch.shapes import named_config
-    from steps import timed_steps
+    from steps import timed_steps, write_results
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -86,9 +85,7 @@ def main():
         print(f"{r['variant']:<16} {r['tokens_per_s']:>9,.0f} tokens/s  fwd {r['fwd_ms']:6.1f} ms  "
               f"bwd {r['bwd_ms']:6.1f} ms  peak {r['peak_gib']:5.1f} GiB")
     print(f"gain: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s'] - 1:+.1%}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), results=rows), f, indent=1)
+    write_results(args, rows)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,17 @@ def profile_step(model, opt, ids, rows: int) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
 
 
+def write_results(args, results, chart=None):
+    """--json: the arguments and every result; --png (where the script draws one): its chart."""
+    import json
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), results=results), f, indent=1)
+    if chart is not None and getattr(args, "png", None):
+        chart(results, args.png)
+
+
 def bar_charts(path, labels, panels, title=None):
     """One PNG of bar panels over the same labels: panels = [(panel title, values), ...]."""
     try:

@@ -109,11 +109,9 @@ def main():
         if args.profile:
             print(f"--- {variant}: GPU kernels of one step\n" + out.stderr[-12000:])
     print_table(results, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), results=results), f, indent=1)
-    if args.png:
-        chart(results, args.png)
+    from steps import write_results
+
+    write_results(args, results, chart)
 
 
 def print_table(results, args):

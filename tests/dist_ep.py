@@ -152,24 +152,12 @@ def main():
         globals()["DEVICE"] = torch.device("cuda", torch.cuda.current_device())
     mesh = init_device_mesh(DEVICE.type, (size,), mesh_dim_names=("ep",))
     torch.manual_seed(0)
+    targets = dict(fsdp=run_fsdp, fsdp_mp=run_fsdp_mixed_precision, resume=run_resume, ddp=run_ddp,
+                   trainer=run_trainer, gc=run_checkpointed)
     for model_type in sys.argv[1:]:
-        if model_type.startswith("fsdp:"):
-            run_fsdp(model_type[5:])
-            continue
-        if model_type.startswith("resume:"):
-            run_resume(model_type[7:], mesh, rank, size)
-            continue
-        if model_type.startswith("fsdp_mp:"):
-            run_fsdp_mixed_precision(model_type[8:])
-            continue
-        if model_type.startswith("ddp:"):
-            run_ddp(model_type[4:], mesh, rank, size)
-            continue
-        if model_type.startswith("trainer:"):
-            run_trainer(model_type[8:], mesh, rank, size)
-            continue
-        if model_type.startswith("gc:"):
-            run_checkpointed(model_type[3:], mesh, rank, size)
+        kind, _, family = model_type.rpartition(":")  # "kind:family" targets print their own "ok" line
+        if kind:
+            targets[kind](family, mesh, rank, size)
             continue
         run_family(model_type, mesh, rank, size)
         if rank == 0:
@@ -344,7 +332,7 @@ def run_resume(model_type, mesh, rank, size):
         print(f"ok resume {model_type} ep={size}", flush=True)
 
 
-def run_fsdp_mixed_precision(model_type):
+def run_fsdp_mixed_precision(model_type, mesh, rank, size):
     """The usual FSDP2 recipe: fp32 master weights, bf16 compute (MixedPrecisionPolicy), against the fp32
     stock model (bf16 tolerance). Where te_ep can run, "auto" decides at the first forward and takes it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -352,8 +340,6 @@ def run_fsdp_mixed_precision(model_type):
     from moe_patch.parallel.dispatch import DeferredDispatcher
     from moe_patch.parallel.fsdp import fully_shard_moe
 
-    rank, size = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh(DEVICE.type, (size,), mesh_dim_names=("ep",))
     stock = build(model_type, dtype=torch.float32).to(DEVICE)
     patched = copy.deepcopy(stock)
     moe_patch.apply(patched, mesh=mesh, dispatcher=DISPATCHER)
@@ -478,12 +464,10 @@ def run_checkpointed(model_type, mesh, rank, size):
         print(f"ok gc {model_type} ep={size}", flush=True)
 
 
-def run_fsdp(model_type):
+def run_fsdp(model_type, mesh, rank, size):
     """EP + FSDP2: every gradient equals the stock gradient of the mean of the per-rank losses."""
     from moe_patch.parallel.fsdp import fully_shard_moe
 
-    rank, size = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh(DEVICE.type, (size,), mesh_dim_names=("ep",))
     stock = build(model_type, dtype=DTYPE).to(DEVICE)
     patched = copy.deepcopy(stock)
     moe_patch.apply(patched, mesh=mesh, dispatcher=DISPATCHER)

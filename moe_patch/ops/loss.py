@@ -34,6 +34,8 @@ CHUNK_BYTES = 1 << 30
 def chunk_rows(vocab: int, itemsize: int) -> int:
     rows = max(1, CHUNK_BYTES // (vocab * itemsize))
     return rows - rows % 256 if rows >= 256 else rows  # whole GEMM tiles
+
+
 # config attributes that transform logits after lm_head: the fused path would skip them
 LOGIT_TRANSFORMS = ("logits_scaling", "final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
@@ -74,7 +76,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum of token cross-entropies of (hidden @ weight.T + bias), chunk by chunk of rows.
 
     Like Liger's kernel, the gradients are computed during the forward (each chunk's logits exist only
-    once, briefly) and the backward only scales them; unlike it, the chunks are large (CHUNK_ROWS rows),
+    once, briefly) and the backward only scales them; unlike it, the chunks are large (chunk_rows()),
     so the weight gradient is accumulated a handful of times instead of once per small chunk. Logits are
     computed in the input dtype and the softmax in fp32, as Transformers' ForCausalLMLoss does. The weight
     gradient accumulates in place in the weight's dtype (the GEMM itself accumulates in fp32), as Liger's

@@ -17,9 +17,9 @@ DTensor FSDP2 expects under fully_shard_moe). Works bare, under DDP and under fu
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from ..errors import PatchError
+from .shard import gather_experts, local_experts
 
 
 def _expert_states(model):
@@ -36,13 +36,6 @@ def _expert_states(model):
     return out
 
 
-def _gather(tensor, group, size):
-    local = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # fully_shard_moe: dp_shard
-    parts = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts)
-
-
 def state_dict(model, optimizer) -> dict:
     """{"model": ..., "optim": ...} for dcp.save / dcp.load: torch's get_state_dict with every expert
     tensor (weights and optimizer states) whole. A collective: call it on every rank."""
@@ -55,7 +48,7 @@ def state_dict(model, optimizer) -> dict:
             continue
         # a new dict: torch's optimizer state dict shares its per-parameter dicts with the optimizer itself
         optim_sd["state"][fqn] = {
-            key: _gather(value, group, size)
+            key: gather_experts(value, group, size)
             if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == module.num_experts else value
             for key, value in optim_sd["state"][fqn].items()}
     return {"model": model_sd, "optim": optim_sd}
@@ -64,17 +57,10 @@ def state_dict(model, optimizer) -> dict:
 def load_state_dict(model, optimizer, state: dict) -> None:
     """Load what state_dict() gave (after dcp.load into it): each rank takes its experts' block."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
-    from torch.distributed.tensor import distribute_tensor
 
-    experts = _expert_states(model)
     params = dict(model.named_parameters())
-    for fqn, (module, group, rank, size) in experts.items():
-        param = params[fqn]
+    for fqn, (module, group, rank, size) in _expert_states(model).items():
         for key, value in state["optim"]["state"].get(fqn, {}).items():
             if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == module.num_global_experts:
-                n = module.num_experts
-                block = value[rank * n:(rank + 1) * n].contiguous()
-                if hasattr(param, "device_mesh"):  # fully_shard_moe: the DTensor layout of the parameter
-                    block = distribute_tensor(block, param.device_mesh, param.placements, src_data_rank=None)
-                state["optim"]["state"][fqn][key] = block
+                state["optim"]["state"][fqn][key] = local_experts(value, params[fqn], rank, size)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -123,16 +123,31 @@ def _ignore_in_ddp(model, blocks):
     model._ddp_params_and_buffers_to_ignore = sorted(set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | names)
 
 
+def gather_experts(local, group, size):
+    """All ranks' expert blocks of one tensor (this rank's `local`, a DTensor under fully_shard_moe) as one
+    whole [experts, ...] tensor, in rank order. A collective over the ep group."""
+    if hasattr(local, "full_tensor"):  # under fully_shard_moe: this rank's experts, sharded over dp_shard
+        local = local.full_tensor()
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def local_experts(full, param, rank, size):
+    """This rank's block of a whole [experts, ...] tensor, in the layout of `param`: a plain tensor, or under
+    fully_shard_moe a DTensor like the parameter (FSDP2 copies into DTensors; each rank keeps its own data)."""
+    block = _block(full, rank, size).contiguous()
+    if hasattr(param, "device_mesh") and not hasattr(block, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        block = distribute_tensor(block, param.device_mesh, param.placements, src_data_rank=None)
+    return block
+
+
 def _gather_on_save(module, state_dict, prefix, local_metadata):
     group, rank, size, names = module._ep
     for name in names:
-        key = prefix + name
-        local = state_dict[key]
-        if hasattr(local, "full_tensor"):  # under fully_shard_moe: this rank's experts, sharded over dp_shard
-            local = local.full_tensor()
-        parts = [torch.empty_like(local) for _ in range(size)]
-        dist.all_gather(parts, local.contiguous(), group=group)
-        state_dict[key] = torch.cat(parts)
+        state_dict[prefix + name] = gather_experts(state_dict[prefix + name], group, size)
     return state_dict
 
 
@@ -142,12 +157,5 @@ def _slice_on_load(module, state_dict, prefix, local_metadata, strict, missing, 
         key = prefix + name
         full = state_dict.get(key)
         if full is not None and full.shape[0] == module.num_global_experts != module.num_experts:
-            block = _block(full, rank, size)
-            param = module._parameters[name]
-            if hasattr(param, "device_mesh") and not hasattr(block, "device_mesh"):
-                # under fully_shard_moe (e.g. torch's set_state_dict after a DCP load): FSDP2 copies into its
-                # DTensor, so the block takes the parameter's layout (each rank keeps its own data)
-                from torch.distributed.tensor import distribute_tensor
-
-                block = distribute_tensor(block.contiguous(), param.device_mesh, param.placements, src_data_rank=None)
-            state_dict[key] = block
+            # e.g. torch's set_state_dict after a DCP load under fully_shard_moe: the parameter's DTensor layout
+            state_dict[key] = local_experts(full, module._parameters[name], rank, size)
