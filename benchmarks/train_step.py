@@ -9,6 +9,9 @@ Variants: stock | patched (moe_patch.apply, backend auto) | patched-torch (backe
 patched-noloss (backend auto, loss=False: the stock lm_head + cross-entropy) |
 patched-torchloss (backend auto, the loss on moe_patch's chunked torch kernel, as auto picks on GPU) |
 patched-ligerloss (backend auto, but the loss on Liger's fused linear cross-entropy) |
+patched-telinear (backend auto, but the linear layers on TE's bf16 te.Linear) |
+patched-torchrouter (backend auto, but the routers on moe_patch's torch router instead of TE's fused one) |
+patched-compiledce (backend auto, but the chunked loss's softmax-gradient step torch.compile'd, not Liger's kernel) |
 patched-fp8-delayed / patched-fp8-current (backend auto, linear layers on TE in FP8 with that recipe) |
 patched-eager (MOE_PATCH_COMPILE=0: moe_patch's compiled helper, the chunked torch loss's softmax-gradient
 step, runs eagerly).
@@ -60,9 +63,12 @@ def child(args) -> dict:
         import moe_patch
 
         backend = {"patched-torch": "torch", "patched-torchloss": {"loss": "torch"},
-                   "patched-ligerloss": {"loss": "liger"}}.get(args.child, "auto")
+                   "patched-ligerloss": {"loss": "liger"}, "patched-telinear": {"linear": "te"},
+                   "patched-torchrouter": {"router": "torch"}}.get(args.child, "auto")
         fp8 = args.child.split("patched-fp8-")[1] if args.child.startswith("patched-fp8-") else None
         moe_patch.apply(model, backend=backend, loss=args.child != "patched-noloss", fp8=fp8)
+        if args.child == "patched-compiledce":
+            model.forward.step = "compiled"
         info["report"] = moe_patch.report(model).summary()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)

@@ -19,13 +19,14 @@ KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss")
 
 # Which kinds each backend implements today. torch implements every kind (for "linear" that means
 # keeping nn.Linear, which already is cuBLAS on GPU). te: experts with TE's fused permute / unpermute,
-# te.Linear (bf16 or FP8) and te.RMSNorm. liger: RMSNorm, the fused loss, and for attention its fused
-# RoPE inside moe_patch's SDPA attention (where proven equal to the family's RoPE). A backend missing here for a kind is skipped by
-# "auto" with a reason, and is an error when asked for by name.
+# te.Linear (bf16 or FP8; "auto" takes it only under fp8=), te.RMSNorm and TE's fused router. liger:
+# RMSNorm, the fused loss, and for attention its fused RoPE inside moe_patch's SDPA attention (where proven
+# equal to the family's RoPE). A backend missing here for a kind is skipped by "auto" with a reason, and is
+# an error when asked for by name.
 IMPLEMENTED = {
     "torch": frozenset(KINDS),
     "liger": frozenset({"rmsnorm", "loss", "attention"}),
-    "te": frozenset({"experts", "linear", "rmsnorm"}),
+    "te": frozenset({"experts", "linear", "rmsnorm", "router"}),
 }
 # "auto" tries these in order (those implementing the kind); measured on H200 (CHANGELOG.md): Liger's
 # RMSNorm beats TE's and ours, TE's fused permute beats torch's sort for experts, and moe_patch's chunked

@@ -39,6 +39,7 @@ class Action:
     attention_impl: str | None = None  # attention: the implementation it had
     rope: bool = False  # attention: RoPE calls go to the proven fused kernel (ops/rope.py)
     loss_backend: str | None = None  # loss: the root model's forward gets the fused loss
+    loss_step: str = "compiled"  # loss, chunked: the kernel of each chunk's softmax gradient (ops/loss.py STEPS)
 
 
 @dataclass
@@ -140,11 +141,20 @@ def _propose_router(module, backend, opts):
     spec = tables().router.get(name)
     if spec is None:
         return None, "", f"no router spec for {name} in patches/: stock router kept"
+    key = repr(sorted(spec.items()))
+    why_not_te = ""
+    if backend == "te":  # TE's fused kernel, proven on the GPU against the family's router
+        why = probe.proven_equal(module, lambda m: router.TERouter.build(m, spec), module.weight.shape[1],
+                                 ("te router", key), device=_device(module), canon=router.canonical,
+                                 rows=router.untied_rows)
+        if why is None:
+            return (lambda m: router.TERouter.build(m, spec)), f"TERouter({spec['score']}, fused)", ""
+        why_not_te = f"TE fused router not proven equal: {why}"
     why = probe.proven_equal(module, lambda m: router.TopKRouter.build(m, spec), module.weight.shape[1],
-                             ("router", repr(sorted(spec.items()))))
+                             ("router", key), canon=router.canonical)
     if why is not None:
-        return None, "", f"router spec not proven equal: {why}"
-    return (lambda m: router.TopKRouter.build(m, spec)), f"TopKRouter({spec['score']})", ""
+        return None, "", "; ".join(r for r in (why_not_te, f"router spec not proven equal: {why}") if r)
+    return (lambda m: router.TopKRouter.build(m, spec)), f"TopKRouter({spec['score']})", why_not_te
 
 
 def _propose_experts(module, backend, opts):
@@ -184,9 +194,13 @@ def _propose_experts(module, backend, opts):
 def _propose_linear(module, backend, opts):
     if backend != "te":
         return None, "", "torch backend keeps nn.Linear (cuBLAS already)"
+    fp8 = opts.fp8
+    if fp8 is None and backends.for_kind(opts.backend, "linear") == "auto":
+        # measured on H200 (CHANGELOG 0.4.0): TE's bf16 Linear is slower than nn.Linear's cuBLAS call at the
+        # attention projections (0.93x, q_proj of the Qwen3-30B-A3B shape); TE pays off with FP8 only
+        return None, "", "auto keeps nn.Linear in bf16 (TE's bf16 Linear measured slower); TE runs linear under fp8="
     from .ops import te as te_ops  # lazy: only reached with TE usable on a GPU
 
-    fp8 = opts.fp8
     if fp8 and (module.in_features % 16 or module.out_features % 16):
         return (lambda m: te_ops.TELinear.build(m)), "TELinear(bf16)", \
             "fp8 needs both dimensions divisible by 16: runs in bf16"
@@ -217,10 +231,17 @@ def _plan_loss(model, opts, plan) -> None:
         return
     device = _device(model.lm_head)
     backend, fallback_reason = backends.choose(backends.for_kind(opts.backend, "loss"), "loss", device)
-    row.replacement = "FusedLinearCrossEntropy(" + ("liger" if backend == "liger" else "torch, chunked") + ")"
-    row.backend = backend
+    step, label = "compiled", "liger" if backend == "liger" else "torch, chunked"
+    if backend == "torch" and device.type == "cuda" and backends.capabilities().liger:
+        # each chunk's softmax gradient in Liger's cross-entropy kernel, where proven equal on this GPU
+        why = loss.liger_step_unproven(device)
+        if why is None:
+            step, label = "liger", "torch, chunked, liger CE kernel"
+        else:
+            fallback_reason = "; ".join(r for r in (fallback_reason, why) if r)
+    row.replacement, row.backend = f"FusedLinearCrossEntropy({label})", backend
     row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")
-    plan.actions.append(Action(row, model, loss_backend=backend))
+    plan.actions.append(Action(row, model, loss_backend=backend, loss_step=step))
 
 
 def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:

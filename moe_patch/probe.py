@@ -23,14 +23,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _fresh_copy(module: nn.Module, dtype) -> nn.Module:
+def _fresh_copy(module: nn.Module, dtype, device="cpu") -> nn.Module:
     clone = copy.deepcopy(module).to_empty(device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for t in list(clone.parameters()) + list(clone.buffers()):
             if t.is_floating_point():
                 t.copy_(torch.randn(t.shape, generator=g) * 0.5 + 0.1)
-    return clone.to(dtype)
+    return clone.to(device=device, dtype=dtype)
 
 
 def _outputs(result):
@@ -45,19 +45,31 @@ def single_input(module: nn.Module) -> bool:
     return len(required) == 1 and len(extra) == 1
 
 
-def proven_equal(module: nn.Module, factory, in_features: int, key) -> str | None:
-    """None if factory(copy) matches copy on random inputs, else the reason it does not."""
-    cache_key = (type(module), key)
+def proven_equal(module: nn.Module, factory, in_features: int, key, device="cpu", canon=None,
+                 rows=None) -> str | None:
+    """None if factory(copy) matches copy on random inputs, else the reason it does not. GPU kernels are
+    proven on `device`; `canon` maps both output lists to a canonical form first (e.g. router pairs);
+    `rows(copy, x)` keeps the input rows on which the result is unique (a router's top-k without a tie)."""
+    cache_key = (type(module), key, str(device))
     if cache_key in _CACHE:
         return _CACHE[cache_key]
     reason = None
     try:
         for dtype in (torch.float32, torch.bfloat16):
-            stock = _fresh_copy(module, dtype)
+            stock = _fresh_copy(module, dtype, device)
             new = factory(stock)  # adopts the copy's weights: same weights on both sides
-            x = torch.randn(10, in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
+            x = torch.randn(64 if rows else 10, in_features, generator=torch.Generator().manual_seed(1))
+            x = x.to(device, dtype)
+            if rows is not None:
+                with torch.no_grad():
+                    x = x[rows(stock, x)][:10]
+                if len(x) < 10:
+                    reason = f"too few probe rows with a unique result ({len(x)} of 64, {dtype})"
+                    break
             x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
             a, b = _outputs(stock(x1)), _outputs(new(x2))
+            if canon is not None and len(a) == len(b):
+                a, b = canon(a), canon(b)
             if len(a) != len(b) or any(p.dtype != q.dtype or p.shape != q.shape for p, q in zip(a, b)):
                 reason = f"outputs differ in number, dtype or shape ({dtype})"
                 break

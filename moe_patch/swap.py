@@ -38,7 +38,8 @@ def swap(model, plan, built, record: Record) -> None:
             cfg._attn_implementation = attention_op.NAME
     for action in plan.actions:
         if action.loss_backend is not None:
-            model.forward = loss_op.FusedLossForward(model, action.loss_backend)  # instance attribute
+            # an instance attribute: the class keeps its forward
+            model.forward = loss_op.FusedLossForward(model, action.loss_backend, action.loss_step)
             record.forward_replaced = True
 
 

@@ -32,12 +32,14 @@ def record_inputs(model, paths, **forward_kwargs) -> dict:
     return captured
 
 
-def run_module(module, args, kwargs, grad_seed=0):
-    """Forward + backward with fixed random output gradients; returns (outputs, input grads, param grads)."""
+def run_module(module, args, kwargs, grad_seed=0, canon=None):
+    """Forward + backward with fixed random output gradients; returns (outputs, input grads, param grads).
+    `canon` puts the outputs in a canonical form first (a router's (expert, weight) pairs in expert order)."""
     module.zero_grad(set_to_none=True)
     leaves = [a.detach().clone().requires_grad_(a.is_floating_point()) if torch.is_tensor(a) else a for a in args]
     out = module(*leaves, **kwargs)
-    outs = [t for t in tensors(out) if t.is_floating_point()]
+    outs = tensors(out)
+    outs = [t for t in (canon(outs) if canon is not None else outs) if t.is_floating_point()]
     g = torch.Generator(device=outs[0].device).manual_seed(grad_seed)
     with_grad = [t for t in outs if t.requires_grad]
     if with_grad:

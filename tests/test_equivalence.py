@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import moe_patch
-from util import FAMILIES, inputs, rel_err, run, stock_and_patched
+from util import FAMILIES, build, inputs, rel_err, run, stock_and_patched
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -96,3 +96,30 @@ def test_undecorated_experts_declared_in_a_family_file(monkeypatch):
     assert moe_patch.report(model).where(kind="experts")[0].status == "patched"
     assert type(model[0]).__name__ == "GroupedExperts[MyExperts]"
     assert rel_err(model[0](x, idx, w), ref) < 1e-5
+
+
+def test_router_probe_allows_other_tie_breaks_only():
+    """A router kernel may break a tie at the k-th logit its own way (both experts are right answers) and
+    order each token's k pairs its own way: the probe checks it on tie-free rows, pairs in expert order.
+    A router with different arithmetic (no renormalisation) is still refused."""
+    from moe_patch import probe
+    from moe_patch.ops import router
+
+    stock = build("qwen3_moe").model.layers[0].mlp.gate
+    spec = dict(score="softmax", renorm="norm_topk_prob")
+
+    class OtherOrder(router.TopKRouter):  # prefers the higher expert index on ties, returns pairs reversed
+        def route(self, logits):
+            nudge = torch.arange(logits.shape[-1], dtype=logits.dtype) * 1e-30
+            weights, idx = router.topk_route(logits.float() + nudge, self.spec, top_k=self.top_k, renorm=True)
+            weights = torch.softmax(logits.float(), -1).gather(1, idx)
+            return (weights / weights.sum(-1, keepdim=True)).flip(-1), idx.flip(-1)
+
+    width = stock.weight.shape[1]
+    assert probe.proven_equal(stock, lambda m: OtherOrder.build(m, spec), width, "other order",
+                              canon=router.canonical, rows=router.untied_rows) is None
+    assert probe.proven_equal(stock, lambda m: OtherOrder.build(m, spec), width, "other order, raw") is not None
+    unnormalised = dict(spec, renorm=False)
+    why = probe.proven_equal(stock, lambda m: router.TopKRouter.build(m, unnormalised), width, "no renorm",
+                             canon=router.canonical, rows=router.untied_rows)
+    assert why is not None and "rel. error" in why

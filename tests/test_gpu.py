@@ -8,11 +8,19 @@ import pytest
 import torch
 
 import moe_patch
+from moe_patch.ops.router import canonical, untied_rows
 from moe_patch.verify import record_inputs, run_module
 from util import FAMILIES, build, rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def untied(router, hidden):
+    """The hidden states on which the router's top-k is unique (no tie at the k-th logit)."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    with torch.no_grad():
+        return hidden[untied_rows(router, hidden)]
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "te", "liger"])
@@ -29,8 +37,11 @@ def test_bf16_replacements_match_stock(model_type, backend):
         if r.path not in captured:
             continue  # a module this forward did not reach
         args, kwargs = captured[r.path]
-        out_s, in_s, par_s = run_module(s_mods[r.path], args, kwargs)
-        out_p, in_p, par_p = run_module(p_mods[r.path], args, kwargs)
+        canon = None
+        if r.kind == "router":  # TE's kernel orders each token's k pairs its own way, and breaks ties its own way
+            canon, args = canonical, (untied(s_mods[r.path], args[0]),) + tuple(args[1:])
+        out_s, in_s, par_s = run_module(s_mods[r.path], args, kwargs, canon=canon)
+        out_p, in_p, par_p = run_module(p_mods[r.path], args, kwargs, canon=canon)
         for a, b in zip(out_p, out_s):
             assert rel_err(a, b) < 2e-2, (r.path, "output")
         for a, b in zip(in_p, in_s):
@@ -58,6 +69,38 @@ def test_gpu_backends_reported():
     assert "cudnn" in attn.replacement
     if capabilities().liger:  # Qwen3's RoPE is the standard one: Liger's fused kernel, proven at apply()
         assert attn.backend == "liger" and attn.replacement.endswith("+ liger rope"), attn
+    route = rows.where(kind="router")[0]
+    if capabilities().te:  # TE's fused router kernel, proven at apply() against Qwen3's router on the GPU
+        assert route.status == "patched" and route.replacement.startswith("TERouter"), route
+        # bf16 linear layers stay nn.Linear under auto (TE's bf16 Linear measured slower); fp8= takes TE
+        assert all(r.status == "skipped" and "measured slower" in r.reason for r in rows.where(kind="linear"))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "deepseek_v3", "qwen2_moe"])
+def test_te_router_where_proven(model_type):
+    """TE's fused router replaces the family's router where the probe proved it equal (softmax with and
+    without renormalisation, Mixtral's fp32 weights, DeepSeek's grouped sigmoid with correction bias and
+    scaling); the replacement matches the stock router on real hidden states: (expert, weight) pairs,
+    logits and gradients, bf16."""
+    from moe_patch.backends import capabilities
+
+    if not capabilities().te:
+        pytest.skip("TransformerEngine not installed")
+    stock = build(model_type, dtype=torch.bfloat16).cuda()
+    patched = moe_patch.apply(copy.deepcopy(stock), backend="te")
+    row = moe_patch.report(patched).where(kind="router")[0]
+    assert row.status == "patched" and row.replacement.startswith("TERouter"), row
+    hidden = torch.randn(512, stock.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    hidden = untied(stock.get_submodule(row.path), hidden)  # bf16 logits tie often: either expert is right
+    assert len(hidden) > 256
+    out_s, in_s, par_s = run_module(stock.get_submodule(row.path), (hidden,), {}, canon=canonical)
+    out_p, in_p, par_p = run_module(patched.get_submodule(row.path), (hidden,), {}, canon=canonical)
+    idx_s = canonical(list(stock.get_submodule(row.path)(hidden)))[2]
+    idx_p = canonical(list(patched.get_submodule(row.path)(hidden)))[2]
+    assert torch.equal(idx_s, idx_p)
+    for a, b in zip(out_p + in_p, out_s + in_s):
+        assert rel_err(a, b) < 2e-2
+    assert all(rel_err(par_p[n], g) < 2e-2 for n, g in par_s.items())
 
 
 @pytest.mark.parametrize("model_type,fused", [("qwen3_moe", True), ("mixtral", True), ("deepseek_v3", True),

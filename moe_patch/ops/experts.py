@@ -57,8 +57,22 @@ class Dispatched:
 
     x: torch.Tensor  # [S, hidden] rows grouped by expert
     counts: torch.Tensor  # [local experts] rows per expert
-    expert_ids: torch.Tensor  # [S] local expert of each row (for biases)
     state: object  # dispatcher-private
+
+    def expert_ids(self) -> torch.Tensor:
+        """[S] local expert of each row (only biased experts need it; output_size: no host sync)."""
+        experts = torch.arange(self.counts.shape[0], device=self.counts.device)
+        return torch.repeat_interleave(experts, self.counts, output_size=self.x.shape[0])
+
+
+def expert_counts(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows per expert, on the device without a host sync (torch.bincount reads its max on the host:
+    one sync per MoE layer, which drains the GPU queue)."""
+    flat = top_k_index.reshape(-1)
+    if torch.are_deterministic_algorithms_enabled():  # index_add_ is flagged (atomics), bincount is not
+        return torch.bincount(flat, minlength=num_experts)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int64))
 
 
 class LocalDispatcher:
@@ -70,9 +84,9 @@ class LocalDispatcher:
         num_tokens, top_k = top_k_index.shape
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=num_experts)
         weights = top_k_weights.reshape(-1)[order]
-        return Dispatched(hidden[order // top_k], counts, flat[order], (order, weights, num_tokens, top_k))
+        counts = expert_counts(flat, num_experts)
+        return Dispatched(hidden[order // top_k], counts, (order, weights, num_tokens, top_k))
 
     def combine(self, out: torch.Tensor, d: Dispatched, hidden_dtype) -> torch.Tensor:
         order, weights, num_tokens, top_k = d.state
@@ -107,9 +121,11 @@ class GroupedExperts(Replacement):
         else:
             self.dispatcher = LocalDispatcher()
 
-    def compute(self, x, counts, expert_ids):
+    def compute(self, d: Dispatched):
         """Grouped expert MLP over rows already grouped by local expert."""
-        offs = torch.cumsum(counts, 0).to(torch.int32)
+        x = d.x
+        offs = torch.cumsum(d.counts, 0).to(torch.int32)
+        expert_ids = d.expert_ids() if self.has_bias else None
         bias = (lambda name: getattr(self, name + "_bias")[expert_ids]) if self.has_bias else (lambda name: None)
         h = grouped_linear(x, getattr(self, self.up_name), offs, bias(self.up_name), self.is_transposed)
         # TE's fused SwiGLU where it was proven to be the family's gate, else the family's own gate (or
@@ -127,7 +143,7 @@ class GroupedExperts(Replacement):
         top_k_index = aliases.pop("router_indices", top_k_index)
         top_k_weights = aliases.pop("routing_weights", top_k_weights)
         d = self.dispatcher.dispatch(hidden_states, top_k_index, top_k_weights, self.num_global_experts)
-        out = self.compute(d.x, d.counts, d.expert_ids)
+        out = self.compute(d)
         return self.dispatcher.combine(out, d, hidden_states.dtype)
 
     def extra_repr(self) -> str:

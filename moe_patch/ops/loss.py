@@ -5,7 +5,8 @@ When the model is training and `labels` are given, the wrapper runs the stock fo
 and logits_to_keep=1 (so the stock lm_head sees one position), captures the decoder's last hidden state,
 and computes the loss straight from hidden states and lm_head's weight:
   torch backend: large chunks of rows (about 1 GiB of logits each), gradients computed in the forward
-    (_ChunkedLinearCrossEntropy);
+    (_ChunkedLinearCrossEntropy); each chunk's softmax gradient is a torch.compile'd function, or on a GPU
+    with Liger-Kernel installed Liger's cross-entropy kernel, once proven equal to it there;
   liger backend: Liger-Kernel's fused linear cross-entropy (Triton; small chunks, so its weight-gradient
   accumulation dominates at large vocabularies).
 Both follow Transformers' ForCausalLMLoss exactly: labels shifted by one, ignore_index -100, logits
@@ -72,6 +73,64 @@ def _ce_and_grad(logits, labels):
     return loss, grad.to(logits.dtype)
 
 
+def _compiled_step(logits, labels):
+    return compiled.run(_ce_and_grad, logits, labels)
+
+
+def _liger_step(logits, labels):
+    """_ce_and_grad in Liger-Kernel's cross-entropy kernel: one program per row, an online softmax in fp32
+    (one read of the row) and the gradient written over the logits (no second [rows, vocab] buffer). Its
+    launch is fixed, where inductor's autotuned reduction for _ce_and_grad measured 1.6 to 2.9 ms per 1 GiB
+    chunk on H200 from one run to the next (CHANGELOG 0.4.0). Per-row losses are kept in fp32."""
+    import triton
+    from liger_kernel.ops.cross_entropy import MAX_FUSED_SIZE, liger_cross_entropy_kernel
+
+    rows, vocab = logits.shape
+    losses = torch.zeros(rows, dtype=torch.float32, device=logits.device)
+    liger_cross_entropy_kernel[(rows,)](
+        X_ptr=logits, X_stride=logits.stride(-2), Y_ptr=labels, Y_stride=labels.stride(-1), weight_ptr=None,
+        loss_ptr=losses, z_loss_ptr=None, loss_stride=losses.stride(-1), token_accuracy_ptr=None,
+        token_accuracy_stride=0, predicted_tokens_ptr=None, predicted_tokens_stride=0, n_cols=vocab,
+        n_non_ignore=1, sum_non_ignore_weight=1, weight_sum=0.0, ignore_index=IGNORE, lse_square_scale=0.0,
+        label_smoothing=0.0, reduction="sum", softcap=None, RETURN_Z_LOSS=False, RETURN_TOKEN_ACCURACY=False,
+        RETURN_PREDICTED_TOKENS=False, BLOCK_SIZE=min(MAX_FUSED_SIZE, triton.next_power_of_2(vocab)),
+        HAS_WEIGHT=False, HAS_SOFTCAPPING=False, HAS_GRADIENTS=True, num_warps=32)
+    return losses.sum(), logits
+
+
+STEPS = {"compiled": _compiled_step, "liger": _liger_step}
+_PROVEN: dict = {}
+
+
+def liger_step_unproven(device: torch.device) -> str | None:
+    """None if Liger's kernel gives _ce_and_grad's loss and logits gradient on `device` (fp32 and bf16, rows
+    ignored or not, a vocabulary over one kernel block), else why not: the kernel's arguments are Liger's
+    internals and may change between its versions, so it is proven before use, once per process."""
+    key = str(device)
+    if key not in _PROVEN:
+        _PROVEN[key] = _prove_liger_step(device)
+    return _PROVEN[key]
+
+
+def _prove_liger_step(device):
+    from .. import probe
+
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = (torch.randn(48, 40_000, device=device, generator=g) * 3).to(dtype)
+            labels = torch.randint(0, 40_000, (48,), device=device, generator=g)
+            labels[::5] = IGNORE
+            ref_loss, ref_grad = _ce_and_grad(logits.clone(), labels)
+            loss, grad = _liger_step(logits.clone(), labels)
+            errs = (probe.rel_err(loss, ref_loss), probe.rel_err(grad, ref_grad))
+            if grad.dtype != ref_grad.dtype or errs[0] > probe.TOL[dtype] or errs[1] > probe.GRAD_TOL[dtype]:
+                return f"Liger's cross-entropy kernel differs (loss {errs[0]:.1e}, gradient {errs[1]:.1e}, {dtype})"
+    except Exception as exc:  # a probe never takes the program down: the compiled step stays
+        return f"Liger's cross-entropy kernel failed: {type(exc).__name__}: {exc}"
+    return None
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum of token cross-entropies of (hidden @ weight.T + bias), chunk by chunk of rows.
 
@@ -84,27 +143,31 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels):
+    def forward(ctx, hidden, weight, bias, labels, ce_step):
         needs = ctx.needs_input_grad
         grad_hidden = torch.empty_like(hidden) if needs[0] else None
-        grad_weight = torch.zeros_like(weight) if needs[1] else None
+        grad_weight = None  # the first chunk's product starts it (no memset of a [vocab, hidden] tensor)
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and needs[2] \
             else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         step = chunk_rows(weight.shape[0], hidden.element_size())
         for start in range(0, hidden.shape[0], step):
             h, y = hidden[start:start + step], labels[start:start + step]
-            loss, grad = compiled.run(_ce_and_grad, F.linear(h, weight, bias), y)
+            loss, grad = ce_step(F.linear(h, weight, bias), y)
             total += loss
             if grad_hidden is not None:
                 grad_hidden[start:start + step] = grad @ weight
-            if grad_weight is not None:
-                if grad_weight.dtype == grad.dtype == h.dtype:
+            if needs[1]:
+                if grad_weight is None:
+                    grad_weight = (grad.t() @ h).to(weight.dtype)
+                elif grad_weight.dtype == grad.dtype == h.dtype:
                     grad_weight.addmm_(grad.t(), h)  # in place: no [vocab, hidden] temporary
                 else:  # mixed dtypes (autocast over fp32 weights): matmul in the autocast dtype
                     grad_weight += grad.t() @ h
             if grad_bias is not None:
                 grad_bias += grad.float().sum(0)
+        if needs[1] and grad_weight is None:  # no rows at all
+            grad_weight = torch.zeros_like(weight)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total
@@ -116,25 +179,25 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (grad_hidden * grad_out.to(grad_hidden.dtype) if grad_hidden is not None else None,
                 (grad_weight * grad_out).to(w_dtype) if grad_weight is not None else None,
                 (grad_bias * grad_out).to(b_dtype) if grad_bias is not None else None,
-                None)
+                None, None)
 
 
-def _torch_sum(hidden, weight, bias, labels):
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels)
+def _chunked_sum(hidden, weight, bias, labels, step="compiled"):
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, STEPS[step])
 
 
-def _liger_sum(hidden, weight, bias, labels):
+def _liger_sum(hidden, weight, bias, labels, step=None):
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
     return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")(weight, hidden, labels, bias)
 
 
-def causal_lm_loss(hidden, head, labels, backend, num_items_in_batch=None, shift_labels=None):
+def causal_lm_loss(hidden, head, labels, backend, num_items_in_batch=None, shift_labels=None, step="compiled"):
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     shift_labels = shift_labels.reshape(-1).to(hidden.device)
-    total = (_liger_sum if backend == "liger" else _torch_sum)(hidden, head.weight, head.bias, shift_labels)
+    total = (_liger_sum if backend == "liger" else _chunked_sum)(hidden, head.weight, head.bias, shift_labels, step)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)
@@ -145,8 +208,8 @@ def causal_lm_loss(hidden, head, labels, backend, num_items_in_batch=None, shift
 class FusedLossForward:
     """Callable set as `model.forward` (an instance attribute)."""
 
-    def __init__(self, model, backend: str):
-        self.model, self.backend = model, backend
+    def __init__(self, model, backend: str, step: str = "compiled"):
+        self.model, self.backend, self.step = model, backend, step
         self.stock_forward = model.forward  # the bound class method
         # look like the stock forward to callers that inspect it (Trainer's column and loss-kwargs checks)
         functools.update_wrapper(self, self.stock_forward)
@@ -172,7 +235,7 @@ class FusedLossForward:
         finally:
             handle.remove()
         loss = causal_lm_loss(captured["hidden"], model.lm_head, labels, self.backend,
-                              kwargs.get("num_items_in_batch"), kwargs.get("shift_labels"))
+                              kwargs.get("num_items_in_batch"), kwargs.get("shift_labels"), self.step)
         aux = getattr(out, "aux_loss", None)
         if aux is not None:
             coef = getattr(model, "router_aux_loss_coef", None) or getattr(model.config, "router_aux_loss_coef", 0.0)

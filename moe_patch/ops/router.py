@@ -64,23 +64,85 @@ class TopKRouter(Replacement):
         self.topk_group = getattr(original, "topk_group", 1) or 1
         self.scaling = getattr(original, "routed_scaling_factor", 1.0) or 1.0
 
-    def forward(self, hidden_states: torch.Tensor):
-        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        bias = self._parameters.get("bias")
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.spec["fp32_logits"]:
             logits = F.linear(hidden_states.float(), self.weight.float())
         else:
-            logits = F.linear(hidden_states, self.weight, bias)
+            logits = F.linear(hidden_states, self.weight, self._parameters.get("bias"))
         if self.spec["weights_dtype"] == "input":  # granite: scores from fp32 logits, cast to the input dtype
             logits = logits.float()
-        weights, idx = topk_route(
+        return logits
+
+    def route(self, logits: torch.Tensor):
+        return topk_route(
             logits, self.spec, top_k=self.top_k, renorm=self.renorm,
             correction_bias=getattr(self, "e_score_correction_bias", None),
             num_group=self.num_group, topk_group=self.topk_group, scaling=self.scaling,
         )
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        logits = self.logits(hidden_states)
+        weights, idx = self.route(logits)
         target = {"logits": logits.dtype, "float": weights.dtype, "input": hidden_states.dtype}
         return logits, weights.to(target[self.spec["weights_dtype"]]), idx
 
     def extra_repr(self) -> str:
         s = self.spec
         return f"{super().extra_repr()}, {s['score']}/{s['order']}, top_k={self.top_k}, grouped={s['grouped']}"
+
+
+def te_arguments(spec: dict, renorm: bool) -> dict:
+    """The spec in the terms of TE's fused_topk_with_score_function (proven equal by the probe before use).
+
+    Softmax then top-k then renormalisation is softmax over the top-k logits (use_pre_softmax=False), as is
+    a family that takes the top-k logits first; without renormalisation the softmax comes first."""
+    spec = {**DEFAULTS, **spec}
+    pre_softmax = spec["order"] == "score_topk" and spec["score"] == "softmax" and not renorm
+    return dict(score_function=spec["score"], use_pre_softmax=pre_softmax)
+
+
+class TERouter(TopKRouter):
+    """Score + top-k (+ renormalisation, group limit, correction bias, scaling) in TE's fused router kernel,
+    forward and backward: one kernel each way instead of softmax / topk / sum / div and their gradients."""
+
+    def __init__(self, original, spec: dict):
+        super().__init__(original, spec)
+        self.te_args = te_arguments(self.spec, self.renorm)
+
+    def route(self, logits: torch.Tensor):
+        from transformer_engine.pytorch.router import fused_topk_with_score_function
+
+        # fp32 weights ("float" / "input" specs) come from fp32 scores: TE's probs take the logits' dtype
+        scores_in = logits.float() if self.spec["weights_dtype"] == "float" else logits
+        grouped = self.spec["grouped"] and self.num_group > 1
+        # the index buffer makes TE write dense [T, k] indices (no [T, E] routing map)
+        idx = torch.empty(logits.shape[0], self.top_k, dtype=torch.int64, device=logits.device)
+        probs, idx = fused_topk_with_score_function(
+            scores_in, topk=self.top_k, num_groups=self.num_group if grouped else None,
+            group_topk=self.topk_group if grouped else None,
+            scaling_factor=self.scaling if self.spec["grouped"] else None,
+            expert_bias=self.e_score_correction_bias.float() if self.spec["grouped"] else None,
+            topk_indices=idx, **self.te_args)
+        return probs.gather(1, idx), idx  # probs is [T, E], zero off the chosen experts
+
+
+def canonical(outputs: list) -> list:
+    """Router outputs with each token's (expert, weight) pairs in expert order: the experts sum over the
+    k pairs, so their order is not part of a router's result (kernels differ in it)."""
+    if len(outputs) != 3 or outputs[2].is_floating_point():
+        return outputs
+    logits, weights, idx = outputs
+    idx_sorted, order = idx.sort(dim=-1)
+    return [logits, weights.gather(1, order), idx_sorted]
+
+
+def untied_rows(router, x: torch.Tensor) -> torch.Tensor:
+    """Rows of x on which `router`'s top-k is unique: its k-th and (k+1)-th largest logits differ. On a tie
+    either expert is a right answer and kernels differ in which one they keep (bf16 logits tie often), so
+    routers are compared on the other rows."""
+    logits = router(x)[0].float()
+    if router.top_k >= logits.shape[-1]:
+        return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    top = logits.topk(router.top_k + 1, dim=-1).values
+    return top[:, router.top_k - 1] != top[:, router.top_k]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformer_engine.pytorch import moe_permute, moe_unpermute
 
-from .experts import Dispatched
+from .experts import Dispatched, expert_counts
 
 
 class TEPermuteDispatcher:
@@ -19,10 +19,8 @@ class TEPermuteDispatcher:
     def dispatch(self, hidden, top_k_index, top_k_weights, num_experts) -> Dispatched:
         index = top_k_index.to(torch.int32)
         rows, row_id_map = moe_permute(hidden, index, num_out_tokens=0, map_type="index")
-        counts = torch.bincount(top_k_index.reshape(-1), minlength=num_experts)
-        expert_ids = torch.repeat_interleave(torch.arange(num_experts, device=counts.device), counts,
-                                             output_size=rows.shape[0])
-        return Dispatched(rows, counts, expert_ids, (row_id_map, top_k_weights))
+        counts = expert_counts(top_k_index, num_experts)
+        return Dispatched(rows, counts, (row_id_map, top_k_weights))
 
     def combine(self, out, d: Dispatched, hidden_dtype):
         row_id_map, weights = d.state

@@ -83,7 +83,7 @@ class DeepEPDispatcher:
         self.last_counts = counts
         rows = recv_x[order // k]
         state = (order, recv_w.reshape(-1)[order], recv_x.shape[0], k, buffer, handle)
-        return Dispatched(rows, counts, flat[order], state)
+        return Dispatched(rows, counts, state)
 
     def combine(self, out, d: Dispatched, hidden_dtype):
         order, weights, received, k, buffer, handle = d.state

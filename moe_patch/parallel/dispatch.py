@@ -72,11 +72,9 @@ class AllToAllDispatcher:
         rows = _sort_chunks(received, recv, counts_recv, self._by_expert, self.use_te)
         local_counts = counts_recv.view(self.ep_size, L).sum(0)
         self.last_counts = local_counts.detach()
-        expert_ids = torch.repeat_interleave(torch.arange(L, device=counts.device), local_counts,
-                                             output_size=rows.shape[0])
         recv_by_expert = counts_recv.view(self.ep_size, L).t().reshape(-1)
         state = (src, send_splits, recv_splits, recv_by_expert, [recv[i] for i in self._by_expert])
-        return Dispatched(rows, local_counts, expert_ids, state)
+        return Dispatched(rows, local_counts, state)
 
     def combine(self, out, d: Dispatched, hidden_dtype):
         src, send_splits, recv_splits, recv_by_expert, recv_by_expert_list = d.state

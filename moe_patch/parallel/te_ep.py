@@ -122,9 +122,7 @@ class TEEPDispatcher:
         rows, row_weights, counts = ep.ep_dispatch(buffer, hidden.contiguous(), top_k_index.contiguous(),
                                                    top_k_weights.float().contiguous())
         self.last_counts = counts.detach()
-        expert_ids = torch.repeat_interleave(torch.arange(self.num_local, device=counts.device), counts,
-                                             output_size=rows.shape[0])
-        return Dispatched(rows, counts, expert_ids, (buffer, row_weights, hidden.shape[0], top_k_weights.dtype))
+        return Dispatched(rows, counts, (buffer, row_weights, hidden.shape[0], top_k_weights.dtype))
 
     def combine(self, out, d: Dispatched, hidden_dtype):
         from transformer_engine.pytorch import ep
