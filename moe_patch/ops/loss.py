@@ -12,8 +12,9 @@ and computes the loss straight from hidden states and lm_head's weight:
 Both follow Transformers' ForCausalLMLoss exactly: labels shifted by one, ignore_index -100, logits
 upcast to fp32 for the softmax, "sum / num_items_in_batch" when the Trainer passes num_items_in_batch,
 else the mean over non-ignored tokens; a router aux loss (output_router_logits) is added as stock does.
-Effect on outputs: in that training case `outputs.logits` is None (as with Liger's own patches); in eval
-or without labels the stock forward runs unchanged and returns logits.
+Effect on outputs: in that training case `outputs.logits` is None (as with Liger's own patches), and
+`outputs.past_key_values` too unless `use_cache=True` is passed (stock fills a KV cache nobody reads in
+training); in eval or without labels the stock forward runs unchanged and returns logits.
 """
 from __future__ import annotations
 
@@ -176,7 +177,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
-        return (grad_hidden * grad_out.to(grad_hidden.dtype) if grad_hidden is not None else None,
+        # grad_out (1 / tokens, typically) multiplies in fp32: rounded to bf16 it would scale every gradient
+        return ((grad_hidden * grad_out).to(grad_hidden.dtype) if grad_hidden is not None else None,
                 (grad_weight * grad_out).to(w_dtype) if grad_weight is not None else None,
                 (grad_bias * grad_out).to(b_dtype) if grad_bias is not None else None,
                 None, None)
@@ -229,6 +231,9 @@ class FusedLossForward:
         def grab(module, inputs, output):
             captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
+        if "use_cache" in self.__signature__.parameters:
+            # no KV cache unless asked for: a training step never reads it (stock builds and fills one)
+            kwargs.setdefault("use_cache", False)
         handle = getattr(model, model.base_model_prefix).register_forward_hook(grab)
         try:
             out = self.stock_forward(*args, **{**kwargs, "labels": None, "logits_to_keep": 1})
