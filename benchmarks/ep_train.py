@@ -122,7 +122,7 @@ def child(args):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     g = torch.Generator(device=device).manual_seed(10 + rank)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device, generator=g)
-    t = timed_steps(model, opt, ids, args.warmup, args.steps)
+    t = timed_steps(model, opt, ids, args.warmup, args.steps, args.sync_phases)
     t["tokens_per_s_per_gpu"] = args.batch * args.seq / t.pop("step_s")
     if args.profile and cuda:  # every rank steps (collectives); rank 0's kernels are kept
         table = profile_step(model, opt, ids, args.profile)
@@ -193,6 +193,8 @@ def main():
     parser.add_argument("--timeout", type=int, default=600, help="seconds per variant")
     parser.add_argument("--error-dir", default=None, help="folder for the stderr of failed variants")
     parser.add_argument("--profile", type=int, default=0, help="print the top-N GPU kernels of one step (rank 0)")
+    parser.add_argument("--sync-phases", action="store_true",
+                        help="synchronise after forward, backward and optimizer (0.1-0.3's method)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

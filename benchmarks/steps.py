@@ -8,33 +8,52 @@ import time
 import torch
 
 
-def timed_steps(model, opt, ids, warmup: int, steps: int) -> dict:
+def timed_steps(model, opt, ids, warmup: int, steps: int, sync_phases: bool = False) -> dict:
     """Run warmup + steps training steps on `ids`; medians (ms) over the timed steps, all losses, peak GiB
-    (peak 0 off CUDA: the CPU path exists to smoke-test the benchmark scripts, not to time anything)."""
-    fwd, bwd, step, losses = [], [], [], []
+    (peak 0 off CUDA: the CPU path exists to smoke-test the benchmark scripts, not to time anything).
+
+    On CUDA the host synchronises once per step, reading the loss (as a loop that logs it every step), and
+    the forward / backward / optimizer split comes from CUDA events: the CPU queues the backward and the
+    optimizer step while the GPU still runs the forward, as in training. sync_phases=True synchronises
+    after every phase instead (each phase then also pays its launch latency on an idle GPU; the method of
+    the 0.1-0.3 figures in CHANGELOG.md)."""
+    fwd, bwd, step, total, losses = [], [], [], [], []
     cuda = ids.is_cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + steps):
         sync()
-        t0 = time.perf_counter()
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if cuda else None
+
+        def mark(n):  # phase boundary n: an event (no wait), or with sync_phases / on CPU a wall time
+            if sync_phases:
+                sync()
+            if cuda and not sync_phases:
+                marks[n].record()
+            return time.perf_counter()
+
+        walls = [mark(0)]
         loss = model(input_ids=ids, labels=ids).loss
-        sync()
-        t1 = time.perf_counter()
+        walls.append(mark(1))
         loss.backward()
-        sync()
-        t2 = time.perf_counter()
+        walls.append(mark(2))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync()
-        t3 = time.perf_counter()
-        losses.append(loss.item())
-        if i >= warmup:
-            fwd.append(t1 - t0), bwd.append(t2 - t1), step.append(t3 - t2)
-    total = statistics.median([a + b + c for a, b, c in zip(fwd, bwd, step)])
-    return dict(step_s=total, fwd_ms=statistics.median(fwd) * 1e3, bwd_ms=statistics.median(bwd) * 1e3,
-                optim_ms=statistics.median(step) * 1e3, losses=losses,
+        walls.append(mark(3))
+        losses.append(loss.item())  # the step's host synchronisation
+        end = time.perf_counter()
+        if i < warmup:
+            continue
+        if cuda and not sync_phases:
+            phases = [marks[n].elapsed_time(marks[n + 1]) / 1e3 for n in range(3)]
+        else:
+            phases = [walls[n + 1] - walls[n] for n in range(3)]
+        for out, value in zip((fwd, bwd, step), phases):
+            out.append(value)
+        total.append(end - walls[0])
+    return dict(step_s=statistics.median(total), fwd_ms=statistics.median(fwd) * 1e3,
+                bwd_ms=statistics.median(bwd) * 1e3, optim_ms=statistics.median(step) * 1e3, losses=losses,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
 
 

@@ -11,6 +11,7 @@ patched-torchloss (backend auto, the loss on moe_patch's chunked torch kernel, a
 patched-ligerloss (backend auto, but the loss on Liger's fused linear cross-entropy) |
 patched-telinear (backend auto, but the linear layers on TE's bf16 te.Linear) |
 patched-torchrouter (backend auto, but the routers on moe_patch's torch router instead of TE's fused one) |
+patched-ligernorm / patched-tenorm (backend auto, but RMSNorm on Liger's / TE's kernel) |
 patched-compiledce (backend auto, but the chunked loss's softmax-gradient step torch.compile'd, not Liger's kernel) |
 patched-fp8-delayed / patched-fp8-current (backend auto, linear layers on TE in FP8 with that recipe) |
 patched-eager (MOE_PATCH_COMPILE=0: moe_patch's compiled helper, the chunked torch loss's softmax-gradient
@@ -64,7 +65,8 @@ def child(args) -> dict:
 
         backend = {"patched-torch": "torch", "patched-torchloss": {"loss": "torch"},
                    "patched-ligerloss": {"loss": "liger"}, "patched-telinear": {"linear": "te"},
-                   "patched-torchrouter": {"router": "torch"}}.get(args.child, "auto")
+                   "patched-torchrouter": {"router": "torch"}, "patched-ligernorm": {"rmsnorm": "liger"},
+                   "patched-tenorm": {"rmsnorm": "te"}}.get(args.child, "auto")
         fp8 = args.child.split("patched-fp8-")[1] if args.child.startswith("patched-fp8-") else None
         moe_patch.apply(model, backend=backend, loss=args.child != "patched-noloss", fp8=fp8)
         if args.child == "patched-compiledce":
@@ -74,7 +76,7 @@ def child(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     g = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
-    t = timed_steps(model, opt, ids, args.warmup, args.steps)
+    t = timed_steps(model, opt, ids, args.warmup, args.steps, args.sync_phases)
     total = t.pop("step_s")
     tokens = args.batch * args.seq
     if args.profile:  # one more step under the profiler: where the GPU time goes
@@ -96,6 +98,9 @@ def main():
     parser.add_argument("--json", default=None)
     parser.add_argument("--png", default=None)
     parser.add_argument("--profile", type=int, default=0, help="print the top-N GPU kernels of one step")
+    parser.add_argument("--sync-phases", action="store_true",
+                        help="synchronise after forward, backward and optimizer (0.1-0.3's method) instead of "
+                             "once per step with CUDA events for the split")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -1,12 +1,13 @@
 """The multi-GPU benchmark driver, smoke-tested on CPU (gloo, fp32, tiny model): every variant runs in its
 own torchrun job and lands in the table and the JSON; a dispatcher that cannot run here is reported with
-its reason instead of stopping the others. Timings on CPU mean nothing and are not checked."""
+its reason instead of stopping the others. Timings on CPU mean nothing: only their bookkeeping is checked."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,3 +30,20 @@ def test_ep_train_driver_on_cpu(tmp_path):
     assert results["auto"]["dispatcher"] == "all_to_all"  # no CUDA here
     assert "te_ep" in results["te_ep"]["error"] and "cannot run here" in results["te_ep"]["error"]
     assert "vs FSDP2" in run.stdout
+
+
+@pytest.mark.parametrize("sync_phases", [False, True])
+def test_timed_steps_phases_add_up(sync_phases):
+    """The training-step timer of every benchmark: each step's phases lie within its wall time, every
+    step's loss is kept, the model trains."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from steps import timed_steps
+    from util import build
+
+    model = build("qwen3_moe")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 256, (2, 16))
+    t = timed_steps(model, opt, ids, warmup=1, steps=3, sync_phases=sync_phases)
+    assert len(t["losses"]) == 4 and t["losses"][-1] < t["losses"][0]
+    phases = t["fwd_ms"] + t["bwd_ms"] + t["optim_ms"]
+    assert 0 < min(t["fwd_ms"], t["bwd_ms"], t["optim_ms"]) and phases <= t["step_s"] * 1e3 * 1.5

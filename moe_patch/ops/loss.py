@@ -178,10 +178,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         # grad_out (1 / tokens, typically) multiplies in fp32: rounded to bf16 it would scale every gradient
-        return ((grad_hidden * grad_out).to(grad_hidden.dtype) if grad_hidden is not None else None,
-                (grad_weight * grad_out).to(w_dtype) if grad_weight is not None else None,
+        return (compiled.run(_scaled, grad_hidden, grad_out) if grad_hidden is not None else None,
+                compiled.run(_scaled, grad_weight, grad_out).to(w_dtype) if grad_weight is not None else None,
                 (grad_bias * grad_out).to(b_dtype) if grad_bias is not None else None,
                 None, None)
+
+
+def _scaled(grad, scale):
+    """grad * scale in fp32, rounded once to grad's dtype. Compiled on GPU: eager, a bf16 tensor times an
+    fp32 scalar tensor takes torch's non-vectorised mixed-dtype kernel (1.2 ms for lm_head's gradient)."""
+    return (grad.float() * scale).to(grad.dtype)
 
 
 def _chunked_sum(hidden, weight, bias, labels, step="compiled"):
