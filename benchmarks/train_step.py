@@ -12,10 +12,11 @@ patched-ligerloss (backend auto, but the loss on Liger's fused linear cross-entr
 patched-telinear (backend auto, but the linear layers on TE's bf16 te.Linear) |
 patched-torchrouter (backend auto, but the routers on moe_patch's torch router instead of TE's fused one) |
 patched-ligernorm / patched-tenorm (backend auto, but RMSNorm on Liger's / TE's kernel) |
-patched-compiledce (backend auto, but the chunked loss's softmax-gradient step torch.compile'd, not Liger's kernel) |
+patched-compiledce (backend auto, but the chunked loss's softmax-gradient step torch.compile'd instead of
+Liger's kernel) |
 patched-fp8-delayed / patched-fp8-current (backend auto, linear layers on TE in FP8 with that recipe) |
-patched-eager (MOE_PATCH_COMPILE=0: moe_patch's compiled helper, the chunked torch loss's softmax-gradient
-step, runs eagerly).
+patched-eager (MOE_PATCH_COMPILE=0: moe_patch's compiled helpers, the loss' gradient scaling and, where
+Liger's kernel is not used, its softmax-gradient step, run eagerly).
 """
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ def test_training_with_labels_builds_no_logits_and_eval_is_stock():
     ids = inputs()
     out = patched(input_ids=ids, labels=ids)
     assert out.logits is None and out.loss is not None
+    assert out.past_key_values is None  # no KV cache filled in training, unless asked for:
+    assert patched(input_ids=ids, labels=ids, use_cache=True).past_key_values is not None
     patched.eval()
     stock.eval()
     out = patched(input_ids=ids, labels=ids)  # eval: stock path, logits present
@@ -100,3 +102,19 @@ def test_tuple_outputs_keep_their_positions():
     ref, out = stock(input_ids=ids, labels=ids, return_dict=False), patched(input_ids=ids, labels=ids, return_dict=False)
     assert isinstance(out, tuple) and len(out) == len(ref)
     assert rel_err(out[0], ref[0]) < 1e-5 and rel_err(out[1], ref[1]) < 1e-5
+
+
+def test_fused_loss_under_autocast_over_fp32_weights():
+    """Mixed precision by autocast (fp32 weights, bf16 matmuls): the fused loss takes its mixed-dtype path
+    and matches stock under the same autocast (bf16 tolerance), gradients in the weights' dtype."""
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    stock.train(), patched.train()
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ls, lp = stock(input_ids=ids, labels=ids).loss, patched(input_ids=ids, labels=ids).loss
+    ls.backward(), lp.backward()
+    assert abs(lp.item() - ls.item()) < 2e-2 * abs(ls.item())
+    g_s, g_p = stock.lm_head.weight.grad, patched.lm_head.weight.grad
+    assert g_p.dtype == torch.float32 and rel_err(g_p, g_s) < 2e-2
+    assert rel_err(patched.model.embed_tokens.weight.grad, stock.model.embed_tokens.weight.grad) < 2e-2

@@ -167,3 +167,19 @@ def test_fused_rope_routing_is_per_model(monkeypatch):
     with torch.no_grad():
         patched(input_ids=ids)
     assert not calls
+
+
+def test_expert_counts_match_bincount_without_a_host_read():
+    """Rows per expert are summed on the device (torch.bincount reads its maximum on the host: a sync per
+    MoE layer); under deterministic algorithms bincount itself is used. Experts nobody picked count 0."""
+    from moe_patch.ops.experts import expert_counts
+
+    idx = torch.randint(0, 12, (64, 4))
+    idx[idx == 5] = 6  # an expert with no rows
+    ref = torch.bincount(idx.reshape(-1), minlength=16)
+    assert torch.equal(expert_counts(idx, 16), ref)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(expert_counts(idx, 16), ref)
+    finally:
+        torch.use_deterministic_algorithms(False)
