@@ -69,6 +69,9 @@ def test_gpu_backends_reported():
     assert "cudnn" in attn.replacement
     if capabilities().liger:  # Qwen3's RoPE is the standard one: Liger's fused kernel, proven at apply()
         assert attn.backend == "liger" and attn.replacement.endswith("+ liger rope"), attn
+    loss = rows.where(kind="loss")[0]
+    if capabilities().liger:  # each chunk's softmax gradient in Liger's CE kernel, proven at apply() on the GPU
+        assert loss.status == "patched" and loss.replacement.endswith("liger CE kernel)"), loss
     route = rows.where(kind="router")[0]
     if capabilities().te:  # TE's fused router kernel, proven at apply() against Qwen3's router on the GPU
         assert route.status == "patched" and route.replacement.startswith("TERouter"), route
