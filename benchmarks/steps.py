@@ -57,15 +57,19 @@ def timed_steps(model, opt, ids, warmup: int, steps: int, sync_phases: bool = Fa
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
 
 
-def profile_step(model, opt, ids, rows: int) -> str:
-    """One more training step under torch.profiler: the top `rows` GPU kernels by total time."""
+def profile_step(model, opt, ids, rows: int, trace: str | None = None) -> str:
+    """One more training step under torch.profiler: the top `rows` GPU kernels by total time, and with
+    `trace` a Chrome trace of the step (CPU ops too: where the GPU waits on the host, what launched what)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace else [])
+    with profile(activities=activities) as prof:
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
 
 

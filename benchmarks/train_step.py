@@ -81,7 +81,8 @@ def child(args) -> dict:
     total = t.pop("step_s")
     tokens = args.batch * args.seq
     if args.profile:  # one more step under the profiler: where the GPU time goes
-        print(profile_step(model, opt, ids, args.profile), file=sys.stderr)
+        trace = f"{args.trace}.{args.child}.json" if args.trace else None
+        print(profile_step(model, opt, ids, args.profile, trace), file=sys.stderr)
     flops = (6 * active_params(model, config) + attention_flops_per_token(config, args.seq)) * tokens
     return dict(variant=args.child, tokens_per_s=tokens / total, tflops=flops / total / 1e12,
                 gpu=torch.cuda.get_device_name(), torch=torch.__version__, **t, **info)
@@ -99,6 +100,8 @@ def main():
     parser.add_argument("--json", default=None)
     parser.add_argument("--png", default=None)
     parser.add_argument("--profile", type=int, default=0, help="print the top-N GPU kernels of one step")
+    parser.add_argument("--trace", default=None,
+                        help="with --profile: also write a Chrome trace of that step to TRACE.<variant>.json")
     parser.add_argument("--sync-phases", action="store_true",
                         help="synchronise after forward, backward and optimizer (0.1-0.3's method) instead of "
                              "once per step with CUDA events for the split")
