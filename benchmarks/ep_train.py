@@ -173,28 +173,22 @@ def run_child(cmd, out, timeout):
 
 
 def main():
+    from steps import add_step_arguments
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", default="stock_fsdp,hf_ep,all_to_all,te_ep",
                         help="stock_fsdp, hf_ep, or a moe_patch dispatcher: " + ", ".join(MOE_PATCH_VARIANTS))
     parser.add_argument("--gpus", default="2", help="comma-separated GPU counts")
-    parser.add_argument("--shape", default="qwen3-30b-a3b")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=3)
+    add_step_arguments(parser, steps=8, warmup=3)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--routing", choices=("model", "balanced"), default="model",
                         help="balanced: uniformly random expert choice, as trained routers roughly give")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: gloo processes in fp32, to smoke-test this script (no meaningful timings)")
-    parser.add_argument("--json", default=None)
     parser.add_argument("--png", default=None)
     parser.add_argument("--timeout", type=int, default=600, help="seconds per variant")
     parser.add_argument("--error-dir", default=None, help="folder for the stderr of failed variants")
     parser.add_argument("--profile", type=int, default=0, help="print the top-N GPU kernels of one step (rank 0)")
-    parser.add_argument("--sync-phases", action="store_true",
-                        help="synchronise after forward, backward and optimizer (0.1-0.3's method)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from steps import add_step_arguments
+
 
 def switch(model, feature: str):
     """(off, on) callables for the feature in this patched model, or None if the model does not use it."""
@@ -43,13 +45,7 @@ def switch(model, feature: str):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--feature", choices=("rope", "gate"), required=True)
-    parser.add_argument("--shape", default="qwen3-30b-a3b")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--json", default=None)
+    add_step_arguments(parser, steps=4, warmup=1)
     args = parser.parse_args()
 
     import torch
@@ -77,7 +73,7 @@ def main():
     rows = []
     for label, prepare in ((f"with {args.feature}", on), (f"without {args.feature}", off)):
         prepare()
-        t = timed_steps(model, opt, ids, args.warmup, args.steps)
+        t = timed_steps(model, opt, ids, args.warmup, args.steps, args.sync_phases)
         rows.append(dict(variant=label, tokens_per_s=tokens / t.pop("step_s"), **t))
     print(f"\n{args.shape}, {args.layers} layers, seq {args.seq}, micro-batch {args.batch}, bf16 "
           f"({torch.cuda.get_device_name()})")

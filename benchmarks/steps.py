@@ -1,11 +1,24 @@
-"""Shared by the benchmarks: the timed training loop (fwd / bwd / optimizer wall times) and the bar chart."""
+"""Shared by the benchmarks: their common arguments, the timed training loop (fwd / bwd / optimizer times),
+the results writer and the bar chart. torch is imported where used: the launching processes stay light."""
 from __future__ import annotations
 
 import statistics
 import sys
 import time
 
-import torch
+
+def add_step_arguments(parser, steps: int, warmup: int) -> None:
+    """The arguments of every training-step benchmark: model shape and size, steps, timing method, JSON."""
+    parser.add_argument("--shape", default="qwen3-30b-a3b")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--sync-phases", action="store_true",
+                        help="synchronise after forward, backward and optimizer (0.1-0.3's method) instead of "
+                             "once per step with CUDA events for the split")
+    parser.add_argument("--json", default=None)
 
 
 def timed_steps(model, opt, ids, warmup: int, steps: int, sync_phases: bool = False) -> dict:
@@ -17,6 +30,8 @@ def timed_steps(model, opt, ids, warmup: int, steps: int, sync_phases: bool = Fa
     optimizer step while the GPU still runs the forward, as in training. sync_phases=True synchronises
     after every phase instead (each phase then also pays its launch latency on an idle GPU; the method of
     the 0.1-0.3 figures in CHANGELOG.md)."""
+    import torch
+
     fwd, bwd, step, total, losses = [], [], [], [], []
     cuda = ids.is_cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -60,6 +75,7 @@ def timed_steps(model, opt, ids, warmup: int, steps: int, sync_phases: bool = Fa
 def profile_step(model, opt, ids, rows: int, trace: str | None = None) -> str:
     """One more training step under torch.profiler: the top `rows` GPU kernels by total time, and with
     `trace` a Chrome trace of the step (CPU ops too: where the GPU waits on the host, what launched what)."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace else [])

@@ -26,6 +26,8 @@ import os
 import subprocess
 import sys
 
+from steps import add_step_arguments, write_results
+
 
 def active_params(model, config) -> float:
     """Matmul parameters a token goes through: everything but embeddings, experts scaled by top_k / E."""
@@ -90,21 +92,12 @@ def child(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="qwen3-30b-a3b")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    add_step_arguments(parser, steps=10, warmup=3)
     parser.add_argument("--variants", default="stock,patched")
-    parser.add_argument("--json", default=None)
     parser.add_argument("--png", default=None)
     parser.add_argument("--profile", type=int, default=0, help="print the top-N GPU kernels of one step")
     parser.add_argument("--trace", default=None,
                         help="with --profile: also write a Chrome trace of that step to TRACE.<variant>.json")
-    parser.add_argument("--sync-phases", action="store_true",
-                        help="synchronise after forward, backward and optimizer (0.1-0.3's method) instead of "
-                             "once per step with CUDA events for the split")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -124,8 +117,6 @@ def main():
         if args.profile:
             print(f"--- {variant}: GPU kernels of one step\n" + out.stderr[-12000:])
     print_table(results, args)
-    from steps import write_results
-
     write_results(args, results, chart)
 
 

@@ -41,8 +41,8 @@ def cmd_report(args) -> int:
     flags = {k: False for k in (args.disable.split(",") if args.disable else [])}
     from .config import parse_backend
 
-    rows = plan_report(model, backend=parse_backend(args.backend, "--backend"), skip=tuple(args.skip.split(",")) if args.skip else (),
-                       **flags)
+    skip = tuple(args.skip.split(",")) if args.skip else ()
+    rows = plan_report(model, backend=parse_backend(args.backend, "--backend"), skip=skip, **flags)
     print(f"{type(model).__name__} ({config.model_type}), planned on meta; nothing was changed\n")
     print(rows if args.all else _without_linear(rows))
     return 0

@@ -43,7 +43,8 @@ def test_timed_steps_phases_add_up(sync_phases):
     model = build("qwen3_moe")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, 256, (2, 16))
-    t = timed_steps(model, opt, ids, warmup=1, steps=3, sync_phases=sync_phases)
-    assert len(t["losses"]) == 4 and t["losses"][-1] < t["losses"][0]
-    phases = t["fwd_ms"] + t["bwd_ms"] + t["optim_ms"]
-    assert 0 < min(t["fwd_ms"], t["bwd_ms"], t["optim_ms"]) and phases <= t["step_s"] * 1e3 * 1.5
+    t = timed_steps(model, opt, ids, warmup=1, steps=1, sync_phases=sync_phases)  # one timed step: no medians
+    assert len(t["losses"]) == 2 and t["losses"][1] < t["losses"][0]
+    phases, step_ms = t["fwd_ms"] + t["bwd_ms"] + t["optim_ms"], t["step_s"] * 1e3
+    # the phases are milliseconds of the same step: within its wall time, and most of it (all but loss.item())
+    assert 0 < min(t["fwd_ms"], t["bwd_ms"], t["optim_ms"]) and 0.5 * step_ms <= phases <= step_ms

@@ -110,10 +110,11 @@ def test_router_probe_allows_other_tie_breaks_only():
 
     class OtherOrder(router.TopKRouter):  # prefers the higher expert index on ties, returns pairs reversed
         def route(self, logits):
-            nudge = torch.arange(logits.shape[-1], dtype=logits.dtype) * 1e-30
-            weights, idx = router.topk_route(logits.float() + nudge, self.spec, top_k=self.top_k, renorm=True)
+            e = logits.shape[-1]
+            flipped = torch.argsort(logits.float().flip(-1), dim=-1, descending=True, stable=True)
+            idx = (e - 1 - flipped[:, :self.top_k]).flip(-1)
             weights = torch.softmax(logits.float(), -1).gather(1, idx)
-            return (weights / weights.sum(-1, keepdim=True)).flip(-1), idx.flip(-1)
+            return weights / weights.sum(-1, keepdim=True), idx
 
     width = stock.weight.shape[1]
     assert probe.proven_equal(stock, lambda m: OtherOrder.build(m, spec), width, "other order",
@@ -123,3 +124,19 @@ def test_router_probe_allows_other_tie_breaks_only():
     why = probe.proven_equal(stock, lambda m: router.TopKRouter.build(m, unnormalised), width, "no renorm",
                              canon=router.canonical, rows=router.untied_rows)
     assert why is not None and "rel. error" in why
+
+
+def test_untied_rows_drops_only_ties_at_the_kth_logit():
+    """A tie inside the top-k leaves the chosen set unique (kept); a tie between the k-th and the next
+    logit does not (dropped): there two tie-breaking rules choose different, equally right, sets."""
+    from moe_patch.ops.router import untied_rows
+
+    logits = torch.tensor([[3.0, 3.0, 1.0, 0.0],   # tie inside the top-2: the set {0, 1} either way
+                           [3.0, 2.0, 2.0, 0.0],   # tie at the 2nd place: {0, 1} or {0, 2}
+                           [0.0, 1.0, 2.0, 3.0]])  # no tie
+    router = type("Router", (), {"top_k": 2, "__call__": lambda self, x: (x,)})()  # returns the logits
+    keep = untied_rows(router, logits)
+    assert keep.tolist() == [True, False, True]
+    low_first = torch.argsort(logits, dim=-1, descending=True, stable=True)[:, :2].sort(-1).values
+    high_first = (3 - torch.argsort(logits.flip(-1), dim=-1, descending=True, stable=True)[:, :2]).sort(-1).values
+    assert torch.equal(low_first[keep], high_first[keep]) and not torch.equal(low_first, high_first)

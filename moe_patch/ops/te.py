@@ -2,7 +2,8 @@
 
 The TE module is kept *outside* the module tree (object.__setattr__), with the replacement's Parameter
 objects (the original ones; re-pointed at every forward if FSDP2 or a load replaced them) registered into
-it: the model's state_dict keeps Hugging Face's keys and never gains TE's `_extra_state`, and the weights stay the HF parameters (bf16/fp32 master weights; FP8 copies are TE's transient casts).
+it: the model's state_dict keeps Hugging Face's keys and never gains TE's `_extra_state`, and the weights
+stay the HF parameters (bf16/fp32 master weights; FP8 copies are TE's transient casts).
 FP8: each TE module runs under `transformer_engine.pytorch.autocast` with the chosen recipe.
 """
 from __future__ import annotations
