@@ -13,6 +13,7 @@ from functools import lru_cache
 import torch
 
 from .errors import BackendUnavailableError, PatchError
+from .ops import compiled
 
 BACKENDS = ("auto", "torch", "te", "liger")
 KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss")
@@ -30,11 +31,16 @@ IMPLEMENTED = {
 }
 # "auto" tries these in order (those implementing the kind); measured on H200 (CHANGELOG.md): TE's fused
 # permute beats torch's sort for experts; moe_patch's chunked loss (few large chunks) beats Liger's (many
-# small ones) at 150k-200k vocabularies, within the memory aim; Liger's RMSNorm beats torch 2.11's fused
-# kernel in a training step (76,331 against 74,844 tokens/s on the Qwen3-30B-A3B shape: torch's takes
-# 0.78 ms forward + backward per q-norm over 128-wide rows, Liger's about 0.48) and ties TE's.
+# small ones) at 150k-200k vocabularies, within the memory aim; torch's RMSNorm (the family's formula,
+# torch.compile'd on GPU) takes half the GPU time of Liger's or TE's over the Qwen3-30B-A3B shapes (ops/rmsnorm.py).
 PREFERENCE = {kind: ("te", "liger", "torch") for kind in KINDS}
-PREFERENCE["rmsnorm"] = ("liger", "te", "torch")
+PREFERENCE["rmsnorm"] = ("torch", "liger", "te")
+
+
+def preference(kind: str) -> tuple[str, ...]:
+    if kind == "rmsnorm" and not compiled.enabled():  # uncompiled, torch's GPU RMSNorm is the slowest
+        return ("liger", "te", "torch")
+    return PREFERENCE[kind]
 PREFERENCE["loss"] = ("torch", "liger")
 
 
@@ -140,7 +146,7 @@ def choose(backend: str, kind: str, device: torch.device) -> tuple[str, str]:
             return "torch", f"{backend} has no {kind} implementation in moe_patch yet"
         return backend, ""
     passed_over = []
-    for candidate in PREFERENCE[kind]:
+    for candidate in preference(kind):
         if kind not in IMPLEMENTED[candidate]:
             continue
         if candidate != "torch" and device.type != "cuda":

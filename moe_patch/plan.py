@@ -128,8 +128,7 @@ def _propose_rmsnorm(module, backend, opts):
         why = probe.proven_equal(module, lambda m, v=variant: rmsnorm.TorchRMSNorm.build(m, v),
                                  module.weight.shape[0], ("rmsnorm", variant))
         if why is None:
-            cls = "LigerRMSNorm" if backend == "liger" else "TorchRMSNorm"
-            return (lambda m, v=variant: rmsnorm.make(m, v, backend)), f"{cls}({variant})", ""
+            return (lambda m, v=variant: rmsnorm.make(m, v, backend)), rmsnorm.label(backend, variant, module), ""
         reasons.append(f"{variant}: {why}")
     return None, "", "not proven equal to F.rms_norm (" + "; ".join(reasons) + ")"
 

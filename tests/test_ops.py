@@ -183,3 +183,37 @@ def test_expert_counts_match_bincount_without_a_host_read():
         assert torch.equal(expert_counts(idx, 16), ref)
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("model_type", MOE_FAMILIES)
+def test_compiled_rmsnorm_formula_is_the_familys(model_type):
+    """The formula compiled on GPU (ops/rmsnorm.py), run eagerly here: equal to each family's RMSNorm in fp32,
+    outputs and gradients, for whichever variant the plan proved for it."""
+    from moe_patch.ops import rmsnorm
+
+    model = build(model_type)
+    patched = moe_patch.apply(copy.deepcopy(model))
+    row = next(r for r in moe_patch.report(patched).where(kind="rmsnorm") if r.status == "patched")
+    stock = model.get_submodule(row.path)
+    variant = row.replacement.split("(")[1].split(")")[0].split(",")[0]
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        stock.weight.copy_(torch.randn(stock.weight.shape, generator=g) * 0.1 + (0.0 if variant == "offset" else 1.0))
+    x = torch.randn(3, 7, stock.weight.shape[0], generator=g)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w2 = stock.weight.detach().clone().requires_grad_()
+    ref = stock(x1)
+    out = rmsnorm._FORMULAS[variant](x2, w2, rmsnorm.eps_of(stock))
+    assert rel_err(out, ref) < 1e-5
+    dy = torch.randn(ref.shape, generator=g)
+    gx1, gw1 = torch.autograd.grad(ref, (x1, stock.weight), dy)
+    gx2, gw2 = torch.autograd.grad(out, (x2, w2), dy)
+    assert rel_err(gx2, gx1) < 1e-4 and rel_err(gw2, gw1) < 1e-4
+
+
+def test_rmsnorm_preference_without_the_compiler(monkeypatch):
+    from moe_patch import backends
+
+    assert backends.preference("rmsnorm")[0] == "torch"
+    monkeypatch.setenv("MOE_PATCH_COMPILE", "0")
+    assert backends.preference("rmsnorm")[0] == "liger"  # torch's uncompiled GPU RMSNorm is the slowest

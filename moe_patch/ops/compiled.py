@@ -1,5 +1,5 @@
-"""Small pointwise functions (today: the chunked loss's softmax-gradient step where Liger's kernel is not
-used, and its gradient scaling) run torch.compile'd on CUDA (one fused kernel instead of a chain of
+"""Small pointwise / row-reduction functions (today: RMSNorm, the chunked loss's softmax-gradient step where
+Liger's kernel is not used, and its gradient scaling) run torch.compile'd on CUDA (one fused kernel instead of a chain of
 elementwise kernels), eagerly elsewhere (CPU: the exact reference).
 
 MOE_PATCH_COMPILE=0 keeps them eager everywhere (e.g. where Triton cannot build kernels); a compiler
@@ -19,9 +19,14 @@ def enabled() -> bool:
     return os.environ.get("MOE_PATCH_COMPILE", "1").strip() not in ("0", "false", "False", "")
 
 
+def active(t: torch.Tensor) -> bool:
+    """Whether run() compiles for this tensor (CUDA, compiler enabled)."""
+    return t.is_cuda and enabled()
+
+
 def run(fn, *args):
     """fn(*args), compiled (dynamic shapes: one compilation for every row count) when args[0] is on CUDA."""
-    if not (args[0].is_cuda and enabled()):
+    if not active(args[0]):
         return fn(*args)
     compiled = _CACHE.get(fn)
     if compiled is None:
