@@ -12,8 +12,6 @@ patched-ligerloss (backend auto, but the loss on Liger's fused linear cross-entr
 patched-telinear (backend auto, but the linear layers on TE's bf16 te.Linear) |
 patched-torchrouter (backend auto, but the routers on moe_patch's torch router instead of TE's fused one) |
 patched-ligernorm / patched-tenorm (backend auto, but RMSNorm on Liger's / TE's kernel) |
-patched-unscaledgate (backend auto, but the routing weights applied by TE's unpermute instead of
-TE's ScaledSwiGLU) |
 patched-compiledce (backend auto, but the chunked loss's softmax-gradient step torch.compile'd instead of
 Liger's kernel) |
 patched-fp8-delayed / patched-fp8-current (backend auto, linear layers on TE in FP8 with that recipe) |
@@ -73,12 +71,6 @@ def child(args) -> dict:
                    "patched-torchrouter": {"router": "torch"}, "patched-ligernorm": {"rmsnorm": "liger"},
                    "patched-tenorm": {"rmsnorm": "te"}}.get(args.child, "auto")
         fp8 = args.child.split("patched-fp8-")[1] if args.child.startswith("patched-fp8-") else None
-        if args.child == "patched-unscaledgate":  # the plan asks te_gate for the scaled gate: say there is none
-            from moe_patch.ops import te_gate
-
-            plain = te_gate.fused_swiglu
-            te_gate.fused_swiglu = lambda m, width, device, scaled=False: \
-                (None, "A/B: unscaled") if scaled else plain(m, width, device)
         moe_patch.apply(model, backend=backend, loss=args.child != "patched-noloss", fp8=fp8)
         if args.child == "patched-compiledce":
             model.forward.step = "compiled"

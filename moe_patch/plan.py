@@ -178,19 +178,15 @@ def _propose_experts(module, backend, opts):
     if not flags["has_gate"] and not hasattr(module, "act_fn"):
         return None, "", "non-gated experts without act_fn"
     if backend == "te":
-        gate = scaled = None
-        why = ""
+        gate, why = None, ""
         if flags["has_gate"]:
             from .ops.te_gate import fused_swiglu  # lazy: only reached with TE usable on a GPU
 
             gate_up = module.gate_up_proj  # [E, 2 x width, hidden], or [E, hidden, 2 x width] when transposed
-            width = gate_up.shape[-1 if flags["is_transposed"] else -2]
-            gate, why = fused_swiglu(module, width, _device(module))
-            if gate is not None and not (flags["has_bias"] or flags["has_post_expert_norm"]):
-                scaled, why = fused_swiglu(module, width, _device(module), scaled=True)
-        label = "GroupedExperts(te permute, grouped_mm)" if gate is None else \
-            f"GroupedExperts(te permute, te swiglu{' x routing weights' if scaled else ''}, grouped_mm)"
-        return (lambda m: experts.GroupedExperts.build(m, flags, "te", gate, scaled)), label, why
+            gate, why = fused_swiglu(module, gate_up.shape[-1 if flags["is_transposed"] else -2], _device(module))
+        label = "GroupedExperts(te permute, te swiglu, grouped_mm)" if gate is not None else \
+            "GroupedExperts(te permute, grouped_mm)"
+        return (lambda m: experts.GroupedExperts.build(m, flags, "te", gate)), label, why
     return (lambda m: experts.GroupedExperts.build(m, flags)), "GroupedExperts(grouped_mm)", ""
 
 

@@ -58,7 +58,6 @@ class Dispatched:
     x: torch.Tensor  # [S, hidden] rows grouped by expert
     counts: torch.Tensor  # [local experts] rows per expert
     state: object  # dispatcher-private
-    row_weights: torch.Tensor | None = None  # [S] routing weights, when the experts are to apply them (gate)
 
     def expert_ids(self) -> torch.Tensor:
         """[S] local expert of each row (only biased experts need it; output_size: no host sync)."""
@@ -106,23 +105,19 @@ def scatter_weighted(out, order, weights, num_tokens, top_k, hidden_dtype):
 class GroupedExperts(Replacement):
     kind = "experts"
 
-    def __init__(self, original, flags: dict, backend: str = "torch", fused_gate=None, scaled_gate=None):
+    def __init__(self, original, flags: dict, backend: str = "torch", fused_gate=None):
         super().__init__(original)
+        # a fused kernel proven equal to the family's _apply_gate (te_gate.py), or None; outside the module tree
+        object.__setattr__(self, "_fused_gate", fused_gate)
         for name in FLAG_NAMES:
             setattr(self, name, bool(flags[name]))
-        # fused kernels proven equal to the family's _apply_gate (te_gate.py), or None; outside the module tree.
-        # scaled_gate(h, row_weights) also applies the routing weights: only where nothing (bias, post-expert
-        # norm) sits between the gate and the weighted sum
-        object.__setattr__(self, "_fused_gate", fused_gate)
-        scaled_gate = scaled_gate if not (self.has_bias or self.has_post_expert_norm) else None
-        object.__setattr__(self, "_scaled_gate", scaled_gate)
         self.up_name = "gate_up_proj" if self.has_gate else "up_proj"
         self.num_experts = getattr(self, self.up_name).shape[0]  # local experts once sharded
         self.num_global_experts = self.num_experts
         if backend == "te":
             from .te_permute import TEPermuteDispatcher  # lazy: TE only on GPU machines
 
-            self.dispatcher = TEPermuteDispatcher(fold_weights=scaled_gate is not None)
+            self.dispatcher = TEPermuteDispatcher()
         else:
             self.dispatcher = LocalDispatcher()
 
@@ -135,9 +130,7 @@ class GroupedExperts(Replacement):
         h = grouped_linear(x, getattr(self, self.up_name), offs, bias(self.up_name), self.is_transposed)
         # TE's fused SwiGLU where it was proven to be the family's gate, else the family's own gate (or
         # activation) on its original module
-        if d.row_weights is not None:  # the dispatcher left the routing weights to the gate (scaled_gate)
-            h = self._scaled_gate(h, d.row_weights)
-        elif self.has_gate:
+        if self.has_gate:
             h = self._fused_gate(h) if self._fused_gate is not None else self.original._apply_gate(h)
         else:
             h = self.original.act_fn(h)
@@ -156,6 +149,5 @@ class GroupedExperts(Replacement):
     def extra_repr(self) -> str:
         flags = ", ".join(n for n in FLAG_NAMES if getattr(self, n))
         gate = ", fused gate" if self._fused_gate is not None else ""
-        gate += " x routing weights" if self._scaled_gate is not None else ""
         return (f"{super().extra_repr()}, experts={self.num_experts}/{self.num_global_experts}, "
                 f"dispatcher={self.dispatcher.name}{gate}, {flags or 'no flags'}")

@@ -4,11 +4,6 @@ moe_permute (index map) groups the (token, k) rows by expert in one kernel; moe_
 expert outputs back with the routing weights folded in and sums the k rows of each token in the same
 kernel (no (tokens*k, hidden) weighted copy); their backward passes are the mirror kernels, and the
 routing-weight gradient comes from unpermute's backward. Expert matmuls stay torch grouped_mm.
-
-With `fold_weights` (the experts apply each row's weight in TE's ScaledSwiGLU, te_gate.py) and weights in
-the hidden dtype (the family multiplies in that dtype), dispatch hands the weights over in row order and
-unpermute only sums. TE's index-map permute orders rows by a stable sort of the flattened expert indices
-(cub radix sort of (token, k) = token * k + slot), so the same stable argsort puts the weights in row order.
 """
 from __future__ import annotations
 
@@ -21,20 +16,13 @@ from .experts import Dispatched, expert_counts
 class TEPermuteDispatcher:
     name = "te_permute"
 
-    def __init__(self, fold_weights: bool = False):
-        self.fold_weights = fold_weights
-
     def dispatch(self, hidden, top_k_index, top_k_weights, num_experts) -> Dispatched:
         index = top_k_index.to(torch.int32)
         rows, row_id_map = moe_permute(hidden, index, num_out_tokens=0, map_type="index")
         counts = expert_counts(top_k_index, num_experts)
-        if self.fold_weights and top_k_weights.dtype == hidden.dtype:
-            order = torch.argsort(top_k_index.reshape(-1), stable=True)
-            return Dispatched(rows, counts, (row_id_map, None), row_weights=top_k_weights.reshape(-1)[order])
         return Dispatched(rows, counts, (row_id_map, top_k_weights))
 
     def combine(self, out, d: Dispatched, hidden_dtype):
         row_id_map, weights = d.state
-        merged = moe_unpermute(out, row_id_map, merging_probs=None if weights is None else weights.float(),
-                               map_type="index")
+        merged = moe_unpermute(out, row_id_map, merging_probs=weights.float(), map_type="index")
         return merged.to(hidden_dtype)
