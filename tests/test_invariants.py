@@ -272,3 +272,20 @@ def test_whole_model_pickle_round_trip(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert abs(float(out.stdout.strip().splitlines()[-1]) - ref) < 1e-6
+
+
+def test_attention_kernel_priority_is_set_for_the_call_and_put_back():
+    """The GPU attention path sets SDPA's kernel order (cuDNN first) only for its call, also on errors."""
+    from moe_patch.ops import attention
+
+    before = torch._C._get_sdp_priority_order()
+    inside = attention.with_gpu_priority(torch._C._get_sdp_priority_order)
+    assert inside[:4] == [int(b) for b in attention.gpu_priority()] and sorted(inside) == sorted(before)
+    assert torch._C._get_sdp_priority_order() == before
+
+    def fails():
+        raise ValueError("inside")
+
+    with pytest.raises(ValueError):
+        attention.with_gpu_priority(fails)
+    assert torch._C._get_sdp_priority_order() == before

@@ -28,19 +28,46 @@ def describe(device: torch.device) -> str:
 
 
 def moe_patch_attention(module, query, key, value, attention_mask, **kwargs):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     original, patched = getattr(module, _MARK, ("sdpa", False))
     if not patched:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(original, sdpa_attention_forward)
         return fn(module, query, key, value, attention_mask, **kwargs)
     if query.device.type == "cuda":
+        return with_gpu_priority(sdpa_attention_forward, module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@lru_cache(maxsize=8)
+def _order(previous: tuple) -> list:
+    """gpu_priority() first, then the rest of the current order (as sdpa_kernel(set_priority=True) does)."""
+    first = [int(b) for b in gpu_priority()]
+    return first + [b for b in previous if b not in first]
+
+
+def with_gpu_priority(fn, *args, **kwargs):
+    """fn under gpu_priority()'s kernel order. Only the order is set and put back: torch's public
+    sdpa_kernel(..., set_priority=True) also rewrites every backend's enable flag twice, about 140 us of host
+    time per call on an H200 host, and a training forward is host-bound (CHANGELOG 0.5.0). Backends the user
+    disabled stay disabled."""
+    get, set_ = getattr(torch._C, "_get_sdp_priority_order", None), getattr(torch._C, "_set_sdp_priority_order", None)
+    if get is None or set_ is None:  # another torch: the public context manager
         from torch.nn.attention import sdpa_kernel
 
         with sdpa_kernel(gpu_priority(), set_priority=True):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            return fn(*args, **kwargs)
+    previous = get()
+    order = _order(tuple(previous))
+    if order == list(previous):
+        return fn(*args, **kwargs)
+    set_(order)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        set_(previous)
 
 
 def register() -> None:
