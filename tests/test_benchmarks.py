@@ -48,3 +48,22 @@ def test_timed_steps_phases_add_up(sync_phases):
     phases, step_ms = t["fwd_ms"] + t["bwd_ms"] + t["optim_ms"], t["step_s"] * 1e3
     # the phases are milliseconds of the same step: within its wall time, and most of it (all but loss.item())
     assert 0 < min(t["fwd_ms"], t["bwd_ms"], t["optim_ms"]) and 0.5 * step_ms <= phases <= step_ms
+
+
+def test_fp8_experts_quantiser_and_cpu_refusal():
+    """fp8_experts.py's rowwise e4m3 cast round-trips within e4m3's precision, each row's largest value lands on
+    e4m3's largest; without a GPU the script says what it needs instead of failing somewhere inside."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from fp8_experts import E4M3_MAX, _rowwise
+
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 3
+    data, scale = _rowwise(x)
+    assert data.dtype == torch.float8_e4m3fn and scale.shape == (64,)
+    back = data.float() * scale[:, None]
+    # half an e4m3 step: 2^-4 relative for normal values, 2^-10 (scaled) in the subnormal range
+    assert ((back - x.float()).abs() <= x.float().abs() * 2 ** -4 + scale[:, None] * 2 ** -10).all()
+    assert torch.allclose(data.float().abs().amax(-1), torch.full((64,), E4M3_MAX))
+    if not torch.cuda.is_available():
+        run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "fp8_experts.py")],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+        assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr

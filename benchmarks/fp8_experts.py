@@ -1,0 +1,146 @@
+"""Would FP8 expert GEMMs pay off? bf16 grouped GEMM against FP8 (rowwise-scaled) grouped GEMM, quantisation
+included, at a model's expert shapes (one GPU, Hopper or newer).
+
+    python benchmarks/fp8_experts.py --shape qwen3-30b-a3b --seq 4096 --batch 4 --json fp8_experts.json
+
+Per MoE layer and training step, the four expert GEMMs that FP8 would take (forward and input-gradient
+GEMMs of the up and down projections; weight gradients stay bf16, as in every FP8 MoE recipe) are timed
+in bf16 (`torch.nn.functional.grouped_mm`) and in FP8 (`torch._scaled_grouped_mm`, e4m3, one scale per row
+of each operand). FP8 needs every operand quantised each step: the four activations, and the two weights
+twice (each GEMM contracts a weight along a different dimension: one row-major and one transposed copy).
+Quantisation is timed as torch.compile'd rowwise casts, and bounded from below by the bytes it must move
+(read bf16, write e4m3) at this GPU's measured copy bandwidth, i.e. by any kernel. Tokens are routed to
+the top-k of random logits (close to balanced). The verdict: GEMM time saved against quantisation cost.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+from steps import write_results
+
+E4M3_MAX = 448.0
+
+
+def _rowwise(x):
+    """e4m3 data and per-row dequantisation scales (amax over the last dimension)."""
+    import torch
+
+    amax = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12)
+    scale = E4M3_MAX / amax
+    data = (x.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return data, (1.0 / scale).squeeze(-1)
+
+
+def _median_ms(fn, repeats):
+    import torch
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure(args):
+    import torch
+    import torch.nn.functional as F
+
+    from moe_patch.shapes import named_config
+
+    config = named_config(args.shape, layers=1)
+    experts = getattr(config, "num_experts", None) or getattr(config, "n_routed_experts")
+    top_k = config.num_experts_per_tok
+    hidden, width = config.hidden_size, config.moe_intermediate_size
+    rows = args.batch * args.seq * top_k
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    picks = torch.randn(args.batch * args.seq, experts, device=dev, generator=g).topk(top_k, dim=-1).indices
+    offs = torch.bincount(picks.reshape(-1), minlength=experts).cumsum(0).to(torch.int32)
+    quant = torch.compile(_rowwise, dynamic=True)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, device=dev, generator=g, dtype=torch.float32).mul_(scale).to(bf16)
+
+    # weights in the v5 layout [E, out, in]
+    w_up, w_down = rand(experts, 2 * width, hidden, scale=0.02), rand(experts, hidden, width, scale=0.02)
+    # (name, left operand [rows, K], weight as [E, N, K] row-major: the column-major [E, K, N] both GEMMs take)
+    gemms = [("up forward", rand(rows, hidden), w_up),
+             ("down forward", rand(rows, width), w_down),
+             ("down input-grad", rand(rows, hidden), w_down.transpose(-2, -1).contiguous()),
+             ("up input-grad", rand(rows, 2 * width), w_up.transpose(-2, -1).contiguous())]
+    copy_src = rand(256 * 1024 * 1024 // 2)  # 256 MiB: this GPU's copy bandwidth, read + write
+    copy_ms = _median_ms(lambda: copy_src.clone(), args.repeats)
+    bytes_per_ms = 2 * copy_src.numel() * 2 / copy_ms
+
+    table = []
+    for name, a, w_nk in gemms:
+        w_t = w_nk.transpose(-2, -1)  # [E, K, N], column-major
+        bf16_ms = _median_ms(lambda: F.grouped_mm(a, w_t, offs=offs), args.repeats)
+        (a8, sa), (w8, sw) = quant(a), quant(w_nk)
+        fp8_ms = _median_ms(lambda: torch._scaled_grouped_mm(a8, w8.transpose(-2, -1), sa, sw, offs,
+                                                             out_dtype=bf16, use_fast_accum=True), args.repeats)
+        # the weight's quantised copy: a transposed one for the input-grad GEMMs (a transpose + cast pass)
+        quant_a_ms = _median_ms(lambda: quant(a), args.repeats)
+        quant_w_ms = _median_ms(lambda: quant(w_nk), args.repeats)
+        moved = (a.numel() + w_nk.numel()) * 3  # read 2 bytes, write 1, per element of both operands
+        # correctness of the FP8 path against the dequantised operands in fp32 (first expert only)
+        n0 = int(offs[0])
+        ref = (a8[:n0].float() * sa[:n0, None]) @ (w8[0].float() * sw[0][:, None]).t()
+        out = torch._scaled_grouped_mm(a8, w8.transpose(-2, -1), sa, sw, offs, out_dtype=bf16, use_fast_accum=True)
+        err = ((out[:n0].float() - ref).norm() / ref.norm()).item()
+        table.append(dict(gemm=name, bf16_ms=bf16_ms, fp8_gemm_ms=fp8_ms, quant_compiled_ms=quant_a_ms + quant_w_ms,
+                          quant_bound_ms=moved / bytes_per_ms, fp8_rel_err=err))
+    return dict(shape=args.shape, rows=rows, experts=experts, top_k=top_k, hidden=hidden, width=width,
+                gpu=torch.cuda.get_device_name(), torch=torch.__version__, copy_gb_per_s=bytes_per_ms / 1e6,
+                gemms=table)
+
+
+def print_table(r):
+    print(f"\n{r['shape']}: {r['rows']:,} routed rows, {r['experts']} experts, hidden {r['hidden']}, expert width "
+          f"{r['width']} ({r['gpu']}, copy bandwidth {r['copy_gb_per_s']:.0f} GB/s); ms per layer and step")
+    head = f"{'GEMM':<16}{'bf16':>8}{'fp8 GEMM':>10}{'saved':>8}{'quant (compiled)':>18}{'quant (bound)':>15}{'fp8 err':>9}"
+    print(head + "\n" + "-" * len(head))
+    totals = dict(bf16_ms=0.0, fp8_gemm_ms=0.0, quant_compiled_ms=0.0, quant_bound_ms=0.0)
+    for row in r["gemms"]:
+        saved = row["bf16_ms"] - row["fp8_gemm_ms"]
+        print(f"{row['gemm']:<16}{row['bf16_ms']:8.3f}{row['fp8_gemm_ms']:10.3f}{saved:8.3f}"
+              f"{row['quant_compiled_ms']:18.3f}{row['quant_bound_ms']:15.3f}{row['fp8_rel_err']:9.1e}")
+        for key in totals:
+            totals[key] += row[key]
+    saved = totals["bf16_ms"] - totals["fp8_gemm_ms"]
+    print(f"{'total':<16}{totals['bf16_ms']:8.3f}{totals['fp8_gemm_ms']:10.3f}{saved:8.3f}"
+          f"{totals['quant_compiled_ms']:18.3f}{totals['quant_bound_ms']:15.3f}")
+    net = saved - totals["quant_bound_ms"]
+    print(f"FP8 saves {saved:.3f} ms of GEMM per layer and step; quantising its operands costs at least "
+          f"{totals['quant_bound_ms']:.3f} ms (torch.compile'd casts: {totals['quant_compiled_ms']:.3f} ms): "
+          f"net {net:+.3f} ms at best.")
+    r["totals"] = dict(totals, saved_ms=saved, net_at_best_ms=net)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="qwen3-30b-a3b")
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available() or not hasattr(torch, "_scaled_grouped_mm"):
+        sys.exit("fp8_experts.py needs a CUDA GPU (Hopper or newer) and torch._scaled_grouped_mm")
+    result = measure(args)
+    print_table(result)
+    write_results(args, [result])
+
+
+if __name__ == "__main__":
+    main()
