@@ -187,8 +187,8 @@ def test_expert_counts_match_bincount_without_a_host_read():
 
 @pytest.mark.parametrize("model_type", MOE_FAMILIES)
 def test_compiled_rmsnorm_formula_is_the_familys(model_type):
-    """The formula compiled on GPU (ops/rmsnorm.py), run eagerly here: equal to each family's RMSNorm in fp32,
-    outputs and gradients, for whichever variant the plan proved for it."""
+    """The forward and backward formulas compiled on GPU (ops/rmsnorm.py), run eagerly here: equal to each
+    family's RMSNorm in fp32, outputs and gradients, for whichever variant the plan proved for it."""
     from moe_patch.ops import rmsnorm
 
     model = build(model_type)
@@ -203,7 +203,7 @@ def test_compiled_rmsnorm_formula_is_the_familys(model_type):
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     w2 = stock.weight.detach().clone().requires_grad_()
     ref = stock(x1)
-    out = rmsnorm._FORMULAS[variant](x2, w2, rmsnorm.eps_of(stock))
+    out = rmsnorm.compiled_norm(x2, w2, rmsnorm.eps_of(stock), variant)
     assert rel_err(out, ref) < 1e-5
     dy = torch.randn(ref.shape, generator=g)
     gx1, gw1 = torch.autograd.grad(ref, (x1, stock.weight), dy)
@@ -217,3 +217,23 @@ def test_rmsnorm_preference_without_the_compiler(monkeypatch):
     assert backends.preference("rmsnorm")[0] == "torch"
     monkeypatch.setenv("MOE_PATCH_COMPILE", "0")
     assert backends.preference("rmsnorm")[0] == "liger"  # torch's uncompiled GPU RMSNorm is the slowest
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_compiled_rmsnorm_dtypes_follow_the_family(x_dtype, w_dtype):
+    """Output and gradient dtypes as the stock module's (bf16 model; bf16 activations over fp32 weights),
+    values within bf16 rounding."""
+    from moe_patch.ops import rmsnorm
+
+    stock = next(m for m in build("qwen3_moe").modules() if type(m).__name__.endswith("RMSNorm")).to(w_dtype)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, stock.weight.shape[0], generator=g).to(x_dtype)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w2 = stock.weight.detach().clone().requires_grad_()
+    ref, out = stock(x1), rmsnorm.compiled_norm(x2, w2, rmsnorm.eps_of(stock), "scale")
+    assert out.dtype == ref.dtype and rel_err(out, ref) < 1e-2
+    dy = torch.randn(ref.shape, generator=g).to(ref.dtype)
+    gx1, gw1 = torch.autograd.grad(ref, (x1, stock.weight), dy)
+    gx2, gw2 = torch.autograd.grad(out, (x2, w2), dy)
+    assert (gx2.dtype, gw2.dtype) == (gx1.dtype, gw1.dtype)
+    assert rel_err(gx2, gx1) < 2e-2 and rel_err(gw2, gw1) < 2e-2

@@ -6,6 +6,10 @@ q-norm / k-norm rows (128 wide), against Liger 197 / 497 / 71, TE 94 / 294 / 107
 F.rms_norm 166 / 798 / 280 (its backward is slow over narrow rows). Liger's backward also zero-fills its
 output first. Without a compiler (MOE_PATCH_COMPILE=0, CPU) F.rms_norm is used.
 
+The forward and backward formulas are compiled separately, without autograd, inside one autograd.Function:
+a training forward is host-bound on an H200 machine, and a compiled function called with autograd on
+(AOTAutograd's runtime wrapper) costs noticeably more host time per call than one called without.
+
 Two variants exist among v5 families: `weight * norm(x)` (Llama, Qwen, DeepSeek, GPT-OSS, Nemotron-H;
 they differ only in where the bf16 rounding happens) and `(1 + weight) * norm(x)` (Gemma-style, Qwen3-Next).
 Which one a class is gets proven numerically at plan time (see probe.py), never assumed from a name.
@@ -41,7 +45,7 @@ class TorchRMSNorm(Replacement):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if compiled.active(hidden_states):
-            return compiled.run(_FORMULAS[self.variant], hidden_states, self.weight, self.eps)
+            return _CompiledRMSNorm.apply(hidden_states, self.weight, self.eps, self.variant)
         shape = (hidden_states.shape[-1],)
         if self.variant == "offset":
             y = F.rms_norm(hidden_states.float(), shape, eps=self.eps) * (1.0 + self.weight.float())
@@ -56,21 +60,63 @@ class TorchRMSNorm(Replacement):
         return f"{super().extra_repr()}, variant={self.variant}, eps={self.eps}"
 
 
-def _scale_norm(x, weight, eps: float):
+class _CompiledRMSNorm(torch.autograd.Function):
+    """RMSNorm with both directions compiled (on CUDA; eager elsewhere: the reference for the tests)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float, variant: str):
+        y, rstd = compiled.run(_FORWARD[variant], x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.variant = variant
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = compiled.run(_BACKWARD[ctx.variant], dy, x, weight, rstd)
+        return dx, dw, None, None
+
+
+def _scale_forward(x, weight, eps: float):
     """weight * norm(x): statistics in fp32, normalised x rounded to x's dtype (Llama / Qwen / DeepSeek)."""
     x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * y.to(x.dtype)
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * rstd).to(x.dtype), rstd
 
 
-def _offset_norm(x, weight, eps: float):
+def _offset_forward(x, weight, eps: float):
     """(1 + weight) * norm(x), all in fp32 (Gemma-style)."""
     x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * (1.0 + weight.float())).to(x.dtype)
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * rstd * (1.0 + weight.float())).to(x.dtype), rstd
 
 
-_FORMULAS = {"scale": _scale_norm, "offset": _offset_norm}
+def _input_grad(g, x_hat, rstd):
+    """d norm(x) given g = dL/d norm(x): rstd * (g - x_hat * mean(g * x_hat)), all fp32."""
+    return rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+
+
+def _scale_backward(dy, x, weight, rstd):
+    x_hat = x.float() * rstd
+    dx = _input_grad(dy.float() * weight.float(), x_hat, rstd)
+    dw = (dy.float() * x_hat.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0)  # the rounded x_hat, as forward
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
+def _offset_backward(dy, x, weight, rstd):
+    x_hat = x.float() * rstd
+    dx = _input_grad(dy.float() * (1.0 + weight.float()), x_hat, rstd)
+    dw = (dy.float() * x_hat).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
+_FORWARD = {"scale": _scale_forward, "offset": _offset_forward}
+_BACKWARD = {"scale": _scale_backward, "offset": _offset_backward}
+
+
+def compiled_norm(x, weight, eps: float, variant: str):
+    """The compiled path's function (eager off CUDA): what TorchRMSNorm runs on a GPU."""
+    return _CompiledRMSNorm.apply(x, weight, eps, variant)
 
 
 def label(backend: str, variant: str, module) -> str:
