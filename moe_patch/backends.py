@@ -32,16 +32,17 @@ IMPLEMENTED = {
 # "auto" tries these in order (those implementing the kind); measured on H200 (CHANGELOG.md): TE's fused
 # permute beats torch's sort for experts; moe_patch's chunked loss (few large chunks) beats Liger's (many
 # small ones) at 150k-200k vocabularies, within the memory aim; torch's RMSNorm (the family's formula,
-# torch.compile'd on GPU) takes half the GPU time of Liger's or TE's over the Qwen3-30B-A3B shapes (ops/rmsnorm.py).
+# torch.compile'd on GPU) takes about half the GPU time of Liger's or TE's at the Qwen3-30B-A3B shapes and
+# is 2% faster end to end (ops/rmsnorm.py, CHANGELOG 0.5.0).
 PREFERENCE = {kind: ("te", "liger", "torch") for kind in KINDS}
 PREFERENCE["rmsnorm"] = ("torch", "liger", "te")
+PREFERENCE["loss"] = ("torch", "liger")
 
 
 def preference(kind: str) -> tuple[str, ...]:
     if kind == "rmsnorm" and not compiled.enabled():  # uncompiled, torch's GPU RMSNorm is the slowest
         return ("liger", "te", "torch")
     return PREFERENCE[kind]
-PREFERENCE["loss"] = ("torch", "liger")
 
 
 def _has_module(name: str) -> bool:

@@ -1,6 +1,6 @@
-"""Small pointwise / row-reduction functions (today: RMSNorm, the chunked loss's softmax-gradient step where
-Liger's kernel is not used, and its gradient scaling) run torch.compile'd on CUDA (one fused kernel instead of a chain of
-elementwise kernels), eagerly elsewhere (CPU: the exact reference).
+"""Small pointwise / row-reduction functions (today: RMSNorm's forward and backward, the chunked loss's
+softmax-gradient step where Liger's kernel is not used, and its gradient scaling) run torch.compile'd on
+CUDA (fused kernels instead of a chain of elementwise ones), eagerly elsewhere (CPU: the exact reference).
 
 MOE_PATCH_COMPILE=0 keeps them eager everywhere (e.g. where Triton cannot build kernels); a compiler
 failure at run time also falls back to the eager function, with one warning: training never stops on it.
