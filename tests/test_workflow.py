@@ -72,6 +72,31 @@ def test_torch_compile_of_patched_model():
     assert rel_err(compiled(ids).logits, stock(ids).logits) < 1e-5
 
 
+def test_gpu_compiled_path_traces_under_torch_compile(monkeypatch):
+    """The GPU path of moe_patch's compiled helpers (RMSNorm's autograd.Function around compiled formulas),
+    forced on here with the aot_eager backend (no C++ toolchain): training loss and norm-weight gradients equal
+    stock, eagerly and inside a user's torch.compile of the whole model."""
+    from moe_patch.ops import compiled
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: compile_(fn, **{**kw, "backend": "aot_eager"}))
+    monkeypatch.setattr(compiled, "_CACHE", {})
+    monkeypatch.setattr(compiled, "active", lambda t: True)
+    stock = build("qwen3_moe")
+    ids = inputs()
+    ref = stock(input_ids=ids, labels=ids).loss
+    ref.backward()
+    for wrap in (lambda m: m, torch.compile):
+        patched = moe_patch.apply(copy.deepcopy(stock))
+        patched.zero_grad(set_to_none=True)
+        loss = wrap(patched)(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert rel_err(loss, ref) < 1e-5
+        for name in ("model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.q_norm.weight"):
+            assert rel_err(patched.get_parameter(name).grad, stock.get_parameter(name).grad) < 1e-4, name
+    assert compiled._CACHE  # the helpers did go through torch.compile
+
+
 # --- misuse ----------------------------------------------------------------------------------------------
 
 def _modules(model):
