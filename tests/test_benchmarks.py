@@ -67,3 +67,16 @@ def test_fp8_experts_quantiser_and_cpu_refusal():
         run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "fp8_experts.py")],
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
         assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
+
+
+def test_kind_timing_host_mode_on_cpu(tmp_path):
+    """kind_timing.py --host (host time per training-forward call) runs without a GPU and reports each
+    replaced kind once, stock and patched."""
+    out = tmp_path / "kinds.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "kind_timing.py"), "--host", "--device", "cpu",
+           "--shape", "tiny:qwen3_moe", "--repeats", "5", "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["kind"] for r in rows} == {"attention", "rmsnorm", "experts", "router"}
+    assert all(r["stock_us"] > 0 and r["patched_us"] > 0 for r in rows)
