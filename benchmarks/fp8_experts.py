@@ -15,10 +15,9 @@ the top-k of random logits (close to balanced). The verdict: GEMM time saved aga
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
-from steps import write_results
+from steps import add_shape_arguments, median_cuda_ms, write_results
 
 E4M3_MAX = 448.0
 
@@ -31,22 +30,6 @@ def _rowwise(x):
     scale = E4M3_MAX / amax
     data = (x.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return data, (1.0 / scale).squeeze(-1)
-
-
-def _median_ms(fn, repeats):
-    import torch
-
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(args):
@@ -77,20 +60,20 @@ def measure(args):
              ("down input-grad", rand(rows, hidden), w_down.transpose(-2, -1).contiguous()),
              ("up input-grad", rand(rows, 2 * width), w_up.transpose(-2, -1).contiguous())]
     copy_src = rand(256 * 1024 * 1024 // 2)  # 256 MiB: this GPU's copy bandwidth, read + write
-    copy_ms = _median_ms(lambda: copy_src.clone(), args.repeats)
+    copy_ms = median_cuda_ms(lambda: copy_src.clone(), args.repeats)
     bytes_per_ms = 2 * copy_src.numel() * 2 / copy_ms
 
     table = []
     for name, a, w_nk in gemms:
         w_t = w_nk.transpose(-2, -1)  # [E, K, N], column-major
-        bf16_ms = _median_ms(lambda: F.grouped_mm(a, w_t, offs=offs), args.repeats)
+        bf16_ms = median_cuda_ms(lambda: F.grouped_mm(a, w_t, offs=offs), args.repeats)
         (a8, sa), (w8, sw) = quant(a), quant(w_nk)
-        fp8_ms = _median_ms(lambda: torch._scaled_grouped_mm(a8, w8.transpose(-2, -1), sa, sw, offs,
+        fp8_ms = median_cuda_ms(lambda: torch._scaled_grouped_mm(a8, w8.transpose(-2, -1), sa, sw, offs,
                                                              out_dtype=bf16, use_fast_accum=True), args.repeats)
         # for the input-grad GEMMs the weight's transposed copy already exists here: the compiled time leaves
         # the transpose out, the bound counts one read + one write per element either way
-        quant_a_ms = _median_ms(lambda: quant(a), args.repeats)
-        quant_w_ms = _median_ms(lambda: quant(w_nk), args.repeats)
+        quant_a_ms = median_cuda_ms(lambda: quant(a), args.repeats)
+        quant_w_ms = median_cuda_ms(lambda: quant(w_nk), args.repeats)
         moved = (a.numel() + w_nk.numel()) * 3  # read 2 bytes, write 1, per element of both operands
         # correctness of the FP8 path against the dequantised operands in fp32 (first expert only)
         n0 = int(offs[0])
@@ -129,11 +112,8 @@ def print_table(r):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="qwen3-30b-a3b")
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=4)
+    add_shape_arguments(parser)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     import torch
 

@@ -17,25 +17,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 
 import torch
+
+from steps import add_shape_arguments, median_cuda_ms
 
 
 def time_module(module, args, kwargs, repeats):
     from moe_patch.verify import run_module
 
-    for _ in range(3):
-        run_module(module, args, kwargs)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run_module(module, args, kwargs)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_cuda_ms(lambda: run_module(module, args, kwargs), repeats)
 
 
 def host_us(module, args, kwargs, repeats):
@@ -64,14 +55,11 @@ def _sync(args):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="qwen3-30b-a3b")
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=4)
+    add_shape_arguments(parser)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--host", action="store_true", help="host us per training-forward call, one-token batch")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu (with --host: a smoke run)")
-    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.host:
         args.batch, args.seq, args.repeats = 1, 1, max(args.repeats, 300)

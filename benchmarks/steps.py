@@ -1,5 +1,5 @@
 """Shared by the benchmarks: their common arguments, the timed training loop (fwd / bwd / optimizer times),
-the results writer and the bar chart. torch is imported where used: the launching processes stay light."""
+a CUDA-event timer, the results writer and the bar chart. torch is imported where used: the launching processes stay light."""
 from __future__ import annotations
 
 import statistics
@@ -7,18 +7,40 @@ import sys
 import time
 
 
-def add_step_arguments(parser, steps: int, warmup: int) -> None:
-    """The arguments of every training-step benchmark: model shape and size, steps, timing method, JSON."""
+def add_shape_arguments(parser) -> None:
+    """Model shape, tokens per micro-batch and the JSON output: the arguments every benchmark takes."""
     parser.add_argument("--shape", default="qwen3-30b-a3b")
-    parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--json", default=None)
+
+
+def add_step_arguments(parser, steps: int, warmup: int) -> None:
+    """The arguments of every training-step benchmark: model shape and size, steps, timing method, JSON."""
+    add_shape_arguments(parser)
+    parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--sync-phases", action="store_true",
                         help="synchronise after forward, backward and optimizer (0.1-0.3's method) instead of "
                              "once per step with CUDA events for the split")
-    parser.add_argument("--json", default=None)
+
+
+def median_cuda_ms(fn, repeats: int, warmup: int = 3) -> float:
+    """Median GPU milliseconds of fn() over `repeats` calls, each between two CUDA events."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def timed_steps(model, opt, ids, warmup: int, steps: int, sync_phases: bool = False) -> dict:

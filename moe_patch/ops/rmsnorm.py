@@ -45,7 +45,7 @@ class TorchRMSNorm(Replacement):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if compiled.active(hidden_states):
-            return _CompiledRMSNorm.apply(hidden_states, self.weight, self.eps, self.variant)
+            return compiled_norm(hidden_states, self.weight, self.eps, self.variant)
         shape = (hidden_states.shape[-1],)
         if self.variant == "offset":
             y = F.rms_norm(hidden_states.float(), shape, eps=self.eps) * (1.0 + self.weight.float())
