@@ -45,7 +45,7 @@ def _supports_sdpa(model) -> bool:
 
 def _parallel(mesh, options) -> dict:
     """The expert-parallel options as asked for, defaults filled in (for the idempotence check)."""
-    return dict(dict(dispatcher="auto", max_tokens_per_rank=None), **options) if mesh is not None else dict(options)
+    return dict(dict(dispatcher="auto", max_tokens_per_rank=None, shared_overlap=True), **options) if mesh is not None else dict(options)
 
 
 def is_patched(model) -> bool:
@@ -75,7 +75,8 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     fp8: None, "delayed", "current" or "mxfp8": linear layers run on TransformerEngine under that FP8
     recipe (needs TE and a GPU that supports the recipe; the HF weights stay the master weights).
     With a mesh (a DeviceMesh with an "ep" dimension; call apply on every rank): dispatcher="auto" |
-    "all_to_all" | "te_ep" | "deepep" and max_tokens_per_rank (te_ep's buffer size), see README.md.
+    "all_to_all" | "te_ep" | "deepep", max_tokens_per_rank (te_ep's buffer size) and shared_overlap (default
+    True: a block's shared expert runs beside the token dispatch where the family allows it), see README.md.
     On any error the model is left exactly as it was. See README.md for the flags.
     """
     given = dict(attention=attention, rmsnorm=rmsnorm, linear=linear, experts=experts, router=router, loss=loss,

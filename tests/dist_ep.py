@@ -90,6 +90,10 @@ def run_family(model_type, mesh, rank, size):
     check(rel_err(out_p.loss, out_s.loss) < TOL, f"loss rel err {rel_err(out_p.loss, out_s.loss):.2e}")
     out_s.loss.backward()
     out_p.loss.backward()
+    pairs = [m._overlap for m in map(dict(patched.named_modules()).get, experts) if m._overlap is not None]
+    if model_type in ("deepseek_v3", "glm4_moe", "nemotron_h"):  # blocks that call their experts first
+        check(pairs and all(p.handed >= 2 for p in pairs), "shared expert not computed beside the dispatch")
+        check(all("beside the dispatch" in r.reason for r in rows), "shared-expert overlap not reported")
     if DTYPE == torch.float32:
         # in bf16 a router near-tie can flip an expert choice between the two models and change the
         # whole-model gradients discretely; the module-level checks below hold the routing fixed
@@ -458,6 +462,12 @@ def run_checkpointed(model_type, mesh, rank, size):
     check(rel_err(out_p.loss, out_s.loss) < TOL, f"loss rel err {rel_err(out_p.loss, out_s.loss):.2e}")
     out_s.loss.backward()
     out_p.loss.backward()
+    modules = dict(patched.named_modules())
+    pairs = [modules[n]._overlap for n in expert_names(patched) if modules[n]._overlap is not None]
+    if model_type in ("deepseek_v3", "glm4_moe", "nemotron_h"):
+        # the forward hands over; the recomputation runs the shared expert inside the experts again and stops
+        # there (torch's checkpoint stops once every saved tensor is back), so the block's call never comes
+        check(pairs and all(p.handed == 1 and p.kept is None for p in pairs), "shared expert not handed over")
     if DTYPE == torch.float32:
         compare_grads(stock, patched, rank, size, expert_names(patched))
     if rank == 0:

@@ -183,3 +183,27 @@ def test_te_replacements_train_under_fsdp2(tmp_path):
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "nemotron_h", "qwen2_moe"])
+def test_shared_expert_overlap_on_cuda_streams(model_type):
+    """The dispatch on a side stream beside the shared expert (parallel/overlap.py, installed here without a
+    mesh, so the local dispatcher runs there): the same results as the same patched model without it."""
+    from moe_patch.engine import RECORD
+    from moe_patch.parallel import overlap
+    from util import run
+
+    stock = build(model_type, dtype=torch.bfloat16).cuda()
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    ids = torch.randint(0, 256, (2, 64), device="cuda")
+    logits0, loss0, grads0 = run(patched, ids)
+    pairs = overlap.install(patched, getattr(patched, RECORD))
+    logits1, loss1, grads1 = run(patched, ids)
+    assert rel_err(logits1, logits0) < 2e-2 and rel_err(loss1, loss0) < 2e-2
+    assert grads0.keys() == grads1.keys()
+    for name, g in grads0.items():
+        assert rel_err(grads1[name], g) < 2e-2, name
+    with torch.no_grad():
+        assert rel_err(logits1, stock(input_ids=ids).logits) < 2e-2
+    handed = sum(p.handed for p in pairs.values())
+    assert handed == (0 if model_type == "qwen2_moe" else 2 * len(pairs))

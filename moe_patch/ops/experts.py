@@ -114,6 +114,7 @@ class GroupedExperts(Replacement):
         self.up_name = "gate_up_proj" if self.has_gate else "up_proj"
         self.num_experts = getattr(self, self.up_name).shape[0]  # local experts once sharded
         self.num_global_experts = self.num_experts
+        self._overlap = None  # with expert parallelism, maybe the block's shared expert (parallel/overlap.py)
         if backend == "te":
             from .te_permute import TEPermuteDispatcher  # lazy: TE only on GPU machines
 
@@ -142,7 +143,11 @@ class GroupedExperts(Replacement):
     def forward(self, hidden_states, top_k_index=None, top_k_weights=None, **aliases):
         top_k_index = aliases.pop("router_indices", top_k_index)
         top_k_weights = aliases.pop("routing_weights", top_k_weights)
-        d = self.dispatcher.dispatch(hidden_states, top_k_index, top_k_weights, self.num_global_experts)
+        routed = (hidden_states, top_k_index, top_k_weights, self.num_global_experts)
+        if self._overlap is not None:
+            d = self._overlap.dispatch(self.dispatcher, *routed)
+        else:
+            d = self.dispatcher.dispatch(*routed)
         out = self.compute(d)
         return self.dispatcher.combine(out, d, hidden_states.dtype)
 

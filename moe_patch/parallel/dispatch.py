@@ -48,6 +48,7 @@ def _sort_chunks(x, sizes_list, sizes, order_list, use_te):
 
 class AllToAllDispatcher:
     name = "all_to_all"
+    takes_in_flight = True  # dispatch(..., in_flight=fn): fn() runs while the rows travel (overlap.py)
 
     def __init__(self, group, ep_size: int, num_local: int, permuter=None):
         self.group, self.ep_size, self.num_local = group, ep_size, num_local
@@ -58,7 +59,7 @@ class AllToAllDispatcher:
         self._by_expert = grid.t().reshape(-1).tolist()  # (rank, expert) chunks -> expert-major
         self._by_rank = torch.arange(ep_size * num_local).view(num_local, ep_size).t().reshape(-1).tolist()
 
-    def dispatch(self, hidden, top_k_index, top_k_weights, num_experts) -> Dispatched:
+    def dispatch(self, hidden, top_k_index, top_k_weights, num_experts, in_flight=None) -> Dispatched:
         src = self.permuter.dispatch(hidden, top_k_index, top_k_weights, num_experts)
         counts = src.counts  # [E] rows from here per global expert, grouped by owning rank
         counts_recv = torch.empty_like(counts)  # [R * L]: rows rank r sends to my local expert e
@@ -68,7 +69,10 @@ class AllToAllDispatcher:
         L = self.num_local
         send_splits = [sum(sent[r * L:(r + 1) * L]) for r in range(self.ep_size)]
         recv_splits = [sum(recv[r * L:(r + 1) * L]) for r in range(self.ep_size)]
-        received = _wait(all_to_all_single_autograd(src.x, recv_splits, send_splits, self.group))
+        received = all_to_all_single_autograd(src.x, recv_splits, send_splits, self.group)
+        if in_flight is not None:
+            in_flight()  # queued on the compute stream while NCCL's stream moves the rows
+        received = _wait(received)
         rows = _sort_chunks(received, recv, counts_recv, self._by_expert, self.use_te)
         local_counts = counts_recv.view(self.ep_size, L).sum(0)
         self.last_counts = local_counts.detach()
@@ -175,12 +179,18 @@ class DeferredDispatcher:
     def name(self) -> str:
         return self.inner.name if self.inner is not None else "auto"
 
-    def dispatch(self, hidden, top_k_index, top_k_weights, num_experts) -> Dispatched:
+    takes_in_flight = True
+
+    def dispatch(self, hidden, top_k_index, top_k_weights, num_experts, in_flight=None) -> Dispatched:
         if self.inner is None:
             chosen = self.choice.decide(hidden.dtype)
             group, ep_size, num_local, permuter, max_tokens = self._args
             extra = dict(max_tokens_per_rank=max_tokens) if chosen == "te_ep" else {}
             self.inner = DISPATCHERS[chosen]()(group, ep_size, num_local, permuter=permuter, **extra)
+        if getattr(self.inner, "takes_in_flight", False):
+            return self.inner.dispatch(hidden, top_k_index, top_k_weights, num_experts, in_flight=in_flight)
+        if in_flight is not None:
+            in_flight()
         return self.inner.dispatch(hidden, top_k_index, top_k_weights, num_experts)
 
     def combine(self, out, d: Dispatched, hidden_dtype):

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from ..errors import MeshError, PatchError
 from ..ops.experts import GroupedExperts
-from . import dispatch
+from . import dispatch, overlap
 
 
 def _ep_mesh(mesh):
@@ -38,8 +38,11 @@ def _expert_count(module) -> int | None:
     return None
 
 
-def validate(model, mesh, dispatcher: str = "auto", max_tokens_per_rank: int | None = None) -> dict:
+def validate(model, mesh, dispatcher: str = "auto", max_tokens_per_rank: int | None = None,
+             shared_overlap: bool = True) -> dict:
     """Check the mesh against the model and resolve the dispatcher; returns the options for shard()."""
+    if not isinstance(shared_overlap, bool):
+        raise PatchError(f"shared_overlap must be True or False, got {shared_overlap!r}")
     if dispatcher not in dispatch.NAMES:
         raise PatchError(f"dispatcher must be one of {list(dispatch.NAMES)}, got {dispatcher!r}")
     if max_tokens_per_rank is not None and (not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1):
@@ -55,7 +58,7 @@ def validate(model, mesh, dispatcher: str = "auto", max_tokens_per_rank: int | N
                 raise MeshError(f"{path}: {n} experts cannot be split evenly over ep={ep} ranks")
             dtype = dtype or next(module.parameters()).dtype
     name, why = dispatch.choose(dispatcher, ep_mesh.get_group(), dtype)
-    return dict(dispatcher=name, why=why, max_tokens_per_rank=max_tokens_per_rank)
+    return dict(dispatcher=name, why=why, max_tokens_per_rank=max_tokens_per_rank, shared_overlap=shared_overlap)
 
 
 def check_plan(plan, mesh) -> None:
@@ -70,7 +73,7 @@ def _block(tensor, rank, size):
     return tensor[rank * n:(rank + 1) * n]
 
 
-def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=None):
+def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=None, shared_overlap=True):
     ep_mesh = _ep_mesh(mesh)
     group, rank, size = ep_mesh.get_group(), ep_mesh.get_local_rank(), ep_mesh.size()
     experts = [m for _, _, m in record.swaps if isinstance(m, GroupedExperts)]
@@ -105,9 +108,11 @@ def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=No
         module._ep_grad_hooks = [module._parameters[n].register_hook(functools.partial(_mean_over, size))
                                  for n in names if module._parameters[n].requires_grad]  # frozen: no gradient
     _ignore_in_ddp(model, blocks)
+    pairs = overlap.install(model, record) if shared_overlap else {}
     for row in rows:
         row.replacement += f" + ep{size}/{dispatcher}"
-        row.reason = "; ".join(x for x in (row.reason, f"dispatcher {dispatcher}: {why}") if x)
+        extra = f"shared expert {pairs[row.path].name} computed beside the dispatch" if row.path in pairs else ""
+        row.reason = "; ".join(x for x in (row.reason, f"dispatcher {dispatcher}: {why}", extra) if x)
     return experts
 
 
