@@ -1,8 +1,8 @@
 """Shared experts computed while the routed tokens are in flight (expert parallelism).
 
 Families with shared experts run a dense MLP on the MoE block's input beside the routed experts; its result
-does not depend on the dispatch. Where the block calls the routed experts first (DeepSeek-V2/V3, GLM-4-MoE,
-dots1, Nemotron-H without a latent projection: `experts(...)` then `shared_experts(residuals)`), the experts
+does not depend on the dispatch. Where the block calls the routed experts first (DeepSeek-V3, GLM-4-MoE,
+Nemotron-H without a latent projection: `experts(...)` then `shared_experts(residuals)`), the experts
 module runs the shared expert itself while its tokens travel, and the block's own later call gets that
 result back. With the all-to-all dispatcher the shared expert's kernels are queued on the compute stream
 between the launch of the rows' all-to-all (NCCL's stream) and the wait for it, so the two run together;
