@@ -45,7 +45,8 @@ def _supports_sdpa(model) -> bool:
 
 def _parallel(mesh, options) -> dict:
     """The expert-parallel options as asked for, defaults filled in (for the idempotence check)."""
-    return dict(dict(dispatcher="auto", max_tokens_per_rank=None, shared_overlap=True), **options) if mesh is not None else dict(options)
+    defaults = dict(dispatcher="auto", max_tokens_per_rank=None, shared_overlap=True)
+    return dict(defaults, **options) if mesh is not None else dict(options)
 
 
 def is_patched(model) -> bool:
