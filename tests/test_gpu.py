@@ -187,8 +187,9 @@ def test_te_replacements_train_under_fsdp2(tmp_path):
 
 @pytest.mark.parametrize("model_type", ["deepseek_v3", "nemotron_h", "qwen2_moe"])
 def test_shared_expert_overlap_on_cuda_streams(model_type):
-    """The dispatch on a side stream beside the shared expert (parallel/overlap.py, installed here without a
-    mesh, so the local dispatcher runs there): the same results as the same patched model without it."""
+    """The shared expert computed by the experts module and handed to the block (parallel/overlap.py,
+    installed here without a mesh: the local dispatcher) on CUDA: the same results as the same patched model
+    without it, and as stock. Under expert parallelism on 2 GPUs dist_ep.py checks it too."""
     from moe_patch.engine import RECORD
     from moe_patch.parallel import overlap
     from util import run

@@ -87,6 +87,16 @@ class AllToAllDispatcher:
         return self.permuter.combine(back, src, hidden_dtype)
 
 
+def dispatch_with(dispatcher, in_flight, *routed) -> Dispatched:
+    """dispatcher.dispatch(*routed) with in_flight() (if given) run while the tokens travel, where the
+    dispatcher has such a window (takes_in_flight), else right before."""
+    if in_flight is not None and getattr(dispatcher, "takes_in_flight", False):
+        return dispatcher.dispatch(*routed, in_flight=in_flight)
+    if in_flight is not None:
+        in_flight()
+    return dispatcher.dispatch(*routed)
+
+
 def _te_ep():
     from .te_ep import TEEPDispatcher  # lazy: TE only where installed
 
@@ -187,11 +197,7 @@ class DeferredDispatcher:
             group, ep_size, num_local, permuter, max_tokens = self._args
             extra = dict(max_tokens_per_rank=max_tokens) if chosen == "te_ep" else {}
             self.inner = DISPATCHERS[chosen]()(group, ep_size, num_local, permuter=permuter, **extra)
-        if getattr(self.inner, "takes_in_flight", False):
-            return self.inner.dispatch(hidden, top_k_index, top_k_weights, num_experts, in_flight=in_flight)
-        if in_flight is not None:
-            in_flight()
-        return self.inner.dispatch(hidden, top_k_index, top_k_weights, num_experts)
+        return dispatch_with(self.inner, in_flight, hidden, top_k_index, top_k_weights, num_experts)
 
     def combine(self, out, d: Dispatched, hidden_dtype):
         return self.inner.combine(out, d, hidden_dtype)

@@ -21,6 +21,8 @@ import warnings
 
 import torch
 
+from .dispatch import dispatch_with
+
 SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp")  # the blocks' attribute, by family
 
 
@@ -38,7 +40,7 @@ class SharedExpertOverlap:
         self.kept = None  # (key, output) computed by the experts module, for the block's call
         self.ran = None  # key of an input the block already ran the shared expert on
         self.off = None  # why the handover is off for this block (None: on)
-        self.handed = 0  # results handed over so far (tests, report)
+        self.handed = 0  # results handed over so far (what the tests check)
         shared.forward = self.shared_forward  # instance attribute: the class is untouched
         self.handles = [block.register_forward_pre_hook(self._enter, with_kwargs=True),
                         block.register_forward_hook(self._leave, always_call=True)]
@@ -68,18 +70,16 @@ class SharedExpertOverlap:
     def dispatch(self, dispatcher, hidden, top_k_index, top_k_weights, num_experts):
         """dispatcher.dispatch(...), with the block's shared expert computed while the tokens travel."""
         key = _key(hidden)
+        routed = (hidden, top_k_index, top_k_weights, num_experts)
         if self.off is not None or self.ran == key or self.block_input != key:
             # handover off, the block already ran it (Qwen2-MoE order), or the experts' input is not the
             # block's (Nemotron-H's latent projection): the block runs its shared expert itself
-            return dispatcher.dispatch(hidden, top_k_index, top_k_weights, num_experts)
+            return dispatcher.dispatch(*routed)
 
         def in_flight():
             self.kept = (key, self.forward(hidden))
 
-        if getattr(dispatcher, "takes_in_flight", False):
-            return dispatcher.dispatch(hidden, top_k_index, top_k_weights, num_experts, in_flight=in_flight)
-        in_flight()
-        return dispatcher.dispatch(hidden, top_k_index, top_k_weights, num_experts)
+        return dispatch_with(dispatcher, in_flight, *routed)
 
     def remove(self, experts) -> None:
         del self.shared.forward  # back to the class's forward
