@@ -482,6 +482,14 @@ def run_fsdp(model_type, mesh, rank, size):
     patched = copy.deepcopy(stock)
     moe_patch.apply(patched, mesh=mesh, dispatcher=DISPATCHER)
     fully_shard_moe(patched, mesh)
+    # 1-D mesh: the experts are DTensors on a one-rank mesh that FSDP2 does not manage (no copies per step)
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    for m in patched._moe_patch.sharded:
+        check(not isinstance(m, FSDPModule) and all(isinstance(p, DTensor) and p.device_mesh.size() == 1
+                                                    for p in m.parameters(recurse=False) if p.dim() >= 2),
+              "fsdp: experts not kept as one-rank DTensors outside FSDP2")
     g = torch.Generator().manual_seed(200 + rank)
     ids = torch.randint(0, 256, (2, 9), generator=g).to(DEVICE)
     loss_s = stock(input_ids=ids, labels=ids).loss

@@ -237,3 +237,25 @@ def test_compiled_rmsnorm_dtypes_follow_the_family(x_dtype, w_dtype):
     gx2, gw2 = torch.autograd.grad(out, (x2, w2), dy)
     assert (gx2.dtype, gw2.dtype) == (gx1.dtype, gw1.dtype)
     assert rel_err(gx2, gx1) < 2e-2 and rel_err(gw2, gw1) < 2e-2
+
+
+@pytest.mark.parametrize("out_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32)])
+def test_weighted_rows_match_the_broadcast_multiply(out_dtype, w_dtype):
+    """weigh_rows (compiled on GPU, eager here) against autograd of out * weights[:, None], the families'
+    formula: output dtype and value, both gradients (rows' and weights') with their dtypes."""
+    from moe_patch.ops.experts import weigh_rows
+
+    g = torch.Generator().manual_seed(11)
+    out = torch.randn(37, 24, generator=g).to(out_dtype)
+    w = torch.rand(37, generator=g).to(w_dtype)
+    o1, w1 = out.clone().requires_grad_(), w.clone().requires_grad_()
+    o2, w2 = out.clone().requires_grad_(), w.clone().requires_grad_()
+    ref, got = o1 * w1.unsqueeze(-1), weigh_rows(o2, w2)
+    assert got.dtype == ref.dtype and rel_err(got, ref) < 1e-5
+    dy = torch.randn(ref.shape, generator=g).to(ref.dtype)
+    go1, gw1 = torch.autograd.grad(ref, (o1, w1), dy)
+    go2, gw2 = torch.autograd.grad(got, (o2, w2), dy)
+    assert (go2.dtype, gw2.dtype) == (go1.dtype, gw1.dtype)
+    tol = 1e-4 if out_dtype == w_dtype == torch.float32 else 1e-2  # bf16 products: rounding order
+    assert rel_err(go2, go1) < tol and rel_err(gw2, gw1) < tol

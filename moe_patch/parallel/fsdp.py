@@ -6,16 +6,24 @@
     optimizer = torch.optim.AdamW(model.parameters(), fused=True)
 
 - non-expert parameters are sharded over every rank of the mesh (as plain FSDP2 would do);
-- experts, already split over `ep`, are sharded over `dp_shard` (size 1 for a 1-D mesh: nothing to split,
-  but they become DTensors like the rest, so one optimizer handles everything);
+- experts, already split over `ep`, are sharded over `dp_shard` by FSDP2. With one rank on `dp_shard` (a 1-D
+  mesh) there is nothing to split, yet FSDP2 would still copy every expert weight at each unshard and every
+  expert gradient through a one-rank reduce-scatter (about 0.6 GB per layer each at the Qwen3-30B-A3B
+  shape): there the experts only become DTensors on that one-rank mesh, as FSDP2 would make them (one
+  optimizer still handles everything; the experts module computes with their local tensors);
 - gradients: FSDP averages the non-expert gradients over all ranks; an expert's gradient arrives summed
-  over its ep group (the all-to-all backward), so its FSDP group divides by the whole world size instead:
-  every parameter ends up with the gradient of the mean of the per-rank losses.
+  over its ep group (the all-to-all backward), so it is divided by the whole world size (by its FSDP group,
+  or by a gradient hook on the one-rank path): every parameter ends up with the gradient of the mean of the
+  per-rank losses.
 """
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
 from ..errors import PatchError
 
@@ -39,12 +47,36 @@ def fully_shard_moe(model, mesh, **fsdp_kwargs):
         expert_dp = mesh["dp_shard"]
     else:
         raise PatchError(f"fully_shard_moe supports meshes ('ep',) and ('dp_shard', 'ep'), got {names}")
+    ignored = set()
     for experts in record.sharded:
-        for hook in experts._ep_grad_hooks:  # FSDP's divide factor below does the averaging instead
+        for hook in experts._ep_grad_hooks:  # replaced by FSDP's divide factor, or by the hooks made below
             hook.remove()
-        fully_shard(experts, mesh=expert_dp, **fsdp_kwargs)
-        experts.set_gradient_divide_factor(float(world))
+        experts._ep_grad_hooks = []
+        if expert_dp.size() == 1:
+            ignored |= _as_local_dtensors(experts, expert_dp, world)
+        else:
+            fully_shard(experts, mesh=expert_dp, **fsdp_kwargs)
+            experts.set_gradient_divide_factor(float(world))
+    if ignored:
+        fsdp_kwargs = dict(fsdp_kwargs, ignored_params=ignored | set(fsdp_kwargs.get("ignored_params") or ()))
     for layer in _decoder_layers(model):
         fully_shard(layer, mesh=all_ranks, **fsdp_kwargs)
     fully_shard(model, mesh=all_ranks, **fsdp_kwargs)
     return model
+
+
+def _as_local_dtensors(experts, one_rank_mesh, world) -> set:
+    """The experts' stacked parameters as DTensors on a one-rank mesh (same data, no copy), averaged over
+    the world by a gradient hook; returned for FSDP2's ignored_params (it leaves them alone)."""
+    from .shard import _mean_over
+
+    params = set()
+    for name in experts._ep[3]:
+        old = experts._parameters[name]
+        new = torch.nn.Parameter(DTensor.from_local(old.data, one_rank_mesh, [Shard(0)], run_check=False),
+                                 requires_grad=old.requires_grad)
+        experts._parameters[name] = new
+        if new.requires_grad:
+            experts._ep_grad_hooks.append(new.register_hook(functools.partial(_mean_over, world)))
+        params.add(new)
+    return params

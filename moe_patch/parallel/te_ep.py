@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MeshError
-from ..ops.experts import Dispatched
+from ..ops.experts import Dispatched, weigh_rows
 
 _SESSION = {}  # the process-wide TE EP group: {"key": what it was set up for, "max_tokens": its token limit}
 
@@ -130,5 +130,5 @@ class TEEPDispatcher:
         buffer, row_weights, tokens, weight_dtype = d.state
         # weight in the routing weights' own dtype, as the reference does (TE carries them as fp32): for bf16
         # weights that is a bf16 product, half the memory traffic of an fp32 one, forward and backward
-        weighted = (out * row_weights.to(weight_dtype).unsqueeze(-1)).to(torch.bfloat16)
+        weighted = weigh_rows(out, row_weights.to(weight_dtype)).to(torch.bfloat16)
         return ep.ep_combine(buffer, weighted, num_local_tokens=tokens).to(hidden_dtype)
