@@ -160,6 +160,10 @@ def main():
                    trainer=run_trainer, gc=run_checkpointed)
     for model_type in sys.argv[1:]:
         kind, _, family = model_type.rpartition(":")  # "kind:family" targets print their own "ok" line
+        if kind == "fsdp2d":  # 4 ranks: experts split over ep=2 and sharded by FSDP2 over dp_shard=2
+            mesh2 = init_device_mesh(DEVICE.type, (size // 2, 2), mesh_dim_names=("dp_shard", "ep"))
+            run_fsdp(family, mesh2, rank, size)
+            continue
         if kind:
             targets[kind](family, mesh, rank, size)
             continue
@@ -475,21 +479,26 @@ def run_checkpointed(model_type, mesh, rank, size):
 
 
 def run_fsdp(model_type, mesh, rank, size):
-    """EP + FSDP2: every gradient equals the stock gradient of the mean of the per-rank losses."""
+    """EP + FSDP2: every gradient equals the stock gradient of the mean of the per-rank losses. On a 1-D
+    ("ep",) mesh, or (fsdp2d, 4 ranks) on a ("dp_shard", "ep") mesh where FSDP2 shards the experts too."""
     from moe_patch.parallel.fsdp import fully_shard_moe
+
+    ep_rank, ep_size, two_d = mesh["ep"].get_local_rank(), mesh["ep"].size(), mesh.ndim == 2
 
     stock = build(model_type, dtype=DTYPE).to(DEVICE)
     patched = copy.deepcopy(stock)
     moe_patch.apply(patched, mesh=mesh, dispatcher=DISPATCHER)
     fully_shard_moe(patched, mesh)
-    # 1-D mesh: the experts are DTensors on a one-rank mesh that FSDP2 does not manage (no copies per step)
+    # 1-D mesh: the experts are DTensors on a one-rank mesh that FSDP2 does not manage (no copies per step);
+    # with a dp_shard dimension FSDP2 shards them over it
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     for m in patched._moe_patch.sharded:
-        check(not isinstance(m, FSDPModule) and all(isinstance(p, DTensor) and p.device_mesh.size() == 1
-                                                    for p in m.parameters(recurse=False) if p.dim() >= 2),
-              "fsdp: experts not kept as one-rank DTensors outside FSDP2")
+        stacked = [p for p in m.parameters(recurse=False) if p.dim() >= 2]
+        check(isinstance(m, FSDPModule) == two_d and all(isinstance(p, DTensor) for p in stacked)
+              and all(p.device_mesh.size() == (mesh["dp_shard"].size() if two_d else 1) for p in stacked),
+              f"fsdp: experts not laid out as expected (2-D mesh: {two_d})")
     g = torch.Generator().manual_seed(200 + rank)
     ids = torch.randint(0, 256, (2, 9), generator=g).to(DEVICE)
     loss_s = stock(input_ids=ids, labels=ids).loss
@@ -523,7 +532,7 @@ def run_fsdp(model_type, mesh, rank, size):
         gs = summed(s_params[name].grad if s_params[name].grad is not None else torch.zeros_like(s_params[name]))
         gs = gs / size
         if name.rpartition(".")[0] in experts:
-            gs = block(gs, rank, size)
+            gs = block(gs, ep_rank, ep_size)
         check(rel_err(full, gs) < GTOL, f"fsdp gradient of {name}: {rel_err(full, gs):.2e}")
     # clipping by the global norm equals torch's on the unsharded model
     from moe_patch.parallel.clip import clip_grad_norm_
@@ -536,10 +545,11 @@ def run_fsdp(model_type, mesh, rank, size):
     s_params = dict(stock.named_parameters())
     for name, p in patched.named_parameters():
         gs = s_params[name].grad
-        gs = block(gs, rank, size) if name.rpartition(".")[0] in expert_names(patched) else gs
+        gs = block(gs, ep_rank, ep_size) if name.rpartition(".")[0] in expert_names(patched) else gs
         check(rel_err(p.grad.full_tensor(), gs) < GTOL, f"fsdp clipped gradient of {name}")
     if rank == 0:
-        print(f"ok fsdp {model_type} ep={size}", flush=True)
+        print(f"ok fsdp2d {model_type} ep={ep_size} dp_shard={size // ep_size}" if two_d
+              else f"ok fsdp {model_type} ep={size}", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ def torchrun(nproc, families, **env_extra):
     for family in families:
         kind, _, name = family.rpartition(":")
         expected = f"ok {kind} {name} ep={nproc}" if kind else f"ok {family} ep={nproc}"
+        if kind == "fsdp2d":  # a ("dp_shard", "ep") mesh of nproc // 2 x 2
+            expected = f"ok fsdp2d {name} ep=2 dp_shard={nproc // 2}"
         assert expected in out.stdout
     return out.stdout
 
@@ -34,7 +36,8 @@ def test_expert_parallel_2_ranks_every_family():
 
 @pytest.mark.distributed
 def test_expert_parallel_4_ranks():
-    torchrun(4, ["qwen3_moe", "deepseek_v3", "gpt_oss", "fsdp:deepseek_v3", "ddp:gpt_oss", "resume:mixtral"])
+    torchrun(4, ["qwen3_moe", "deepseek_v3", "gpt_oss", "fsdp:deepseek_v3", "fsdp2d:qwen3_moe", "ddp:gpt_oss",
+                 "resume:mixtral"])
 
 
 def _dispatcher_missing(name):

@@ -47,10 +47,17 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return out if x.shape[0] > 0 else out + 0.0 * w.sum()
 
 
-def local(param: torch.Tensor) -> torch.Tensor:
-    """A parameter's local tensor: expert parameters are DTensors on a one-rank mesh under
-    parallel.fsdp.fully_shard_moe's 1-D path (differentiable; the gradient becomes a DTensor again)."""
-    return param.to_local() if hasattr(param, "to_local") else param
+class _GradTimes(torch.autograd.Function):
+    """Identity forward (a view, no kernel); backward: the gradient times `factor`."""
+
+    @staticmethod
+    def forward(ctx, t, factor: float):
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
 
 
 def grouped_linear(x, weight, offs, bias_rows=None, transposed=False):
@@ -153,6 +160,7 @@ class GroupedExperts(Replacement):
         self.num_experts = getattr(self, self.up_name).shape[0]  # local experts once sharded
         self.num_global_experts = self.num_experts
         self._overlap = None  # with expert parallelism, maybe the block's shared expert (parallel/overlap.py)
+        self.grad_factor = None  # with expert parallelism: 1 / ep (parallel/shard.py)
         if backend == "te":
             from .te_permute import TEPermuteDispatcher  # lazy: TE only on GPU machines
 
@@ -160,20 +168,32 @@ class GroupedExperts(Replacement):
         else:
             self.dispatcher = LocalDispatcher()
 
+    def weight(self, name: str) -> torch.Tensor:
+        """A stacked expert parameter as the plain local tensor the kernels take (under
+        parallel.fsdp.fully_shard_moe's 1-D path it is a DTensor on a one-rank mesh; to_local is
+        differentiable). Under expert parallelism its gradient collects the tokens of every rank (the
+        dispatch's backward sums over the ep group), so it is scaled by grad_factor = 1 / ep: the gradient
+        of the mean of the per-rank losses, as DDP and FSDP give the dense parameters."""
+        p = getattr(self, name)
+        p = p.to_local() if hasattr(p, "to_local") else p
+        if self.grad_factor is not None and p.requires_grad:
+            p = _GradTimes.apply(p, self.grad_factor)
+        return p
+
     def compute(self, d: Dispatched):
         """Grouped expert MLP over rows already grouped by local expert."""
         x = d.x
         offs = torch.cumsum(d.counts, 0).to(torch.int32)
         expert_ids = d.expert_ids() if self.has_bias else None
-        bias = (lambda name: local(getattr(self, name + "_bias"))[expert_ids]) if self.has_bias else (lambda name: None)
-        h = grouped_linear(x, local(getattr(self, self.up_name)), offs, bias(self.up_name), self.is_transposed)
+        bias = (lambda name: self.weight(name + "_bias")[expert_ids]) if self.has_bias else (lambda name: None)
+        h = grouped_linear(x, self.weight(self.up_name), offs, bias(self.up_name), self.is_transposed)
         # TE's fused SwiGLU where it was proven to be the family's gate, else the family's own gate (or
         # activation) on its original module
         if self.has_gate:
             h = self._fused_gate(h) if self._fused_gate is not None else self.original._apply_gate(h)
         else:
             h = self.original.act_fn(h)
-        out = grouped_linear(h, local(self.down_proj), offs, bias("down_proj"), self.is_transposed)
+        out = grouped_linear(h, self.weight("down_proj"), offs, bias("down_proj"), self.is_transposed)
         if self.has_post_expert_norm:
             out = self.post_expert_norm(out)
         return out

@@ -12,13 +12,10 @@
   shape): there the experts only become DTensors on that one-rank mesh, as FSDP2 would make them (one
   optimizer still handles everything; the experts module computes with their local tensors);
 - gradients: FSDP averages the non-expert gradients over all ranks; an expert's gradient arrives summed
-  over its ep group (the all-to-all backward), so it is divided by the whole world size (by its FSDP group,
-  or by a gradient hook on the one-rank path): every parameter ends up with the gradient of the mean of the
-  per-rank losses.
+  over its ep group (the all-to-all backward) and divided by ep (GroupedExperts.weight), and FSDP2
+  averages it over dp_shard: every parameter ends up with the gradient of the mean of the per-rank losses.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -49,14 +46,10 @@ def fully_shard_moe(model, mesh, **fsdp_kwargs):
         raise PatchError(f"fully_shard_moe supports meshes ('ep',) and ('dp_shard', 'ep'), got {names}")
     ignored = set()
     for experts in record.sharded:
-        for hook in experts._ep_grad_hooks:  # replaced by FSDP's divide factor, or by the hooks made below
-            hook.remove()
-        experts._ep_grad_hooks = []
         if expert_dp.size() == 1:
-            ignored |= _as_local_dtensors(experts, expert_dp, world)
-        else:
+            ignored |= _as_local_dtensors(experts, expert_dp)
+        else:  # FSDP2 averages over dp_shard; the experts module already divided by ep (GroupedExperts.weight)
             fully_shard(experts, mesh=expert_dp, **fsdp_kwargs)
-            experts.set_gradient_divide_factor(float(world))
     if ignored:
         fsdp_kwargs = dict(fsdp_kwargs, ignored_params=ignored | set(fsdp_kwargs.get("ignored_params") or ()))
     for layer in _decoder_layers(model):
@@ -65,18 +58,14 @@ def fully_shard_moe(model, mesh, **fsdp_kwargs):
     return model
 
 
-def _as_local_dtensors(experts, one_rank_mesh, world) -> set:
-    """The experts' stacked parameters as DTensors on a one-rank mesh (same data, no copy), averaged over
-    the world by a gradient hook; returned for FSDP2's ignored_params (it leaves them alone)."""
-    from .shard import _mean_over
-
+def _as_local_dtensors(experts, one_rank_mesh) -> set:
+    """The experts' stacked parameters as DTensors on a one-rank mesh (same data, no copy); returned for
+    FSDP2's ignored_params (it leaves them alone)."""
     params = set()
     for name in experts._ep[3]:
         old = experts._parameters[name]
         new = torch.nn.Parameter(DTensor.from_local(old.data, one_rank_mesh, [Shard(0)], run_check=False),
                                  requires_grad=old.requires_grad)
         experts._parameters[name] = new
-        if new.requires_grad:
-            experts._ep_grad_hooks.append(new.register_hook(functools.partial(_mean_over, world)))
         params.add(new)
     return params

@@ -12,8 +12,6 @@ replicas); meshes with a dp_shard dimension need moe_patch.parallel.fsdp.fully_s
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 
@@ -104,9 +102,8 @@ def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=No
         module._register_state_dict_hook(_gather_on_save)
         module._register_load_state_dict_pre_hook(_slice_on_load, with_module=True)
         # the all-to-all backward sums every rank's loss into an expert's gradient; DDP and FSDP average
-        # the dense gradients, so the experts' are averaged too (fully_shard_moe lets FSDP do it instead)
-        module._ep_grad_hooks = [module._parameters[n].register_hook(functools.partial(_mean_over, size))
-                                 for n in names if module._parameters[n].requires_grad]  # frozen: no gradient
+        # the dense gradients, so the experts' are averaged too (scaled where the module takes its weights)
+        module.grad_factor = 1.0 / size
     _ignore_in_ddp(model, blocks)
     pairs = overlap.install(model, record) if shared_overlap else {}
     for row in rows:
@@ -114,10 +111,6 @@ def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=No
         extra = f"shared expert {pairs[row.path].name} computed beside the dispatch" if row.path in pairs else ""
         row.reason = "; ".join(x for x in (row.reason, f"dispatcher {dispatcher}: {why}", extra) if x)
     return experts
-
-
-def _mean_over(size, grad):
-    return grad / size
 
 
 def _ignore_in_ddp(model, blocks):
