@@ -27,10 +27,43 @@ ROUTINGS = {
 }
 
 
+class RowWeightingDispatcher:
+    """LocalDispatcher's rows, handed to the experts module with their routing weights (Dispatched.weights,
+    as te_ep does); the combine then only sums."""
+
+    name = "row_weighting"
+
+    def __init__(self):
+        from moe_patch.ops.experts import LocalDispatcher
+
+        self.local = LocalDispatcher()
+
+    def dispatch(self, hidden, top_k_index, top_k_weights, num_experts):
+        from moe_patch.ops.experts import Dispatched
+
+        d = self.local.dispatch(hidden, top_k_index, top_k_weights, num_experts)
+        return Dispatched(d.x, d.counts, d.state, weights=d.state[1])
+
+    def combine(self, out, d, hidden_dtype):
+        order, weights, num_tokens, top_k = d.state
+        slots = out.new_zeros(num_tokens * top_k, out.shape[-1]).index_put((order,), out)
+        return slots.view(num_tokens, top_k, out.shape[-1]).sum(dim=1).to(hidden_dtype)
+
+
 @pytest.mark.parametrize("model_type", MOE_FAMILIES)
 @pytest.mark.parametrize("routing", list(ROUTINGS))
-def test_experts_match_stock_module(model_type, routing):
+@pytest.mark.parametrize("weighs", ["combine", "module"])
+def test_experts_match_stock_module(model_type, routing, weighs, monkeypatch):
+    """weighs="module": the routing weights travel with the rows and the experts module applies them (before
+    the down projection where that is the same map, else after it), as under te_ep."""
+    from moe_patch.ops import experts
+
     (stock, patched), *_ = _experts_pairs(model_type)
+    widths = []
+    if weighs == "module":
+        patched.dispatcher = RowWeightingDispatcher()
+        weigh = experts.weigh_rows
+        monkeypatch.setattr(experts, "weigh_rows", lambda out, w: widths.append(out.shape[-1]) or weigh(out, w))
     g = torch.Generator().manual_seed(3)
     e, k, t = patched.num_experts, 2, 11
     hidden_dim = (stock.gate_up_proj if patched.has_gate else stock.up_proj).shape[1 if patched.is_transposed else 2]
@@ -41,6 +74,9 @@ def test_experts_match_stock_module(model_type, routing):
     w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
     out_s, out_p = stock(x1, idx, w1), patched(x2, idx, w2)
     assert rel_err(out_p, out_s) < 1e-5
+    if weighs == "module":  # weighed once; the narrower rows unless a bias or a norm follows the down projection
+        folds = not patched.has_bias and not patched.has_post_expert_norm
+        assert widths == [patched.down_proj.shape[1 if patched.is_transposed else 2] if folds else hidden_dim]
     probe = torch.randn(out_s.shape, generator=g)
     (out_s * probe).sum().backward()
     (out_p * probe).sum().backward()

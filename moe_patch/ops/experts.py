@@ -72,6 +72,9 @@ class Dispatched:
     x: torch.Tensor  # [S, hidden] rows grouped by expert
     counts: torch.Tensor  # [local experts] rows per expert
     state: object  # dispatcher-private
+    # [S] routing weight of each row where the experts module applies them itself (the dispatcher's combine
+    # then only sums); None where the combine weighs the rows
+    weights: torch.Tensor | None = None
 
     def expert_ids(self) -> torch.Tensor:
         """[S] local expert of each row (only biased experts need it; output_size: no host sync)."""
@@ -193,9 +196,18 @@ class GroupedExperts(Replacement):
             h = self._fused_gate(h) if self._fused_gate is not None else self.original._apply_gate(h)
         else:
             h = self.original.act_fn(h)
+        # rows weighted by the module (d.weights): before the down projection where that is the same linear
+        # map ((h * w) @ W == (h @ W) * w without a bias or a norm after it, and no dtype promotion), since
+        # the intermediate rows are narrower than the hidden ones (768 against 2048 wide in Qwen3-30B-A3B)
+        fold = (d.weights is not None and not self.has_bias and not self.has_post_expert_norm
+                and d.weights.dtype == h.dtype)
+        if fold:
+            h = weigh_rows(h, d.weights)
         out = grouped_linear(h, self.weight("down_proj"), offs, bias("down_proj"), self.is_transposed)
         if self.has_post_expert_norm:
             out = self.post_expert_norm(out)
+        if d.weights is not None and not fold:
+            out = weigh_rows(out, d.weights)
         return out
 
     def forward(self, hidden_states, top_k_index=None, top_k_weights=None, **aliases):

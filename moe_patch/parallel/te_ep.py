@@ -3,9 +3,10 @@
 One fused kernel pair replaces AllToAllDispatcher's sort, count exchange, all-to-all and re-sort: ep_dispatch
 sends every (token, k) pair straight to the rank owning its expert and lands the rows grouped by local
 expert (order within an expert is TE's, not the source order; the result does not depend on it), with the
-routing weight of each row; ep_combine sums the rows back onto their source tokens. The routing weights are
-applied to the expert outputs before the combine, so the router gradient flows back through dispatch's
-backward (TE's dispatch backward is a combine and the combine's backward a dispatch, exact in bf16).
+routing weight of each row; ep_combine sums the rows back onto their source tokens. The experts module
+applies the routing weights to its rows (Dispatched.weights) before the combine, so the router gradient flows
+back through dispatch's backward (TE's dispatch backward is a combine and the combine's backward a dispatch,
+exact in bf16).
 
 TE's EP group is process-wide (ep_bootstrap once, sized by experts, hidden size, top-k and the most tokens a
 rank sends per call). A call's routing handle lives in its EpBuffer and must live until that layer's
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MeshError
-from ..ops.experts import Dispatched, weigh_rows
+from ..ops.experts import Dispatched
 
 _SESSION = {}  # the process-wide TE EP group: {"key": what it was set up for, "max_tokens": its token limit}
 
@@ -122,13 +123,12 @@ class TEEPDispatcher:
         rows, row_weights, counts = ep.ep_dispatch(buffer, hidden.contiguous(), top_k_index.contiguous(),
                                                    top_k_weights.float().contiguous())
         self.last_counts = counts.detach()
-        return Dispatched(rows, counts, (buffer, row_weights, hidden.shape[0], top_k_weights.dtype))
+        # the experts module weighs its rows (Dispatched.weights), in the routing weights' own dtype as the
+        # reference does (TE carries them as fp32); the combine then only sums
+        return Dispatched(rows, counts, (buffer, hidden.shape[0]), weights=row_weights.to(top_k_weights.dtype))
 
     def combine(self, out, d: Dispatched, hidden_dtype):
         from transformer_engine.pytorch import ep
 
-        buffer, row_weights, tokens, weight_dtype = d.state
-        # weight in the routing weights' own dtype, as the reference does (TE carries them as fp32): for bf16
-        # weights that is a bf16 product, half the memory traffic of an fp32 one, forward and backward
-        weighted = weigh_rows(out, row_weights.to(weight_dtype)).to(torch.bfloat16)
-        return ep.ep_combine(buffer, weighted, num_local_tokens=tokens).to(hidden_dtype)
+        buffer, tokens = d.state
+        return ep.ep_combine(buffer, out.to(torch.bfloat16), num_local_tokens=tokens).to(hidden_dtype)
