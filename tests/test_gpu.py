@@ -228,3 +228,35 @@ def test_compiled_weighted_rows_on_cuda(w_dtype):
     go2, gw2 = torch.autograd.grad(got, (o2, w2), dy)
     assert (go2.dtype, gw2.dtype) == (go1.dtype, gw1.dtype)
     assert rel_err(go2, go1) < 2e-2 and rel_err(gw2, gw1) < 2e-2
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss", "mixtral", "deepseek_v3"])
+def test_experts_weighing_their_rows_on_cuda(model_type):
+    """Routing weights applied by the experts module, as under te_ep (before the down projection where that
+    is the same map; gpt_oss's bias keeps them after it): bf16 on CUDA against the stock module."""
+    from util import RowWeightingDispatcher
+
+    from moe_patch.ops.experts import GroupedExperts
+
+    stock = build(model_type, dtype=torch.bfloat16).cuda()
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    name, experts = next((n, m) for n, m in patched.named_modules() if isinstance(m, GroupedExperts))
+    experts.dispatcher = RowWeightingDispatcher()
+    ref = stock.get_submodule(name)
+    g = torch.Generator().manual_seed(4)
+    t, k = 512, 2
+    hidden = (ref.gate_up_proj if experts.has_gate else ref.up_proj).shape[1 if experts.is_transposed else 2]
+    x = torch.randn(t, hidden, generator=g).to(torch.bfloat16).cuda()
+    idx = torch.stack([torch.randperm(experts.num_experts, generator=g)[:k] for _ in range(t)]).cuda()
+    w = torch.rand(t, k, generator=g).to(torch.bfloat16).cuda()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    out_s, out_p = ref(x1, idx, w1), experts(x2, idx, w2)
+    assert out_p.dtype == out_s.dtype and rel_err(out_p, out_s) < 2e-2
+    probe = torch.randn(out_s.shape, generator=g).to(torch.bfloat16).cuda()
+    (out_s.float() * probe).sum().backward()
+    (out_p.float() * probe).sum().backward()
+    assert rel_err(x2.grad, x1.grad) < 2e-2 and rel_err(w2.grad, w1.grad) < 2e-2
+    grads = dict(ref.named_parameters())
+    for pname, q in experts.named_parameters():
+        assert rel_err(q.grad, grads[pname].grad) < 2e-2, pname

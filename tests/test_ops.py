@@ -6,7 +6,7 @@ import torch
 
 import moe_patch
 from moe_patch.ops.experts import GroupedExperts
-from util import MOE_FAMILIES, build, inputs, rel_err
+from util import MOE_FAMILIES, RowWeightingDispatcher, build, inputs, rel_err
 
 
 def _experts_pairs(model_type):
@@ -25,29 +25,6 @@ ROUTINGS = {
     "all_to_one": lambda t, e, k, g: torch.arange(k).repeat(t, 1),  # experts >= k get no token
     "last_expert_only": lambda t, e, k, g: torch.stack([torch.arange(e - k, e)] * t),
 }
-
-
-class RowWeightingDispatcher:
-    """LocalDispatcher's rows, handed to the experts module with their routing weights (Dispatched.weights,
-    as te_ep does); the combine then only sums."""
-
-    name = "row_weighting"
-
-    def __init__(self):
-        from moe_patch.ops.experts import LocalDispatcher
-
-        self.local = LocalDispatcher()
-
-    def dispatch(self, hidden, top_k_index, top_k_weights, num_experts):
-        from moe_patch.ops.experts import Dispatched
-
-        d = self.local.dispatch(hidden, top_k_index, top_k_weights, num_experts)
-        return Dispatched(d.x, d.counts, d.state, weights=d.state[1])
-
-    def combine(self, out, d, hidden_dtype):
-        order, weights, num_tokens, top_k = d.state
-        slots = out.new_zeros(num_tokens * top_k, out.shape[-1]).index_put((order,), out)
-        return slots.view(num_tokens, top_k, out.shape[-1]).sum(dim=1).to(hidden_dtype)
 
 
 @pytest.mark.parametrize("model_type", MOE_FAMILIES)

@@ -63,3 +63,26 @@ def stock_and_patched(model_type: str, **apply_kwargs):
 def inputs(vocab=256, batch=2, seq=12, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+class RowWeightingDispatcher:
+    """LocalDispatcher's rows, handed to the experts module with their routing weights (Dispatched.weights,
+    as te_ep does); the combine then only sums."""
+
+    name = "row_weighting"
+
+    def __init__(self):
+        from moe_patch.ops.experts import LocalDispatcher
+
+        self.local = LocalDispatcher()
+
+    def dispatch(self, hidden, top_k_index, top_k_weights, num_experts):
+        from moe_patch.ops.experts import Dispatched
+
+        d = self.local.dispatch(hidden, top_k_index, top_k_weights, num_experts)
+        return Dispatched(d.x, d.counts, d.state, weights=d.state[1])
+
+    def combine(self, out, d, hidden_dtype):
+        order, weights, num_tokens, top_k = d.state
+        slots = out.new_zeros(num_tokens * top_k, out.shape[-1]).index_put((order,), out)
+        return slots.view(num_tokens, top_k, out.shape[-1]).sum(dim=1).to(hidden_dtype)
