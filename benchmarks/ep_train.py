@@ -188,7 +188,8 @@ def main():
     parser.add_argument("--png", default=None)
     parser.add_argument("--timeout", type=int, default=600, help="seconds per variant")
     parser.add_argument("--error-dir", default=None, help="folder for the stderr of failed variants")
-    parser.add_argument("--profile", type=int, default=0, help="print the top-N GPU kernels of one step (rank 0)")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="print the top-N GPU kernels of one step and where its GPU time goes (rank 0)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

@@ -95,8 +95,13 @@ def timed_steps(model, opt, ids, warmup: int, steps: int, sync_phases: bool = Fa
 
 
 def profile_step(model, opt, ids, rows: int, trace: str | None = None) -> str:
-    """One more training step under torch.profiler: the top `rows` GPU kernels by total time, and with
-    `trace` a Chrome trace of the step (CPU ops too: where the GPU waits on the host, what launched what)."""
+    """One more training step under torch.profiler: the top `rows` GPU kernels by total time, where the
+    step's GPU time goes (kernel_breakdown), and with `trace` a Chrome trace of the step (CPU ops too:
+    where the GPU waits on the host, what launched what)."""
+    import json
+    import os
+    import tempfile
+
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -106,9 +111,75 @@ def profile_step(model, opt, ids, rows: int, trace: str | None = None) -> str:
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-    if trace:
-        prof.export_chrome_trace(trace)
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+    path = trace or os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        kernels = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+    return table + "\n" + format_breakdown(kernel_breakdown(kernels))
+
+
+# kernel name pieces -> category; the first match wins (TE's NCCL-EP kernels before other NCCL ones)
+CATEGORIES = (("expert dispatch/combine", ("nccl_ep",)), ("collectives", ("nccl",)),
+              ("attention", ("fmha", "sdpa", "flash", "cudnn")),
+              ("GEMM", ("nvjet", "gemm", "cutlass", "xmma", "splitkreduce")),
+              ("optimizer", ("multi_tensor_apply",)))
+COMMUNICATION = ("expert dispatch/combine", "collectives")
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def _union(spans):
+    merged = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def _overlap(a, b) -> float:
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def kernel_breakdown(kernels) -> dict:
+    """Where a profiled step's GPU time goes, from Chrome-trace kernel events (name, ts, dur in us): ms per
+    category summed over streams, the step's span, the time no kernel runs, and the communication time that
+    no compute kernel overlaps (exposed: what hiding communication could still win)."""
+    per = {}
+    comm, compute = [], []
+    for e in kernels:
+        cat = _category(e["name"])
+        per[cat] = per.get(cat, 0.0) + e["dur"] / 1e3
+        (comm if cat in COMMUNICATION else compute).append((e["ts"], e["ts"] + e["dur"]))
+    if not kernels:
+        return dict(span_ms=0.0, idle_ms=0.0, exposed_comm_ms=0.0, categories_ms={})
+    start = min(e["ts"] for e in kernels)
+    end = max(e["ts"] + e["dur"] for e in kernels)
+    busy = sum(b - a for a, b in _union(comm + compute))
+    comm_u, compute_u = _union(comm), _union(compute)
+    exposed = sum(b - a for a, b in comm_u) - _overlap(comm_u, compute_u)
+    return dict(span_ms=(end - start) / 1e3, idle_ms=(end - start - busy) / 1e3, exposed_comm_ms=exposed / 1e3,
+                categories_ms=dict(sorted(per.items(), key=lambda kv: -kv[1])))
+
+
+def format_breakdown(b: dict) -> str:
+    cats = ", ".join(f"{c} {ms:.1f}" for c, ms in b["categories_ms"].items())
+    return (f"GPU time of the step ({b['span_ms']:.1f} ms from first to last kernel): {cats} ms (summed over "
+            f"streams); communication not overlapped by compute {b['exposed_comm_ms']:.1f} ms; no kernel "
+            f"running {b['idle_ms']:.1f} ms")
 
 
 def write_results(args, results, chart=None):

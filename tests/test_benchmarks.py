@@ -80,3 +80,22 @@ def test_kind_timing_host_mode_on_cpu(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["kind"] for r in rows} == {"attention", "rmsnorm", "experts", "router"}
     assert all(r["stock_us"] > 0 and r["patched_us"] > 0 for r in rows)
+
+
+def test_kernel_breakdown_of_a_profiled_step():
+    """The step breakdown printed with --profile: per-category time over streams, idle time, and the
+    communication no compute kernel overlaps, on a hand-made trace (us): a GEMM 0-100 beside an all-gather
+    50-150, TE's dispatch 200-260 alone, attention 260-300."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from steps import format_breakdown, kernel_breakdown
+
+    kernels = [dict(name="nvjet_sm90_tst_256x128", ts=0, dur=100),
+               dict(name="ncclDevKernel_AllGather_RING", ts=50, dur=100),
+               dict(name="nccl_ep_jit_ht_dispatch_kernel", ts=200, dur=60),
+               dict(name="cudnn_generated_fort_native_sdpa_sm90_flash_fprop", ts=260, dur=40)]
+    b = kernel_breakdown(kernels)
+    assert b["categories_ms"] == {"GEMM": 0.1, "collectives": 0.1, "expert dispatch/combine": 0.06,
+                                  "attention": 0.04}
+    assert abs(b["span_ms"] - 0.3) < 1e-9 and abs(b["idle_ms"] - 0.05) < 1e-9  # 150-200 empty
+    assert abs(b["exposed_comm_ms"] - 0.11) < 1e-9  # all-gather 100-150 and all of the dispatch
+    assert "communication not overlapped by compute 0.1 ms" in format_breakdown(b)
