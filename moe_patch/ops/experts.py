@@ -171,7 +171,7 @@ class GroupedExperts(Replacement):
         else:
             self.dispatcher = LocalDispatcher()
 
-    def weight(self, name: str) -> torch.Tensor:
+    def expert_weight(self, name: str) -> torch.Tensor:
         """A stacked expert parameter as the plain local tensor the kernels take (under
         parallel.fsdp.fully_shard_moe's 1-D path it is a DTensor on a one-rank mesh; to_local is
         differentiable). Under expert parallelism its gradient collects the tokens of every rank (the
@@ -188,8 +188,8 @@ class GroupedExperts(Replacement):
         x = d.x
         offs = torch.cumsum(d.counts, 0).to(torch.int32)
         expert_ids = d.expert_ids() if self.has_bias else None
-        bias = (lambda name: self.weight(name + "_bias")[expert_ids]) if self.has_bias else (lambda name: None)
-        h = grouped_linear(x, self.weight(self.up_name), offs, bias(self.up_name), self.is_transposed)
+        bias = (lambda name: self.expert_weight(name + "_bias")[expert_ids]) if self.has_bias else (lambda name: None)
+        h = grouped_linear(x, self.expert_weight(self.up_name), offs, bias(self.up_name), self.is_transposed)
         # TE's fused SwiGLU where it was proven to be the family's gate, else the family's own gate (or
         # activation) on its original module
         if self.has_gate:
@@ -203,7 +203,7 @@ class GroupedExperts(Replacement):
                 and d.weights.dtype == h.dtype)
         if fold:
             h = weigh_rows(h, d.weights)
-        out = grouped_linear(h, self.weight("down_proj"), offs, bias("down_proj"), self.is_transposed)
+        out = grouped_linear(h, self.expert_weight("down_proj"), offs, bias("down_proj"), self.is_transposed)
         if self.has_post_expert_norm:
             out = self.post_expert_norm(out)
         if d.weights is not None and not fold:

@@ -12,7 +12,7 @@
   shape): there the experts only become DTensors on that one-rank mesh, as FSDP2 would make them (one
   optimizer still handles everything; the experts module computes with their local tensors);
 - gradients: FSDP averages the non-expert gradients over all ranks; an expert's gradient arrives summed
-  over its ep group (the all-to-all backward) and divided by ep (GroupedExperts.weight), and FSDP2
+  over its ep group (the all-to-all backward) and divided by ep (GroupedExperts.expert_weight), and FSDP2
   averages it over dp_shard: every parameter ends up with the gradient of the mean of the per-rank losses.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def fully_shard_moe(model, mesh, **fsdp_kwargs):
     for experts in record.sharded:
         if expert_dp.size() == 1:
             ignored |= _as_local_dtensors(experts, expert_dp)
-        else:  # FSDP2 averages over dp_shard; the experts module already divided by ep (GroupedExperts.weight)
+        else:  # FSDP2 averages over dp_shard; the experts module already divided by ep (GroupedExperts.expert_weight)
             fully_shard(experts, mesh=expert_dp, **fsdp_kwargs)
     if ignored:
         fsdp_kwargs = dict(fsdp_kwargs, ignored_params=ignored | set(fsdp_kwargs.get("ignored_params") or ()))
