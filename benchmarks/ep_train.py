@@ -5,7 +5,8 @@ expert parallelism (+ FSDP2) with each dispatcher, each variant in its own torch
 
 Qwen3-MoE-shaped model (random weights, bf16, fused AdamW), each rank its own micro-batch of random
 tokens. Prints one table per GPU count: tokens/s per GPU, peak memory, fwd / bwd / optimizer ms (medians
-over --steps, slowest rank), and for moe_patch the busiest expert against the mean (load balance).
+over --steps, slowest rank), and for moe_patch the busiest expert against the mean (load balance); the
+JSON also keeps rank 0's losses, comparable between variants.
 hf_ep loads a saved copy of the random model with DistributedConfig(ep_size=N, fsdp_size=N)
 (Transformers' expert parallelism only exists through from_pretrained).
 """
@@ -141,7 +142,9 @@ def child(args):
     gathered = [None] * world
     dist.all_gather_object(gathered, t)
     if rank == 0:
-        slowest = dict(min(gathered, key=lambda r: r["tokens_per_s_per_gpu"]), profile=t.get("profile"))
+        # timings of the slowest rank; losses of rank 0 for every variant (each rank has its own data)
+        slowest = dict(min(gathered, key=lambda r: r["tokens_per_s_per_gpu"]), profile=t.get("profile"),
+                       losses=gathered[0]["losses"])
         slowest.update(variant=args.variant, gpus=world, gpu=torch.cuda.get_device_name() if cuda else "CPU",
                        peak_gib=max(r["peak_gib"] for r in gathered))
         with open(args.out, "w") as f:

@@ -28,6 +28,8 @@ def test_ep_train_driver_on_cpu(tmp_path):
         assert "error" not in results[name], results[name]
         assert len(results[name]["losses"]) == 2 and results[name]["tokens_per_s_per_gpu"] > 0
     assert results["auto"]["dispatcher"] == "all_to_all"  # no CUDA here
+    # the same rank's losses (fp32, same weights and data): stock and moe_patch's first loss agree
+    assert abs(results["stock_fsdp"]["losses"][0] - results["auto"]["losses"][0]) < 1e-4
     assert "te_ep" in results["te_ep"]["error"] and "cannot run here" in results["te_ep"]["error"]
     assert "vs FSDP2" in run.stdout
 
