@@ -111,10 +111,11 @@ def profile_step(model, opt, ids, rows: int, trace: str | None = None) -> str:
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-    path = trace or os.path.join(tempfile.mkdtemp(), "trace.json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        kernels = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = trace or os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            kernels = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "kernel"]
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
     return table + "\n" + format_breakdown(kernel_breakdown(kernels))
 
@@ -158,14 +159,14 @@ def kernel_breakdown(kernels) -> dict:
     """Where a profiled step's GPU time goes, from Chrome-trace kernel events (name, ts, dur in us): ms per
     category summed over streams, the step's span, the time no kernel runs, and the communication time that
     no compute kernel overlaps (exposed: what hiding communication could still win)."""
+    if not kernels:
+        return dict(span_ms=0.0, idle_ms=0.0, exposed_comm_ms=0.0, categories_ms={})
     per = {}
     comm, compute = [], []
     for e in kernels:
         cat = _category(e["name"])
         per[cat] = per.get(cat, 0.0) + e["dur"] / 1e3
         (comm if cat in COMMUNICATION else compute).append((e["ts"], e["ts"] + e["dur"]))
-    if not kernels:
-        return dict(span_ms=0.0, idle_ms=0.0, exposed_comm_ms=0.0, categories_ms={})
     start = min(e["ts"] for e in kernels)
     end = max(e["ts"] + e["dur"] for e in kernels)
     busy = sum(b - a for a, b in _union(comm + compute))
