@@ -13,7 +13,10 @@ rank sends per call). A call's routing handle lives in its EpBuffer and must liv
 backward: every call gets a fresh EpBuffer (a few small tensors), so a second forward before the backward
 (gradient accumulation in one graph, activation recomputation) cannot overwrite the handle the first one's
 backward needs. Eager mode (no fixed receive capacity) sizes the received rows per call with one host read
-per layer; the capacity mode is not used because on torch 2.11 it fails inside autograd (pytorch#176078).
+per layer. TE's capacity mode has no host read, but it is not used: its public API fails inside autograd on
+torch 2.11 (pytorch#176078), and to stay exact under any routing (TE traps or drops rows past the capacity)
+the receive buffers would have to hold the worst case, ep x tokens x top-k rows: ep times the rows a
+rank receives on average, and the activation and routing-weight kernels would run over all of them.
 NCCL-EP payloads are bf16 only.
 """
 from __future__ import annotations
