@@ -2,6 +2,10 @@
 expert parallelism (+ FSDP2) with each dispatcher, each variant in its own torchrun job.
 
     python benchmarks/ep_train.py --gpus 2 --variants stock_fsdp,hf_ep,all_to_all,te_ep --json ep.json --png ep.png
+    python benchmarks/ep_train.py --gpus 8 --ep 4 ...   # a ("dp_shard", "ep") = (2, 4) mesh for moe_patch
+
+--ep N (default: every GPU) splits the experts over N ranks; with fewer than --gpus, moe_patch's variants run
+on a 2-D ("dp_shard", "ep") mesh (FSDP2 shards each expert group over dp_shard) and hf_ep gets ep_size=N.
 
 Qwen3-MoE-shaped model (random weights, bf16, fused AdamW), each rank its own micro-batch of random
 tokens. Prints one table per GPU count: tokens/s per GPU, peak memory, fwd / bwd / optimizer ms (medians
@@ -48,7 +52,7 @@ def build(args, mesh, world, device, dtype):
 
         return AutoModelForCausalLM.from_pretrained(
             args.checkpoint, dtype=dtype,
-            distributed_config=DistributedConfig(ep_size=world, fsdp_size=world)), config
+            distributed_config=DistributedConfig(ep_size=ep_size(args, world), fsdp_size=world)), config
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if args.variant == "stock_fsdp":
@@ -59,6 +63,14 @@ def build(args, mesh, world, device, dtype):
         moe_patch.apply(model, mesh=mesh, backend=args.backend, dispatcher=args.variant)
         fully_shard_moe(model, mesh)
     return model, config
+
+
+def ep_size(args, world: int) -> int:
+    """The expert-parallel size of this run: --ep, or every rank."""
+    ep = args.ep or world
+    if world % ep:
+        raise SystemExit(f"--ep {ep} does not divide the {world} GPUs of this run")
+    return ep
 
 
 def save_checkpoint(args):
@@ -116,7 +128,11 @@ def child(args):
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))
+    ep = ep_size(args, world)
+    if ep == world or args.variant in ("stock_fsdp", "hf_ep"):
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))
+    else:
+        mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp_shard", "ep"))
     model, config = build(args, mesh, world, device, _dtype(args))
     if args.routing == "balanced":
         balance_routing(model)
@@ -134,7 +150,7 @@ def child(args):
         for module in model._moe_patch.sharded:
             counts = module.dispatcher.last_counts.float()
             parts = [torch.empty_like(counts) for _ in range(world)]
-            dist.all_gather(parts, counts)
+            dist.all_gather(parts, counts)  # on a 2-D mesh each ep group's counts appear dp_shard times
             c = torch.cat(parts)
             ratios.append(round((c.max() / c.mean()).item(), 2))
         t["busiest_expert_over_mean"] = ratios
@@ -145,7 +161,7 @@ def child(args):
         # timings of the slowest rank; losses of rank 0 for every variant (each rank has its own data)
         slowest = dict(min(gathered, key=lambda r: r["tokens_per_s_per_gpu"]), profile=t.get("profile"),
                        losses=gathered[0]["losses"])
-        slowest.update(variant=args.variant, gpus=world, gpu=torch.cuda.get_device_name() if cuda else "CPU",
+        slowest.update(variant=args.variant, gpus=world, ep=ep, gpu=torch.cuda.get_device_name() if cuda else "CPU",
                        peak_gib=max(r["peak_gib"] for r in gathered))
         with open(args.out, "w") as f:
             json.dump(slowest, f)
@@ -182,6 +198,8 @@ def main():
     parser.add_argument("--variants", default="stock_fsdp,hf_ep,all_to_all,te_ep",
                         help="stock_fsdp, hf_ep, or a moe_patch dispatcher: " + ", ".join(MOE_PATCH_VARIANTS))
     parser.add_argument("--gpus", default="2", help="comma-separated GPU counts")
+    parser.add_argument("--ep", type=int, default=0,
+                        help="expert-parallel size (default: every GPU); smaller: a (dp_shard, ep) mesh")
     add_step_arguments(parser, steps=8, warmup=3)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--routing", choices=("model", "balanced"), default="model",

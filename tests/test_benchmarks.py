@@ -34,6 +34,34 @@ def test_ep_train_driver_on_cpu(tmp_path):
     assert "vs FSDP2" in run.stdout
 
 
+@pytest.mark.distributed
+def test_ep_train_8_ranks_2d_mesh_full_depth(tmp_path):
+    """The 8-GPU run's path on CPU: 8 gloo processes, the full 48-layer depth (tiny widths), moe_patch's experts
+    on a ("dp_shard", "ep") = (2, 4) mesh; rank 0's first loss equals the stock model's on rank 0's batch."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_patch.shapes import tiny_config
+
+    out = tmp_path / "ep8.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_PATCH")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "ep_train.py"), "--device", "cpu", "--gpus", "8",
+           "--ep", "4", "--shape", "tiny:qwen3_moe", "--layers", "48", "--seq", "16", "--batch", "1", "--steps", "1",
+           "--warmup", "1", "--variants", "all_to_all", "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert "error" not in result, result
+    assert (result["gpus"], result["ep"], result["dispatcher"]) == (8, 4, "all_to_all")
+    torch.manual_seed(0)  # the benchmark's model and rank 0's batch (generator seed 10 + rank)
+    config = tiny_config("qwen3_moe", num_hidden_layers=48)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    ids = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        stock = model(input_ids=ids, labels=ids).loss.item()
+    assert abs(result["losses"][0] - stock) <= 1e-5 * abs(stock), (result["losses"], stock)
+
+
 @pytest.mark.parametrize("sync_phases", [False, True])
 def test_timed_steps_phases_add_up(sync_phases):
     """The training-step timer of every benchmark: each step's phases lie within its wall time, every
