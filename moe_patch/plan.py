@@ -248,8 +248,12 @@ def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
     if impl != "sdpa" or not plan.supports_sdpa:
         row.reason = f"model uses {impl!r} attention (chosen by the user or required by the family); kept"
         return
+    why = attention.prove(model, module)  # the hooks against the family's own module, on its switches
+    if why is not None:
+        row.reason = f"stock sdpa kept: kernel priority not proven equal ({why})"
+        return
     device = _device(module)
-    row.replacement, row.backend = f"{attention.NAME} {attention.describe(device)}", "torch"
+    row.replacement, row.backend = f"{attention.describe(device)} (kernel priority set by the module)", "torch"
     rope_label = None
     if backend == "liger":  # SDPA plus Liger's fused RoPE, where it is the family's RoPE
         from .ops import rope  # lazy: only reached with Liger usable on a GPU

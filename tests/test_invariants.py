@@ -93,7 +93,7 @@ def test_save_pretrained_loads_in_stock_transformers(tmp_path):
     stock = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert not moe_patch.is_patched(stock)
     assert rel_err(stock(ids).logits, patched_logits) < 1e-5
-    assert stock.config._attn_implementation != "moe_patch_sdpa"
+    assert stock.config._attn_implementation == "sdpa"
 
 
 def test_skip_patterns_callable_and_kind_flags():
