@@ -107,7 +107,7 @@ def test_skip_patterns_callable_and_kind_flags():
             assert row.status == "skipped" and "skip pattern" in row.reason
     assert type(model.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
     assert type(model.model.layers[1].mlp.experts).__name__ == "GroupedExperts[Qwen3MoeExperts]"
-    # skipped attention layer keeps the stock implementation through the registered dispatcher
+    # a skipped attention layer gets no kernel-priority hooks: stock SDPA as Transformers runs it
     assert rep.where(path="model.layers.0.self_attn")[0].status == "skipped"
 
     model2 = build("qwen3_moe")
