@@ -217,6 +217,9 @@ def _inputs(model, module, seq, device, dtype):
         rotary = _rotary(model)
         if rotary is None:
             raise ValueError("forward takes position_embeddings but the model has no rotary embedding module")
+        if any(b.device.type == "meta" for b in rotary.buffers()):  # a model planned on meta: build it again
+            with torch.device("cpu"):
+                rotary = type(rotary)(rotary.config)
         rotary = copy.deepcopy(rotary).to(device)
         common["position_embeddings"] = rotary(embeds, positions)
     if "position_ids" in params:
@@ -271,14 +274,15 @@ def prove(model, module) -> str | None:
     on the module's device in its dtype (CPU fp32 for a meta model), batch 2, on a sequence longer than
     every top-k / window / chunk switch of its config (e.g. DeepSeek-V3.2's index_topk, sliding_window),
     with a left-padded row and without padding, the model's own rotary embeddings and the mask
-    Transformers builds for the layer. One proof per (class, switches, device, dtype) per process."""
+    Transformers builds for the layer. One proof per (class, switches, shape, device, dtype) per process."""
     device = probe_device(module)
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
     if device.type == "cpu" and dtype not in (torch.float32, torch.float64):
         dtype = torch.float32  # CPU half-precision SDPA is slow and not what a GPU runs
     found = switches(module)
     seq = max([16] + [v + 8 for v in found.values()])
-    key = (type(module), tuple(sorted(found.items())), str(device), dtype)
+    shape = tuple(getattr(module.config, n, None) for n in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    key = (type(module), tuple(sorted(found.items())), str(device), dtype, shape, getattr(module, "head_dim", None))
     if key in _PROOFS:
         return _PROOFS[key]
     if seq > MAX_PROBE_SEQ:
