@@ -63,6 +63,7 @@ class Plan:
     actions: list = field(default_factory=list)
     rows: list = field(default_factory=list)
     supports_sdpa: bool = True
+    attention_later: list = field(default_factory=list)  # (row, module): on another implementation at apply()
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -247,6 +248,8 @@ def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
     impl = getattr(module.config, "_attn_implementation", None)
     if impl != "sdpa" or not plan.supports_sdpa:
         row.reason = f"model uses {impl!r} attention (chosen by the user or required by the family); kept"
+        if plan.supports_sdpa:  # set_attn_implementation("sdpa") later: proven and patched then (swap.replan)
+            plan.attention_later.append((row, module))
         return
     why = attention.prove(model, module)  # the hooks against the family's own module, on its switches
     if why is not None:

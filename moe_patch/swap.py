@@ -48,6 +48,8 @@ def swap(model, plan, built, record: Record) -> None:
         handles = _hook_attention(action.module, action.rope, record)
         record.attention_modules.append(action.module)
         record.attention.append([action.row, action.module, action.rope, handles, dataclasses.replace(action.row)])
+    for row, module in plan.attention_later:  # not on sdpa at apply(): proven if switched to it later
+        record.attention.append([row, module, False, [], None])
     for action in plan.actions:
         if action.loss_backend is not None:
             # an instance attribute: the class keeps its forward
@@ -84,7 +86,7 @@ class Switch:
             return None
         result = getattr(type(self.target), self.name)(self.target, *args, **kwargs)
         if record is not None:
-            replan(record)
+            replan(self.root, record)
         return result
 
 
@@ -98,24 +100,38 @@ def follow_switches(model, record: Record) -> None:
                 record.switched.append((module, name))
 
 
-def replan(record: Record) -> None:
+def replan(model, record: Record) -> None:
     """Make what runs match what the configs now say: a kind whose implementation was switched away from
     the one it was proven under runs Transformers' stock code (attention hooks off, the stock experts
     module back in place, with the same Parameter objects), and is patched again when switched back (as
-    `generate()` does on GPU with grouped_mm -> batched_mm -> grouped_mm). The report rows follow."""
+    `generate()` does on GPU with grouped_mm -> batched_mm -> grouped_mm). Attention that was on another
+    implementation at apply() and is switched to "sdpa" is proven then (attention.prove) and patched if
+    proven. The report rows follow."""
     for entry in record.attention:
         row, module, rope, handles, planned = entry
         impl = module.config._attn_implementation
         hooked = attention_op.is_patched(module)
-        if impl != attention_op.IMPLEMENTATION and hooked:
-            for h in handles:
-                h.remove()
-            entry[3] = []
-            row.status, row.replacement, row.backend = "skipped", "", ""
-            row.reason = f"set_attn_implementation({impl!r}) after apply: Transformers' {impl!r} runs, unpatched"
-            _warn_once(record, f"moe_patch: attention switched to {impl!r} after apply: moe_patch's attention "
-                               "patch is off while it stays so (report() says so)")
-        elif impl == attention_op.IMPLEMENTATION and not hooked:
+        if impl != attention_op.IMPLEMENTATION:
+            if hooked:
+                for h in handles:
+                    h.remove()
+                entry[3] = []
+                _warn_once(record, f"moe_patch: attention switched to {impl!r} after apply: moe_patch's attention "
+                                   "patch is off while it stays so (report() says so)")
+            if hooked or row.reason.startswith("stock sdpa kept"):  # (a row about sdpa: no longer what runs)
+                row.status, row.replacement, row.backend = "skipped", "", ""
+                row.reason = f"set_attn_implementation({impl!r}) after apply: Transformers' {impl!r} runs, unpatched"
+        elif not hooked:
+            if planned is None:  # on another implementation at apply(): prove it now, as plan.py would have
+                why = attention_op.prove(model, module)
+                if why is not None:
+                    row.status, row.replacement, row.backend = "skipped", "", ""
+                    row.reason = f"stock sdpa kept: kernel priority not proven equal ({why})"
+                    continue
+                label = f"{attention_op.describe(attention_op.probe_device(module))} (kernel priority set by the module)"
+                planned = entry[4] = dataclasses.replace(row, replacement=label, backend="torch", status="patched",
+                                                         reason="")
+                record.attention_modules.append(module)
             entry[3] = _hook_attention(module, rope, record)
             _restore_row(row, planned)
     for entry in record.experts:

@@ -248,3 +248,26 @@ def test_gpu_attention_runs_under_the_kernel_priority():
     handle.remove()
     assert seen == [[int(b) for b in attention.gpu_priority()]]
     assert torch._C._get_sdp_priority_order() == before
+
+
+def test_attention_on_eager_at_apply_is_proven_when_switched_to_sdpa():
+    """A model built with eager attention is kept at apply(); set_attn_implementation("sdpa") afterwards
+    proves the family's module on sdpa and patches it then; switched back, eager runs untouched again."""
+    stock = build("qwen3_moe", attn_implementation="eager")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    assert patched.config._attn_implementation == "eager"
+    rows = moe_patch.report(patched).where(kind="attention")
+    assert rows.rows and all(r.status == "skipped" and "model uses 'eager'" in r.reason for r in rows)
+    patched.set_experts_implementation(patched.config._experts_implementation)  # no change: rows untouched
+    assert all(r.status == "skipped" and "model uses 'eager'" in r.reason for r in rows)
+    patched.set_attn_implementation("sdpa")
+    stock.set_attn_implementation("sdpa")
+    assert all(r.status == "patched" for r in rows), rows.rows
+    assert all(attention.is_patched(layer.self_attn) for layer in patched.model.layers)
+    ids = inputs()
+    assert rel_err(patched(ids).logits, stock(ids).logits) < 1e-5
+    patched.set_attn_implementation("eager")
+    assert not any(attention.is_patched(layer.self_attn) for layer in patched.model.layers)
+    assert all(r.status == "skipped" and "after apply" in r.reason for r in rows)
+    moe_patch.revert(patched)
+    assert all(not m._forward_pre_hooks for m in patched.modules())

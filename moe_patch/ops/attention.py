@@ -30,7 +30,7 @@ from .. import probe
 
 IMPLEMENTATION = "sdpa"  # the only implementation the hooks act under (and the name the config keeps)
 # config attributes whose integer value changes which keys a query sees: the proof's sequence exceeds them
-SWITCH_WORDS = ("topk", "window", "chunk")
+SWITCH_WORDS = ("topk", "window", "chunk", "block")
 MAX_PROBE_SEQ = 4096  # longer switches (e.g. a 128k sliding window) cannot be exercised cheaply: not proven
 
 
@@ -160,6 +160,12 @@ def switches(module) -> dict:
             out[name] = value
     if "sliding_window" in out and hasattr(module, "sliding_window") and not module.sliding_window:
         del out["sliding_window"]
+    # block-sparse indexers count blocks (MiniMax-M3's index_topk_blocks x index_block_size tokens): in tokens,
+    # one block more
+    sizes = [v for n, v in out.items() if n.endswith("block_size")]
+    for name, value in list(out.items()):
+        if name.endswith("blocks") and sizes:
+            out[f"{name} x {max(sizes)}"] = (value + 1) * max(sizes)
     return out
 
 
