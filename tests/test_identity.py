@@ -271,3 +271,17 @@ def test_attention_on_eager_at_apply_is_proven_when_switched_to_sdpa():
     assert all(r.status == "skipped" and "after apply" in r.reason for r in rows)
     moe_patch.revert(patched)
     assert all(not m._forward_pre_hooks for m in patched.modules())
+
+
+def test_attention_proof_that_cannot_run_keeps_stock(monkeypatch):
+    """A window longer than the proof can exercise: not proven, so stock attention stays and the report says why."""
+    monkeypatch.setattr(attention, "_PROOFS", {})
+    monkeypatch.setitem(attention.MAX_PROBE_SEQ, "cpu", 64)
+    stock = build("qwen3_moe", sliding_window=100)
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    rows = moe_patch.report(patched).where(kind="attention")
+    assert rows.rows and all(r.status == "skipped" and "sliding_window=100" in r.reason and "not proven" in r.reason
+                             for r in rows), rows.rows
+    assert not any(attention.is_patched(layer.self_attn) for layer in patched.model.layers)
+    assert rel_err(patched(inputs()).logits, stock(inputs()).logits) < 1e-5
+    monkeypatch.setattr(attention, "_PROOFS", {})
