@@ -277,7 +277,7 @@ def test_attention_proof_that_cannot_run_keeps_stock(monkeypatch):
     """A window longer than the proof can exercise: not proven, so stock attention stays and the report says why."""
     monkeypatch.setattr(attention, "_PROOFS", {})
     monkeypatch.setitem(attention.MAX_PROBE_SEQ, "cpu", 64)
-    stock = build("qwen3_moe", sliding_window=100)
+    stock = build("qwen3_moe", use_sliding_window=True, sliding_window=100)
     patched = moe_patch.apply(copy.deepcopy(stock))
     rows = moe_patch.report(patched).where(kind="attention")
     assert rows.rows and all(r.status == "skipped" and "sliding_window=100" in r.reason and "not proven" in r.reason
