@@ -285,3 +285,18 @@ def test_attention_proof_that_cannot_run_keeps_stock(monkeypatch):
     assert not any(attention.is_patched(layer.self_attn) for layer in patched.model.layers)
     assert rel_err(patched(inputs()).logits, stock(inputs()).logits) < 1e-5
     monkeypatch.setattr(attention, "_PROOFS", {})
+
+
+def test_sliding_window_attention_proven_past_the_window(monkeypatch):
+    """A sliding window (8) the proof exceeds (sequence 16, sliding mask as Transformers builds it): patched,
+    and equal to stock past the window."""
+    seen = []
+    real_run = attention._run
+    monkeypatch.setattr(attention, "_PROOFS", {})
+    monkeypatch.setattr(attention, "_run", lambda m, e, h, k, hooked: seen.append(e.shape[1]) or real_run(m, e, h, k, hooked))
+    stock = build("qwen3_moe", use_sliding_window=True, sliding_window=8)
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    assert seen and min(seen) > 8
+    assert all(r.status == "patched" for r in moe_patch.report(patched).where(kind="attention"))
+    ids = inputs(seq=24)
+    assert rel_err(patched(ids).logits, stock(ids).logits) < 1e-5
