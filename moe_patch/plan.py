@@ -63,6 +63,7 @@ class Plan:
     actions: list = field(default_factory=list)
     rows: list = field(default_factory=list)
     supports_sdpa: bool = True
+    attention_later: list = field(default_factory=list)  # (row, module): on another implementation at apply()
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -247,9 +248,15 @@ def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
     impl = getattr(module.config, "_attn_implementation", None)
     if impl != "sdpa" or not plan.supports_sdpa:
         row.reason = f"model uses {impl!r} attention (chosen by the user or required by the family); kept"
+        if plan.supports_sdpa:  # set_attn_implementation("sdpa") later: proven and patched then (swap.replan)
+            plan.attention_later.append((row, module))
+        return
+    why = attention.prove(model, module)  # the hooks against the family's own module, on its switches
+    if why is not None:
+        row.reason = f"stock sdpa kept: kernel priority not proven equal ({why})"
         return
     device = _device(module)
-    row.replacement, row.backend = f"{attention.NAME} {attention.describe(device)}", "torch"
+    row.replacement, row.backend = f"{attention.describe(device)} (kernel priority set by the module)", "torch"
     rope_label = None
     if backend == "liger":  # SDPA plus Liger's fused RoPE, where it is the family's RoPE
         from .ops import rope  # lazy: only reached with Liger usable on a GPU

@@ -54,19 +54,15 @@ class Record:
     options: Options
     rows: list[Row]
     swaps: list = field(default_factory=list)  # (parent, child name, replacement module)
-    attention_modules: list = field(default_factory=list)
-    configs: list = field(default_factory=list)  # (config, attention implementation before)
+    attention_modules: list = field(default_factory=list)  # the attention modules patched at apply()
+    # [row, module, rope?, hook handles, row as planned] per patched attention module (swap.replan)
+    attention: list = field(default_factory=list)
+    # [row, parent, child name, replacement, experts implementation at apply, row as planned] (swap.replan)
+    experts: list = field(default_factory=list)
+    switched: list = field(default_factory=list)  # (module, method name): Transformers' switches followed
+    warned: set = field(default_factory=set)  # messages already logged once
     hooks: list = field(default_factory=list)  # hook handles installed by apply() (fused RoPE), removed by revert()
     mesh: object = None
     parallel: dict = field(default_factory=dict)  # the expert-parallel options asked for (dispatcher, ...)
     sharded: list = field(default_factory=list)  # expert modules sharded over the mesh
     forward_replaced: bool = False  # the fused loss's instance-level forward
-
-    def __setstate__(self, state):
-        # a pickled patched model (torch.save(model)) loaded in a new process: the configs name
-        # "moe_patch_sdpa", which has to be registered with Transformers again
-        self.__dict__.update(state)
-        if self.configs:
-            from .ops.attention import register
-
-            register()

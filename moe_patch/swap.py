@@ -1,10 +1,24 @@
 """Swap: build every replacement first (a failing constructor leaves the model untouched), then set them in
-place, route the marked attention modules, and install the fused-loss forward. undo() is the exact inverse."""
+place, hook the proven attention modules, and install the fused-loss forward. undo() is the exact inverse.
+
+Nothing Transformers reads is renamed (config implementation names, module classes seen through isinstance).
+Transformers' own switches on a patched model re-plan the kind they concern (`follow_switches`): after
+`set_attn_implementation(x)` / `set_experts_implementation(x)` what runs is what the config says.
+"""
 from __future__ import annotations
+
+import dataclasses
+import logging
 
 from .ops import attention as attention_op
 from .ops import loss as loss_op
 from .records import Record
+
+logger = logging.getLogger("moe_patch")
+
+# Transformers' methods that change which implementation a kind runs; on a patched model the method runs as
+# stock (the config says what was asked for) and moe_patch then re-plans that kind
+SWITCHES = {"set_attn_implementation": "attention", "set_experts_implementation": "experts"}
 
 
 def build(model, plan) -> list:
@@ -20,37 +34,157 @@ def build(model, plan) -> list:
 
 
 def swap(model, plan, built, record: Record) -> None:
-    for parent, child, new in built:
+    rows = [a.row for a in plan.actions if a.factory is not None]
+    for (parent, child, new), row in zip(built, rows):
         setattr(parent, child, new)
         record.swaps.append((parent, child, new))
-    attn = [a for a in plan.actions if a.attention_impl is not None]
-    if attn:
-        attention_op.register()
-        for action in attn:
-            attention_op.mark(action.module, action.attention_impl, True)
-            record.attention_modules.append(action.module)
-            if action.rope:
-                from .ops import rope  # lazy: Liger only where it runs
-
-                record.hooks += rope.install(action.module)
-        for cfg in {id(a.module.config): a.module.config for a in attn}.values():
-            record.configs.append((cfg, cfg._attn_implementation))
-            cfg._attn_implementation = attention_op.NAME
+        impl = getattr(getattr(new.original, "config", None), "_experts_implementation", None)
+        if getattr(new, "kind", "") == "experts" and impl is not None:
+            # experts that dispatch on config._experts_implementation: set_experts_implementation re-plans them
+            record.experts.append([row, parent, child, new, impl, dataclasses.replace(row)])
+    for action in plan.actions:
+        if action.attention_impl is None:
+            continue
+        handles = _hook_attention(action.module, action.rope, record)
+        record.attention_modules.append(action.module)
+        record.attention.append([action.row, action.module, action.rope, handles, dataclasses.replace(action.row)])
+    for row, module in plan.attention_later:  # not on sdpa at apply(): proven if switched to it later
+        record.attention.append([row, module, False, [], None])
     for action in plan.actions:
         if action.loss_backend is not None:
             # an instance attribute: the class keeps its forward
             model.forward = loss_op.FusedLossForward(model, action.loss_backend, action.loss_step)
             record.forward_replaced = True
+    follow_switches(model, record)
+
+
+def _hook_attention(module, rope: bool, record: Record) -> list:
+    handles = attention_op.install(module)
+    if rope:
+        from .ops import rope as rope_op  # lazy: Liger only where it runs
+
+        rope_handles = rope_op.install(module)
+        record.hooks += rope_handles
+        handles += rope_handles
+    return handles
+
+
+class Switch:
+    """An instance attribute over one of Transformers' SWITCHES on a PreTrainedModel of the patched tree.
+    Transformers' own method runs (its checks, its errors, the config it writes); then the kind it concerns
+    is re-planned by replan(). A plain object (not a closure), so a patched model still pickles."""
+
+    def __init__(self, root, target, name: str):
+        self.root, self.target, self.name = root, target, name
+
+    def __call__(self, *args, **kwargs):
+        record = getattr(self.root, "_moe_patch", None)
+        if record is not None and SWITCHES[self.name] == "experts" and record.sharded:
+            _warn_once(record, "moe_patch owns the experts of an expert-parallel model (each rank holds a shard "
+                               "that the stock implementation cannot run): set_experts_implementation(...) is "
+                               "ignored and the config keeps its value; revert needs a reload")
+            return None
+        result = getattr(type(self.target), self.name)(self.target, *args, **kwargs)
+        if record is not None:
+            replan(self.root, record)
+        return result
+
+
+def follow_switches(model, record: Record) -> None:
+    """Put a Switch over each of Transformers' SWITCHES on every PreTrainedModel of the tree (the top model
+    and its base model alike: either may be called)."""
+    for module in model.modules():
+        for name in SWITCHES:
+            if callable(getattr(type(module), name, None)):
+                object.__setattr__(module, name, Switch(model, module, name))
+                record.switched.append((module, name))
+
+
+def replan(model, record: Record) -> None:
+    """Make what runs match what the configs now say: a kind whose implementation was switched away from
+    the one it was proven under runs Transformers' stock code (attention hooks off, the stock experts
+    module back in place, with the same Parameter objects), and is patched again when switched back (as
+    `generate()` does on GPU with grouped_mm -> batched_mm -> grouped_mm). Attention that was on another
+    implementation at apply() and is switched to "sdpa" is proven then (attention.prove) and patched if
+    proven. The report rows follow."""
+    for entry in record.attention:
+        row, module, rope, handles, planned = entry
+        impl = module.config._attn_implementation
+        hooked = attention_op.is_patched(module)
+        if impl != attention_op.IMPLEMENTATION:
+            if hooked:
+                for h in handles:
+                    h.remove()
+                entry[3] = []
+                _warn_once(record, f"moe_patch: attention switched to {impl!r} after apply: moe_patch's attention "
+                                   "patch is off while it stays so (report() says so)")
+            if hooked or row.reason.startswith("stock sdpa kept"):  # (a row about sdpa: no longer what runs)
+                row.status, row.replacement, row.backend = "skipped", "", ""
+                row.reason = f"set_attn_implementation({impl!r}) after apply: Transformers' {impl!r} runs, unpatched"
+        elif not hooked:
+            if planned is None:  # on another implementation at apply(): prove it now, as plan.py would have
+                why = attention_op.prove(model, module)
+                if why is not None:
+                    row.status, row.replacement, row.backend = "skipped", "", ""
+                    row.reason = f"stock sdpa kept: kernel priority not proven equal ({why})"
+                    continue
+                label = f"{attention_op.describe(attention_op.probe_device(module))} (kernel priority set by the module)"
+                planned = entry[4] = dataclasses.replace(row, replacement=label, backend="torch", status="patched",
+                                                         reason="")
+                record.attention_modules.append(module)
+            entry[3] = _hook_attention(module, rope, record)
+            _restore_row(row, planned)
+    for entry in record.experts:
+        row, parent, child, new, applied, planned = entry
+        impl = new.original.config._experts_implementation
+        current = getattr(parent, child)
+        if impl != applied and current is new:
+            setattr(parent, child, new.give_back())
+            record.swaps.remove((parent, child, new))
+            row.status, row.replacement, row.backend = "skipped", "", ""
+            row.reason = f"set_experts_implementation({impl!r}) after apply: Transformers' {impl!r} runs, unpatched"
+            _warn_once(record, f"moe_patch: experts switched to {impl!r} after apply: the stock experts modules "
+                               f"run while it stays so (patched again when switched back to {applied!r})")
+        elif impl == applied and current is new.original:
+            _take_back(new)
+            setattr(parent, child, new)
+            record.swaps.append((parent, child, new))
+            _restore_row(row, planned)
+
+
+def _take_back(new) -> None:
+    """The inverse of Replacement.give_back(): adopt the original's current tensors and children again."""
+    original = new.original
+    for name, param in original._parameters.items():
+        new._parameters[name] = param
+    for name, buf in original._buffers.items():
+        new._buffers[name] = buf
+    for name, child in original._modules.items():
+        new._modules[name] = child
+    new.train(original.training)
+
+
+def _restore_row(row, planned) -> None:
+    for f in dataclasses.fields(row):
+        setattr(row, f.name, getattr(planned, f.name))
+
+
+def _warn_once(record: Record, message: str) -> None:
+    if message not in record.warned:
+        record.warned.add(message)
+        logger.warning(message)
 
 
 def undo(model, record: Record) -> None:
+    for module, name in record.switched:
+        if isinstance(vars(module).get(name), Switch):
+            delattr(module, name)
     if record.forward_replaced and "forward" in vars(model):
         del model.forward
     for parent, child, new in reversed(record.swaps):
         setattr(parent, child, new.give_back())
-    for module in record.attention_modules:
-        attention_op.unmark(module)
+    for entry in record.attention:
+        for handle in entry[3]:
+            handle.remove()
     for handle in record.hooks:
         handle.remove()
-    for cfg, impl in record.configs:
-        cfg._attn_implementation = impl

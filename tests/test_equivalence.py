@@ -28,6 +28,7 @@ def test_patched_families_use_our_modules():
     """The matrix above would pass vacuously if nothing were swapped: check what actually runs."""
     from moe_patch.ops.experts import GroupedExperts
     from moe_patch.ops.rmsnorm import TorchRMSNorm
+    from moe_patch.ops import attention
     from moe_patch.ops.router import TopKRouter
 
     _, patched = stock_and_patched("qwen3_moe")
@@ -35,7 +36,8 @@ def test_patched_families_use_our_modules():
     assert isinstance(layer.mlp.experts, GroupedExperts)
     assert isinstance(layer.mlp.gate, TopKRouter)
     assert isinstance(layer.input_layernorm, TorchRMSNorm)
-    assert patched.config._attn_implementation == "moe_patch_sdpa"
+    assert patched.config._attn_implementation == "sdpa"  # the name the user asked for, unchanged
+    assert all(attention.is_patched(layer.self_attn) for layer in patched.model.layers)  # the kernel-priority hooks
 
 
 def test_unknown_fused_experts_detected_structurally():

@@ -93,7 +93,7 @@ def test_save_pretrained_loads_in_stock_transformers(tmp_path):
     stock = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert not moe_patch.is_patched(stock)
     assert rel_err(stock(ids).logits, patched_logits) < 1e-5
-    assert stock.config._attn_implementation != "moe_patch_sdpa"
+    assert stock.config._attn_implementation == "sdpa"
 
 
 def test_skip_patterns_callable_and_kind_flags():
@@ -107,7 +107,7 @@ def test_skip_patterns_callable_and_kind_flags():
             assert row.status == "skipped" and "skip pattern" in row.reason
     assert type(model.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
     assert type(model.model.layers[1].mlp.experts).__name__ == "GroupedExperts[Qwen3MoeExperts]"
-    # skipped attention layer keeps the stock implementation through the registered dispatcher
+    # a skipped attention layer gets no kernel-priority hooks: stock SDPA as Transformers runs it
     assert rep.where(path="model.layers.0.self_attn")[0].status == "skipped"
 
     model2 = build("qwen3_moe")
