@@ -213,8 +213,8 @@ def cmd_report(args) -> int:
         try:
             rows = Report(preview(rows, Options(**opts), device, with_))
         except BackendUnavailableError as exc:
-            raise UsageError(f"{_first_line(exc)} on the previewed {device} machine either (--with te,liger "
-                             "previews them as installed there)") from None
+            raise UsageError(f"{_first_line(exc)}; to preview a {device} machine that has it: --with te "
+                             "(or liger)") from None
         print(header(device, with_))
     print()
     print(rows if args.all else _without_linear(rows, "--all shows them"))
