@@ -153,3 +153,13 @@ def test_instrument_and_uninstrument_in_process():
         auto.uninstrument()
     plain = AutoModelForCausalLM.from_config(tiny_config("olmoe"))
     assert not moe_patch.is_patched(plain)
+
+
+def test_env_says_how_to_get_a_missing_hook(monkeypatch):
+    from moe_patch import auto
+
+    monkeypatch.setattr(auto, "hook_files", lambda: [])
+    state = auto.hook_state()
+    assert state.startswith("NOT installed: MOE_PATCH=1 does nothing in this environment") and "cp " in state
+    source = state.split("cp ")[1].split()[0]
+    assert Path(source).is_file() and Path(source).name == "moe_patch_auto.pth"
