@@ -91,7 +91,14 @@ def report(model) -> Report:
 
 
 def plan_report(model, **flags) -> Report:
-    """What apply() would do, without doing it (used by `moe-patch report`)."""
+    """What apply() would do, without doing it (used by `moe-patch report`); flags as apply()'s, without the
+    environment: a flag left out takes its default."""
+    for name in flags:
+        if name not in (*config.KINDS, "skip", "backend", "fp8"):
+            raise PatchError("plan_report() got an " + config.unknown("argument", name, ARGUMENTS[1:-3]))
+    _check_arguments({k: flags.get(k) for k in (*config.KINDS, "skip")}, None, {})
+    if isinstance(flags.get("skip"), str):
+        flags["skip"] = (flags["skip"],)
     opts = Options(**flags)
     backends.check_backend_name(opts.backend)
     return Report(make_plan(model, opts, _supports_sdpa(model)).rows)

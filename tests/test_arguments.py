@@ -46,3 +46,13 @@ def test_explicit_apply_twice_with_other_options_names_them():
     with pytest.raises(moe_patch.PatchError, match=r"already patched with other options \(skip: \(\) -> "
                                                    r"\('lm_head',\)\)"):
         moe_patch.apply(model, skip=["lm_head"])
+
+
+def test_plan_report_checks_its_arguments_like_apply():
+    model = build("qwen3_moe")
+    with pytest.raises(moe_patch.PatchError, match=r"plan_report\(\) got an unknown argument 'atention' \(did you "
+                                                   r"mean 'attention'\?\)"):
+        moe_patch.plan_report(model, atention=False)
+    with pytest.raises(moe_patch.PatchError, match="router must be True or False"):
+        moe_patch.plan_report(model, router="off")
+    assert moe_patch.plan_report(model, skip="lm_head").where(kind="loss")[0].reason == "matched skip pattern 'lm_head'"
