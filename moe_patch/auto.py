@@ -9,8 +9,10 @@ Transformers is imported before or after this (as OpenTelemetry / ddtrace auto-i
   PreTrainedModel.post_init                         patch a model built directly (`Qwen3MoeForCausalLM(cfg)`)
                                                     when it is the outermost model under construction
 
-Nothing here may break the host program: every failure becomes a logged warning and the model is returned
-as Transformers built it. instrument() / uninstrument() do the same by hand.
+Every model patched here is said once on stderr, one line (MOE_PATCH_QUIET=1 silences it). Nothing here may
+break the host program: every failure becomes a logged warning and the model is returned as Transformers
+built it. instrument() / uninstrument() do the same by hand. bootstrap() runs once per process even where
+site-packages is read twice (a .pth file can be executed twice in some virtual environments).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import threading
 logger = logging.getLogger("moe_patch.auto")
 _state = threading.local()
 _installed = False
+_bootstrapped = False
+PTH = "moe_patch_auto.pth"
 _TARGETS = ("PreTrainedModel.from_pretrained", "PreTrainedModel._from_config", "PreTrainedModel.post_init")
 
 
@@ -28,13 +32,35 @@ def _depth() -> int:
     return getattr(_state, "depth", 0)
 
 
+def say(message: str) -> None:
+    """One line on stderr unless MOE_PATCH_QUIET=1 (an unreadable MOE_PATCH_QUIET was reported at start-up)."""
+    from . import config
+
+    try:
+        if config.quiet():
+            return
+    except Exception:
+        pass
+    print(message, file=sys.stderr, flush=True)
+
+
+def patch_built_model(model) -> None:
+    """The one place where a model Transformers has just built is handed to moe_patch (options from the
+    MOE_PATCH_* variables). Launch-time features (e.g. expert parallelism under torchrun) extend this."""
+    from . import engine
+
+    engine.apply(model)
+    getattr(model, engine.RECORD).auto = True  # an explicit apply() later may re-plan it (explicit wins)
+
+
 def _patch(model):
     try:
         import moe_patch
 
         if not moe_patch.is_patched(model):
-            moe_patch.apply(model)
-            logger.info("moe_patch: patched %s (%s)", type(model).__name__, moe_patch.report(model).summary())
+            patch_built_model(model)
+            say(f"moe_patch: patched {type(model).__name__} ({moe_patch.report(model).summary()}) "
+                "[MOE_PATCH=1; moe_patch.report(model) has the details, MOE_PATCH_QUIET=1 silences this]")
     except Exception as exc:  # never break the host program
         logger.warning("moe_patch: left %s unpatched: %s: %s", type(model).__name__, type(exc).__name__, exc)
     return model
@@ -112,12 +138,54 @@ def uninstrument() -> None:
 
 
 def bootstrap() -> None:
-    """Called by moe_patch_auto.pth at interpreter start-up when MOE_PATCH is set."""
+    """Called by moe_patch_auto.pth at interpreter start-up when MOE_PATCH is set; once per process."""
+    global _bootstrapped
+    if _bootstrapped:
+        return
+    _bootstrapped = True
     try:
         from . import config
+        from .errors import PatchError
 
-        if config.enabled():
+        for name, _, note in config.in_force():
+            if note:
+                logger.warning("moe_patch: %s: %s", name, note)
+        try:
+            if not config.enabled():
+                return
+            config.quiet()
             config.from_environment()  # bad values: say so once, at start-up
-            instrument()
-    except Exception as exc:
-        logger.warning("moe_patch: auto-patch disabled: %s: %s", type(exc).__name__, exc)
+        except PatchError as exc:
+            logger.warning("moe_patch: auto-patch is off: %s", exc)
+            return
+        instrument()
+    except Exception as exc:  # never break the host program
+        logger.warning("moe_patch: auto-patch is off: %s: %s", type(exc).__name__, exc)
+
+
+def hook_files() -> list[str]:
+    """The start-up hook files Python will read at start-up (site-packages, user site), in that order."""
+    import os
+    import site
+
+    dirs = list(getattr(site, "getsitepackages", lambda: [])())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [os.path.join(d, PTH) for d in dict.fromkeys(dirs) if os.path.isfile(os.path.join(d, PTH))]
+
+
+def hook_state() -> str:
+    """One line for `moe-patch env`: where the start-up hook is, whether it ran here, how to get it."""
+    import os
+    import sysconfig
+
+    from . import config
+
+    files = hook_files()
+    on = os.environ.get("MOE_PATCH", "").strip().lower() not in config.FALSE
+    ran = "ran in this process" if _bootstrapped else "MOE_PATCH is off" if not on else "did NOT run in this process"
+    if files:
+        return f"installed ({', '.join(files)}); {ran}"
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), PTH)
+    return (f"NOT installed: MOE_PATCH=1 does nothing in this environment; reinstall (pip install . or, with "
+            f"setuptools>=64, pip install -e .) or copy it: cp {source} {sysconfig.get_paths()['purelib']}/")

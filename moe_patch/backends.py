@@ -12,6 +12,7 @@ from functools import lru_cache
 
 import torch
 
+from . import config
 from .errors import BackendUnavailableError, PatchError
 from .ops import compiled
 
@@ -101,9 +102,10 @@ def capabilities() -> Capabilities:
     )
 
 
-def unavailable(backend: str, device: torch.device) -> str | None:
-    """None if `backend` can run on `device` here, else the reason why not (package, GPU)."""
-    caps = capabilities()
+def unavailable(backend: str, device: torch.device, caps: Capabilities | None = None) -> str | None:
+    """None if `backend` can run on `device` here, else the reason why not (package, GPU). `caps`: another
+    machine's capabilities (`moe-patch report --device cuda --with te` previews a GPU from a CPU machine)."""
+    caps = caps or capabilities()
     if backend == "torch":
         return None
     if backend == "te" and not caps.te:
@@ -118,21 +120,22 @@ def unavailable(backend: str, device: torch.device) -> str | None:
 def check_backend_name(backend) -> None:
     """backend: one name for every kind, or {kind: name} (kinds left out get "auto")."""
     if isinstance(backend, dict):
-        unknown = sorted(set(backend) - set(KINDS))
-        if unknown:
-            raise PatchError(f"backend dict: unknown kind(s) {unknown}; kinds are {KINDS}")
+        for kind in backend:
+            if kind not in KINDS:
+                raise PatchError("backend dict: " + config.unknown("kind", kind, KINDS))
         for name in backend.values():
             check_backend_name(name)
         return
     if backend not in BACKENDS:
-        raise PatchError(f"backend must be one of {BACKENDS} (or a dict kind -> backend), got {backend!r}")
+        raise PatchError(f"backend must be one of {BACKENDS} (or a dict kind -> backend), got {backend!r}"
+                         + config.did_you_mean(backend, BACKENDS))
 
 
 def for_kind(backend, kind: str) -> str:
     return backend.get(kind, "auto") if isinstance(backend, dict) else backend
 
 
-def choose(backend: str, kind: str, device: torch.device) -> tuple[str, str]:
+def choose(backend: str, kind: str, device: torch.device, caps: Capabilities | None = None) -> tuple[str, str]:
     """Pick the backend for one module. Returns (backend, reason); reason is '' when nothing fell back.
 
     Asked by name, a backend that cannot run here at all raises BackendUnavailableError; a kind it has
@@ -140,7 +143,7 @@ def choose(backend: str, kind: str, device: torch.device) -> tuple[str, str]:
     passed over is named in the reason.
     """
     if backend != "auto":
-        why = unavailable(backend, device)
+        why = unavailable(backend, device, caps)
         if why is not None:
             raise BackendUnavailableError(f"backend={backend!r} cannot be used: {why}")
         if kind not in IMPLEMENTED[backend]:
@@ -152,7 +155,7 @@ def choose(backend: str, kind: str, device: torch.device) -> tuple[str, str]:
             continue
         if candidate != "torch" and device.type != "cuda":
             continue  # GPU-only backends are not candidates for a CPU module: nothing fell back
-        why = unavailable(candidate, device)
+        why = unavailable(candidate, device, caps)
         if why is None:
             return candidate, "; ".join(passed_over)
         passed_over.append(why)

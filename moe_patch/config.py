@@ -1,12 +1,19 @@
-"""apply() options from the environment. Precedence: explicit apply() arguments > environment > defaults.
+"""apply() options from the environment, and the one-line messages for a bad value anywhere.
+
+Precedence: explicit apply() arguments > environment > defaults. The variables (also listed by `moe-patch env`):
 
 MOE_PATCH=1                       patch every model Transformers builds (see auto.py)
 MOE_PATCH_DISABLE=router,linear   kinds to leave alone
 MOE_PATCH_SKIP=lm_head,model.layers.0.*   module-path globs to leave alone
-MOE_PATCH_BACKEND=auto|torch|te|liger
+MOE_PATCH_BACKEND=auto|torch|te|liger     or per kind: loss=torch,experts=te
+MOE_PATCH_QUIET=1                 auto-patching does not print its one line per patched model
+MOE_PATCH_COMPILE=0               keep the small torch.compile'd helpers eager (ops/compiled.py)
+
+This module imports neither torch nor Transformers: the start-up hook reads it in every Python process.
 """
 from __future__ import annotations
 
+import difflib
 import os
 
 from .errors import PatchError
@@ -15,21 +22,68 @@ KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss")
 BACKENDS = ("auto", "torch", "te", "liger")
 DEFAULTS = dict(attention=True, rmsnorm=True, linear=True, experts=True, router=True, loss=True, skip=(),
                 backend="auto")
+VARIABLES = {
+    "MOE_PATCH": "1: patch every model Transformers builds in this process (the start-up hook)",
+    "MOE_PATCH_DISABLE": f"comma-separated kinds to leave alone ({', '.join(KINDS)})",
+    "MOE_PATCH_SKIP": "comma-separated module-path globs to leave alone (lm_head, model.layers.0.*)",
+    "MOE_PATCH_BACKEND": f"{' | '.join(BACKENDS)}, or per kind: loss=torch,experts=te",
+    "MOE_PATCH_QUIET": "1: auto-patching prints nothing on success",
+    "MOE_PATCH_COMPILE": "0: keep the small torch.compile'd helpers eager",
+    "MOE_PATCH_EP": "expert-parallel size when auto-patching under torchrun",
+}
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("", "0", "false", "no", "off")
+
+
+def did_you_mean(value, choices) -> str:
+    """' (did you mean 'x'?)' for a close match among `choices` (difflib), else ''."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown(what: str, value, choices) -> str:
+    """The one-line message for a bad value: names it, suggests a close match, lists the valid ones."""
+    return f"unknown {what} {value!r}{did_you_mean(value, choices)}; valid: {', '.join(map(str, choices))}"
+
+
+def flag(name: str, default: bool = False) -> bool:
+    """A yes/no environment variable; anything but 1/true/yes/on or 0/false/no/off/empty is a PatchError."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in TRUE:
+        return True
+    if value in FALSE:
+        return False
+    raise PatchError(f"{name}={raw!r} is not understood; valid: {', '.join(TRUE)} (on) or "
+                     f"{', '.join(v for v in FALSE if v)} (off)")
+
+
+def enabled() -> bool:
+    """MOE_PATCH is on (raises PatchError for a value that is neither on nor off)."""
+    return flag("MOE_PATCH")
+
+
+def quiet() -> bool:
+    return flag("MOE_PATCH_QUIET")
 
 
 def _list(var: str) -> list[str]:
     return [item.strip() for item in os.environ.get(var, "").split(",") if item.strip()]
 
 
+def parse_kinds(items, source: str) -> list[str]:
+    """Kind names from a list (MOE_PATCH_DISABLE, --disable): the first unknown one is an error."""
+    for item in items:
+        if item not in KINDS:
+            raise PatchError(f"{source}: " + unknown("kind", item, KINDS))
+    return list(items)
+
+
 def from_environment() -> dict:
     """Only the options the environment sets; unknown values raise PatchError naming the variable."""
-    out = {}
-    disabled = _list("MOE_PATCH_DISABLE")
-    unknown = [k for k in disabled if k not in KINDS]
-    if unknown:
-        raise PatchError(f"MOE_PATCH_DISABLE: unknown kind(s) {unknown}; expected a comma-separated subset of {KINDS}")
-    for kind in disabled:
-        out[kind] = False
+    out = {kind: False for kind in parse_kinds(_list("MOE_PATCH_DISABLE"), "MOE_PATCH_DISABLE")}
     skip = _list("MOE_PATCH_SKIP")
     if skip:
         out["skip"] = tuple(skip)
@@ -43,15 +97,16 @@ def parse_backend(value: str, source: str = "MOE_PATCH_BACKEND"):
     """"te" for every kind, or per kind: "loss=torch,experts=te" (other kinds: auto). Errors name `source`."""
     if "=" not in value:
         if value not in BACKENDS:
-            raise PatchError(f"{source}: unknown backend {value!r}; expected one of {BACKENDS}")
+            raise PatchError(f"{source}: " + unknown("backend", value, BACKENDS))
         return value
     per_kind = {}
     for item in value.split(","):
         kind, _, name = item.partition("=")
         kind, name = kind.strip(), name.strip()
-        if kind not in KINDS or name not in BACKENDS:
-            raise PatchError(f"{source}: bad entry {item!r}; expected kind=backend with kind in {KINDS} "
-                             f"and backend in {BACKENDS}")
+        if kind not in KINDS:
+            raise PatchError(f"{source}: in {item!r}, " + unknown("kind", kind, KINDS))
+        if name not in BACKENDS:
+            raise PatchError(f"{source}: in {item!r}, " + unknown("backend", name, BACKENDS))
         per_kind[kind] = name
     return per_kind
 
@@ -62,5 +117,10 @@ def resolve(explicit: dict) -> dict:
     return {k: explicit[k] if explicit.get(k) is not None else env.get(k, DEFAULTS[k]) for k in DEFAULTS}
 
 
-def enabled() -> bool:
-    return os.environ.get("MOE_PATCH", "").strip().lower() not in ("", "0", "false", "no", "off")
+def in_force() -> list[tuple[str, str, str]]:
+    """(name, value, note) for every MOE_PATCH* variable set here; an unknown name gets a close match."""
+    rows = []
+    for name in sorted(k for k in os.environ if k.startswith("MOE_PATCH")):
+        note = "" if name in VARIABLES else "not a moe_patch variable: ignored" + did_you_mean(name, VARIABLES)
+        rows.append((name, os.environ[name], note))
+    return rows

@@ -43,10 +43,40 @@ def _supports_sdpa(model) -> bool:
     return bool(getattr(model, "_supports_sdpa", False))
 
 
+# apply()'s expert-parallel options (only with a mesh) and their defaults (for the idempotence check)
+PARALLEL_DEFAULTS = dict(dispatcher="auto", max_tokens_per_rank=None, shared_overlap=True)
+ARGUMENTS = ("mesh", *config.KINDS, "skip", "backend", "fp8", *PARALLEL_DEFAULTS)
+
+
 def _parallel(mesh, options) -> dict:
     """The expert-parallel options as asked for, defaults filled in (for the idempotence check)."""
-    defaults = dict(dispatcher="auto", max_tokens_per_rank=None, shared_overlap=True)
-    return dict(defaults, **options) if mesh is not None else dict(options)
+    return dict(PARALLEL_DEFAULTS, **options) if mesh is not None else dict(options)
+
+
+def _check_arguments(given: dict, mesh, parallel_options: dict) -> None:
+    """Strict types and known names, before anything else: one line naming the bad value and the valid ones."""
+    for kind in config.KINDS:
+        value = given[kind]
+        if value is not None and not isinstance(value, bool):
+            raise PatchError(f"{kind} must be True or False (None: from MOE_PATCH_DISABLE or the default True), "
+                             f"got {value!r}")
+    skip = given["skip"]
+    if not (skip is None or callable(skip) or isinstance(skip, str)
+            or isinstance(skip, (list, tuple, set, frozenset)) and all(isinstance(p, str) for p in skip)):
+        raise PatchError(f"skip must be a glob, a list of globs or a callable (path, module) -> bool, got {skip!r}")
+    for name in parallel_options:
+        if name not in PARALLEL_DEFAULTS:
+            raise PatchError("apply() got an " + config.unknown("argument", name, ARGUMENTS))
+    if mesh is None and parallel_options:
+        raise PatchError(f"{', '.join(sorted(parallel_options))}: expert-parallel option(s) that need a mesh "
+                         "(apply(model, mesh=...)); without one, leave them out")
+
+
+def _changes(old: Options, new: Options) -> str:
+    """'skip: () -> ('lm_head',); loss: True -> False' (the options that differ)."""
+    fields = [f for f in ("attention", "rmsnorm", "linear", "experts", "router", "loss", "skip", "backend", "fp8")
+              if getattr(old, f) != getattr(new, f)]
+    return "; ".join(f"{f}: {getattr(old, f)!r} -> {getattr(new, f)!r}" for f in fields) or "the same options"
 
 
 def is_patched(model) -> bool:
@@ -61,7 +91,14 @@ def report(model) -> Report:
 
 
 def plan_report(model, **flags) -> Report:
-    """What apply() would do, without doing it (used by `moe-patch report`)."""
+    """What apply() would do, without doing it (used by `moe-patch report`); flags as apply()'s, without the
+    environment: a flag left out takes its default."""
+    for name in flags:
+        if name not in (*config.KINDS, "skip", "backend", "fp8"):
+            raise PatchError("plan_report() got an " + config.unknown("argument", name, ARGUMENTS[1:-3]))
+    _check_arguments({k: flags.get(k) for k in (*config.KINDS, "skip")}, None, {})
+    if isinstance(flags.get("skip"), str):
+        flags["skip"] = (flags["skip"],)
     opts = Options(**flags)
     backends.check_backend_name(opts.backend)
     return Report(make_plan(model, opts, _supports_sdpa(model)).rows)
@@ -82,6 +119,7 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     """
     given = dict(attention=attention, rmsnorm=rmsnorm, linear=linear, experts=experts, router=router, loss=loss,
                  skip=skip, backend=backend)
+    _check_arguments(given, mesh, parallel_options)
     flags = config.resolve(given)
     skip = flags["skip"]
     if isinstance(skip, str):
@@ -90,20 +128,58 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     opts = Options(**flags, fp8=fp8)
     backends.check_backend_name(opts.backend)
     backends.check_fp8(fp8, opts.backend, opts.linear)
-    _unwrap_check(model)
     requested = _parallel(mesh, parallel_options)
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and is_patched(inner):  # torch.compile(patched model)
+        record = getattr(inner, RECORD)
+        if _same(record, opts, mesh, requested):
+            return model  # idempotent: patched with these options, then compiled
+        raise PatchError(f"model was compiled after apply() with other options ({_changes(record.options, opts)}): "
+                         "revert and apply on the model itself, then torch.compile it again")
+    _unwrap_check(model)
     existing = getattr(model, RECORD, None)
     if existing is not None:
-        if existing.options == opts and existing.mesh is mesh and existing.parallel == requested:
+        if _same(existing, opts, mesh, requested):
             return model  # idempotent
-        raise PatchError("model is already patched with other options; call moe_patch.revert(model) first")
+        if not existing.auto:
+            raise PatchError(f"model is already patched with other options ({_changes(existing.options, opts)}); "
+                             "call moe_patch.revert(model) first")
+        return _replan(model, existing, mesh, opts, requested, parallel_options)
+    return _apply(model, mesh, opts, requested, parallel_options)
+
+
+def _same(record, opts, mesh, requested) -> bool:
+    return record.options == opts and record.mesh is mesh and record.parallel == requested
+
+
+def _replan(model, existing, mesh, opts, requested, parallel_options):
+    """MOE_PATCH=1 patched `model` at build time and the script calls apply() with other arguments: the
+    explicit ones win (README). Revert, apply them, and say what changed; on failure the auto-patch is put back."""
+    from . import auto
+
+    if existing.sharded:
+        raise PatchError(f"model was patched with expert parallelism by MOE_PATCH=1 and apply() asks for other "
+                         f"options ({_changes(existing.options, opts)}): its experts are sharded and cannot be "
+                         "re-planned; set them through the MOE_PATCH_* variables instead")
+    before = Report(existing.rows).summary()
+    revert(model)
+    try:
+        _apply(model, mesh, opts, requested, parallel_options)
+    except Exception:  # put the auto-patch back: the model is left as it was
+        _apply(model, existing.mesh, existing.options, existing.parallel, dict(existing.parallel))
+        getattr(model, RECORD).auto = True
+        raise
+    auto.say(f"moe_patch: apply() re-planned {type(model).__name__} (patched at build time by MOE_PATCH=1), "
+             f"explicit arguments win: {_changes(existing.options, opts)}; now {report(model).summary()} "
+             f"(was {before})")
+    return model
+
+
+def _apply(model, mesh, opts, requested, parallel_options):
     from .parallel import shard as shard_mod  # parallel validates the mesh before anything is swapped
 
     if mesh is not None:
         parallel_options = shard_mod.validate(model, mesh, **parallel_options)
-    elif parallel_options:
-        raise PatchError(f"unexpected options without a mesh: {sorted(parallel_options)}")
-
     plan = make_plan(model, opts, _supports_sdpa(model))  # plan + choose: nothing changed yet
     if mesh is not None:
         shard_mod.check_plan(plan, mesh)

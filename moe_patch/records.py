@@ -66,3 +66,4 @@ class Record:
     parallel: dict = field(default_factory=dict)  # the expert-parallel options asked for (dispatcher, ...)
     sharded: list = field(default_factory=list)  # expert modules sharded over the mesh
     forward_replaced: bool = False  # the fused loss's instance-level forward
+    auto: bool = False  # patched by MOE_PATCH=1 at build time: an explicit apply() may re-plan it (engine._replan)

@@ -16,7 +16,9 @@ _CACHE = {}
 
 
 def enabled() -> bool:
-    return os.environ.get("MOE_PATCH_COMPILE", "1").strip() not in ("0", "false", "False", "")
+    from ..config import FALSE  # the same off words as every MOE_PATCH_* variable
+
+    return os.environ.get("MOE_PATCH_COMPILE", "1").strip().lower() not in FALSE
 
 
 def active(t: torch.Tensor) -> bool:

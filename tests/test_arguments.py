@@ -1,0 +1,58 @@
+"""apply()'s arguments: a mistake is one PatchError line naming the bad value and the valid ones, the model
+left as it was; a model compiled after apply() is recognised as patched."""
+import pytest
+import torch
+
+import moe_patch
+from util import build
+
+
+def _modules(model):
+    return [(name, type(m)) for name, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(atention=False), "unknown argument 'atention' (did you mean 'attention'?); valid: mesh, attention,"),
+    (dict(expert=False), "unknown argument 'expert' (did you mean 'experts'?)"),
+    (dict(experts="no"), "experts must be True or False"),
+    (dict(loss=0), "loss must be True or False"),
+    (dict(skip=3), "skip must be a glob, a list of globs or a callable"),
+    (dict(dispatcher="all_to_all"), "dispatcher: expert-parallel option(s) that need a mesh"),
+    (dict(backend="tee"), "got 'tee' (did you mean 'te'?)"),
+    (dict(backend={"routr": "torch"}), "unknown kind 'routr' (did you mean 'router'?)"),
+])
+def test_bad_arguments_are_one_line_and_change_nothing(kwargs, message):
+    model = build("qwen3_moe")
+    before = _modules(model)
+    with pytest.raises(moe_patch.PatchError) as info:
+        moe_patch.apply(model, **kwargs)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert _modules(model) == before and not moe_patch.is_patched(model)
+
+
+def test_apply_on_a_model_compiled_after_apply():
+    patched = moe_patch.apply(build("qwen3_moe"))
+    compiled = torch.compile(patched)  # compiles lazily, at the first call: nothing runs here
+    assert moe_patch.apply(compiled) is compiled  # already patched so: nothing to do
+    with pytest.raises(moe_patch.PatchError, match=r"compiled after apply\(\) with other options \(router: True -> "
+                                                   r"False\)"):
+        moe_patch.apply(compiled, router=False)
+    with pytest.raises(moe_patch.UnsupportedModelError, match="patch the model first"):
+        moe_patch.apply(torch.compile(build("qwen3_moe")))
+
+
+def test_explicit_apply_twice_with_other_options_names_them():
+    model = moe_patch.apply(build("qwen3_moe"))
+    with pytest.raises(moe_patch.PatchError, match=r"already patched with other options \(skip: \(\) -> "
+                                                   r"\('lm_head',\)\)"):
+        moe_patch.apply(model, skip=["lm_head"])
+
+
+def test_plan_report_checks_its_arguments_like_apply():
+    model = build("qwen3_moe")
+    with pytest.raises(moe_patch.PatchError, match=r"plan_report\(\) got an unknown argument 'atention' \(did you "
+                                                   r"mean 'attention'\?\)"):
+        moe_patch.plan_report(model, atention=False)
+    with pytest.raises(moe_patch.PatchError, match="router must be True or False"):
+        moe_patch.plan_report(model, router="off")
+    assert moe_patch.plan_report(model, skip="lm_head").where(kind="loss")[0].reason == "matched skip pattern 'lm_head'"

@@ -1,0 +1,129 @@
+"""`moe-patch` as a user runs it: a fresh interpreter per command; a mistake is one line on stderr, exit 2."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import moe_patch
+from moe_patch.shapes import tiny_config
+
+
+def cli(*args, cwd=None, **env):
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("MOE_PATCH", "HF_"))}
+    full.update(HF_HUB_OFFLINE="1", **env)
+    return subprocess.run([sys.executable, "-m", "moe_patch", *args], capture_output=True, text=True, env=full,
+                          cwd=cwd, timeout=300)
+
+
+def one_line_error(out, *fragments):
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    """A folder holding a Mixtral config file next to another family's config.json (the issue's case)."""
+    folder = tmp_path_factory.mktemp("cfgs")
+    tiny_config("mixtral").to_json_file(str(folder / "mixtral.json"))
+    tiny_config("olmoe").to_json_file(str(folder / "config.json"))
+    return folder
+
+
+def test_report_reads_that_very_config_file(configs):
+    out = cli("report", str(configs / "mixtral.json"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("MixtralForCausalLM (mixtral) from config file") and "Olmoe" not in out.stdout
+    inside = cli("report", "config.json", cwd=configs)  # a bare file name inside a model folder
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout.startswith("OlmoeForCausalLM (olmoe) from config file config.json")
+    folder = cli("report", str(configs), "--disable", "router")
+    assert folder.returncode == 0 and folder.stdout.startswith("OlmoeForCausalLM (olmoe) from model folder")
+    assert "router=False" in folder.stdout and "GroupedExperts" in folder.stdout
+
+
+def test_report_reads_a_hub_config_through_the_huggingface_cache(tmp_path):
+    snapshot = tmp_path / "models--someorg--tiny-moe" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    tiny_config("qwen3_moe").to_json_file(str(snapshot / "config.json"))
+    (tmp_path / "models--someorg--tiny-moe" / "refs").mkdir()
+    (tmp_path / "models--someorg--tiny-moe" / "refs" / "main").write_text("0" * 40)
+    out = cli("report", "someorg/tiny-moe", HF_HUB_CACHE=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Qwen3MoeForCausalLM (qwen3_moe) from Hub repository someorg/tiny-moe")
+    one_line_error(cli("report", "someorg/not-cached", HF_HUB_CACHE=str(tmp_path)),
+                   "someorg/not-cached", "not in the Hugging Face cache", "cannot be reached")
+
+
+def test_report_previews_a_gpu_from_a_cpu_machine(configs):
+    out = cli("report", str(configs / "mixtral.json"), "--device", "cuda", "--with", "te,liger")
+    assert out.returncode == 0, out.stderr
+    assert "PREVIEW for cuda with liger, te" in out.stdout
+    rows = {line.split()[1]: " ".join(line.split()) for line in out.stdout.splitlines()
+            if line.startswith("model.layers.0.")}
+    assert "GroupedExperts(te permute, te swiglu, grouped_mm) te patched" in rows["experts"]
+    assert "TERouter(softmax, fused)" in rows["router"] and "else TopKRouter(softmax)" in rows["router"]
+    assert "sdpa[cudnn>flash>efficient>math] + Liger RoPE liger patched" in rows["attention"]
+    one_line_error(cli("report", str(configs / "mixtral.json"), "--device", "cuda", "--backend", "te"),
+                   "transformer_engine is not installed", "--with te")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (("report", "mixtrl"), ("unknown model type 'mixtrl' (did you mean 'mixtral'?)", "qwen3_moe")),
+    (("report", "qwen3_moe", "--disable", "bogus"), ("--disable: unknown kind 'bogus'", "router, loss")),
+    (("report", "qwen3_moe", "--disable", "routr"), ("(did you mean 'router'?)",)),
+    (("report", "qwen3_moe", "--backend", "loss=tee"), ("unknown backend 'tee' (did you mean 'te'?)",)),
+    (("report", "qwen3_moe", "--with", "ligr"), ("unknown package 'ligr' (did you mean 'liger'?)",)),
+    (("report", "./missing/config.json"), ("./missing/config.json: no such file or folder",)),
+    (("demo", "--model-type", "bogus"), ("invalid choice 'bogus'", "qwen3_moe, qwen2_moe")),
+    (("demo", "--model-type", "mixtrl"), ("(did you mean 'mixtral'?)",)),
+    (("reprot", "qwen3_moe"), ("invalid choice 'reprot' (did you mean 'report'?)",)),
+])
+def test_mistakes_are_one_line_exit_2(args, fragments):
+    one_line_error(cli(*args), *fragments)
+
+
+def test_report_bad_files(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"hidden_size": 8}))
+    (tmp_path / "alien.json").write_text(json.dumps({"model_type": "qwen3_moee"}))
+    one_line_error(cli("report", str(tmp_path / "bad.json")), "not a readable JSON config")
+    one_line_error(cli("report", str(tmp_path / "other.json")), "no 'model_type' field")
+    one_line_error(cli("report", str(tmp_path / "alien.json")), "unknown model_type 'qwen3_moee' (did you mean "
+                                                                "'qwen3_moe'?)")
+    one_line_error(cli("report", str(tmp_path)), "a folder without config.json")
+
+
+def test_env_and_version():
+    out = cli("env", MOE_PATCH_DISABLE="router", MOE_PATCH_DISABLED="x")
+    assert out.returncode == 0, out.stderr
+    assert f"moe_patch           {moe_patch.__version__}" in out.stdout
+    for name in ("start-up hook", "grouped_mm", "transformer_engine", "liger_kernel", "torch", "transformers"):
+        assert f"\n{name} " in out.stdout, name
+    assert "MOE_PATCH_DISABLE   'router'" in out.stdout
+    assert "MOE_PATCH_DISABLED  'x'  <- not a moe_patch variable: ignored (did you mean 'MOE_PATCH_DISABLE'?)" \
+        in out.stdout
+    version = cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"moe_patch {moe_patch.__version__}"
+    assert "qwen3_moe" in cli("demo", "--help").stdout
+
+
+def test_demo_trains_on_real_text_and_the_losses_match():
+    out = cli("demo", "--steps", "3")
+    assert out.returncode == 0, out.stderr
+    assert "Python standard library's docstrings" in out.stdout and "Same losses" in out.stdout
+    table = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["1"], ["3"])]
+    assert [row[0] for row in table] == ["1", "3"] and all(row[1] == row[2] for row in table), out.stdout
+    assert float(table[1][1]) < float(table[0][1])  # learning: the loss falls
+    assert out.stdout.count("attention: 2 patched") == 1  # the summary once
+
+
+def test_stdlib_text_is_real_text():
+    from moe_patch.cli import stdlib_text
+
+    text = stdlib_text()
+    assert len(text) > 20_000 and text.count(" the ") > 100
