@@ -37,6 +37,8 @@ def swap(model, plan, built, record: Record) -> None:
             record.configs.append((cfg, cfg._attn_implementation))
             cfg._attn_implementation = attention_op.NAME
     for action in plan.actions:
+        if action.install is not None:  # kernels routed by the module's own hooks (ops/sink_attention.py)
+            record.hooks += action.install(action.module)
         if action.loss_backend is not None:
             # an instance attribute: the class keeps its forward
             model.forward = loss_op.FusedLossForward(model, action.loss_backend, action.loss_step)

@@ -40,6 +40,8 @@ def test_bf16_replacements_match_stock(model_type, backend):
         canon = None
         if r.kind == "router":  # TE's kernel orders each token's k pairs its own way, and breaks ties its own way
             canon, args = canonical, (untied(s_mods[r.path], args[0]),) + tuple(args[1:])
+        if r.kind == "attention":  # the output; eager also returns its probabilities, a fused kernel does not
+            canon = lambda outs: outs[:1]  # noqa: E731
         out_s, in_s, par_s = run_module(s_mods[r.path], args, kwargs, canon=canon)
         out_p, in_p, par_p = run_module(p_mods[r.path], args, kwargs, canon=canon)
         for a, b in zip(out_p, out_s):
@@ -260,3 +262,46 @@ def test_experts_weighing_their_rows_on_cuda(model_type):
     grads = dict(ref.named_parameters())
     for pname, q in experts.named_parameters():
         assert rel_err(q.grad, grads[pname].grad) < 2e-2, pname
+
+
+@pytest.mark.parametrize("dtype,tol,grad_tol", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2e-2, 2e-2)])
+def test_sink_attention_on_flex_attention_matches_eager(dtype, tol, grad_tol):
+    """GPT-OSS (learned sinks, a sliding window on every other layer): attention on flex_attention + the sink
+    rescale, proven at apply() on this GPU, against the stock eager model: each attention module on the inputs it
+    really sees (output, input and parameter gradients, the sinks' included), then the whole model."""
+    from moe_patch.ops import sink_attention
+
+    stock = build("gpt_oss", dtype=dtype, max_position_embeddings=512).cuda()
+    # attention alone: the whole-model comparison below is then about attention only
+    patched = moe_patch.apply(copy.deepcopy(stock), rmsnorm=False, linear=False, experts=False, router=False,
+                              loss=False)
+    rows = moe_patch.report(patched).where(kind="attention")
+    assert len(rows) == 2 and all(r.status == "patched" and r.replacement.startswith(sink_attention.NAME)
+                                  for r in rows), [(r.status, r.reason) for r in rows]
+    assert patched.config._attn_implementation == "eager"
+    ids = torch.randint(0, 256, (2, 77), device="cuda")  # beyond the window (8), not a multiple of flex's block
+    captured = record_inputs(stock, [r.path for r in rows], input_ids=ids)
+    s_mods, p_mods = dict(stock.named_modules()), dict(patched.named_modules())
+    before = dict(sink_attention.FALLBACKS)
+    for r in rows:
+        args, kwargs = captured[r.path]
+        out_s, in_s, par_s = run_module(s_mods[r.path], args, kwargs, canon=lambda outs: outs[:1])
+        out_p, in_p, par_p = run_module(p_mods[r.path], args, kwargs, canon=lambda outs: outs[:1])
+        assert rel_err(out_p[0], out_s[0]) < tol, r.path
+        for a, b in zip(in_p, in_s):
+            assert rel_err(a, b) < grad_tol, (r.path, "input grad")
+        assert "sinks" in par_s
+        for name, g in par_s.items():
+            assert rel_err(par_p[name], g) < grad_tol, (r.path, name)
+    assert sink_attention.FALLBACKS == before  # every call above ran the fused kernel
+    if dtype == torch.float32:
+        stock.train(), patched.train()
+        out_s, out_p = stock(input_ids=ids, labels=ids), patched(input_ids=ids, labels=ids)
+        assert rel_err(out_p.loss, out_s.loss) < tol
+        out_s.loss.backward(), out_p.loss.backward()
+        p_params = dict(patched.named_parameters())
+        for name, p in stock.named_parameters():
+            if p.grad is not None:
+                assert rel_err(p_params[name].grad, p.grad) < grad_tol, name
+    moe_patch.revert(patched)
+    assert not any(hasattr(m, sink_attention._MARK) for m in patched.modules())
