@@ -155,12 +155,18 @@ def sweep(args):
         layers, batch = SWEEP[name]
         variants = ["stock"] + (["stock-best"] if NAMED[name][0] in BEST_ATTENTION else []) + ["patched"]
         for variant in variants:
-            r = run_child(variant, ["--shape", name, "--layers", str(layers), "--batch", str(batch)])
+            extra = ["--shape", name, "--layers", str(layers), "--batch", str(batch)]
+            if variant != "patched":
+                extra += ["--profile", "0"]  # --profile: where the patched step's time goes
+            r = run_child(variant, extra)
             r.setdefault("shape", name)
-            r.pop("stderr", None)
+            profile = r.pop("stderr", "")
             results.append(r)
             print(json.dumps({k: r.get(k) for k in ("shape", "variant", "tokens_per_s", "peak_gib", "error")}),
                   flush=True)
+            if args.profile and variant == "patched" and "error" not in r:
+                print(f"--- {name} {variant}: GPU kernels of one step\n{profile}", flush=True)
+            write_results(args, results)  # after every child: a run cut short keeps what it measured
     print_sweep(results, args)
     write_results(args, results, sweep_chart)
 
