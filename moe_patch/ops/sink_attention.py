@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import types
 import weakref
 from functools import lru_cache
 
@@ -66,8 +67,15 @@ def attend(query, key, value, sinks, block_mask, scale: float, flex=None):
 
 
 @lru_cache(maxsize=None)
-def _compiled():
-    return torch.compile(attend, dynamic=False)
+def _compiled(role: str):
+    """torch.compile of `attend`, one copy of its code per role ("run": the model's calls, "proof": prove()).
+    Dynamo keeps at most 8 compiled variants per code object and then runs the function uncompiled (flex_attention
+    unfused: the whole score matrix); the proof's shapes and dtypes must not use up the model's. Shapes are
+    static on the first call and dynamic after a second length (torch.compile's default), as Transformers'
+    own flex_attention path compiles."""
+    code = attend.__code__.replace(co_name=f"attend_{role}")
+    fn = types.FunctionType(code, attend.__globals__, f"attend_{role}", attend.__defaults__, attend.__closure__)
+    return torch.compile(fn)
 
 
 @lru_cache(maxsize=32)
@@ -120,11 +128,13 @@ def mask_window(attention_mask, q_len: int, k_len: int, window: int | None):
     return verdict
 
 
-def sink_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, compiled=True,
+def sink_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, compiled="run",
                            **kwargs):
     """Drop-in for a sinks family's eager_attention_forward: query [B, H, Q, D], key / value [B, Hkv, K, D(v)],
     attention_mask the additive [B, 1, Q, K] mask (or None), module.sinks [H]. Returns ([B, Q, H, Dv] in the
-    query's dtype, None): no probabilities are materialised. Raises _NotHere(reason) where it does not apply."""
+    query's dtype, None): no probabilities are materialised. Raises _NotHere(reason) where it does not apply.
+    compiled: which compiled copy runs on a GPU ("run", "proof"; see _compiled), False for torch's eager
+    flex_attention (CPU tests)."""
     if dropout and module.training:
         raise _NotHere("attention dropout in training (flex_attention has none)")
     if _probabilities_requested():
@@ -137,7 +147,7 @@ def sink_attention_forward(module, query, key, value, attention_mask, scaling=No
         raise _NotHere(why)
     block_mask = _block_mask(query.shape[-2], key.shape[-2], window, str(query.device)) if kind == "causal" else None
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    fn = _compiled() if compiled and query.device.type == "cuda" else attend
+    fn = _compiled(compiled) if compiled and query.device.type == "cuda" else attend
     return fn(query, key, value, module.sinks, block_mask, scale), None
 
 
@@ -281,7 +291,7 @@ def prove(module, device) -> str | None:
             ref_in = [t.detach().float().requires_grad_() for t in new_in]
             kw = dict(dropout=0.0, scaling=scaling, sliding_window=window)
             a, _ = eager(stock, *ref_in, mask.float(), **{**kw, "s_aux": stock.sinks})
-            b, _ = sink_attention_forward(new, *new_in, mask, **{**kw, "s_aux": new.sinks})
+            b, _ = sink_attention_forward(new, *new_in, mask, compiled="proof", **{**kw, "s_aux": new.sinks})
             if a.shape != b.shape:
                 reason = f"output shape {tuple(b.shape)} != eager's {tuple(a.shape)}"
                 break
@@ -299,12 +309,6 @@ def prove(module, device) -> str | None:
                     reason = f"{name} gradient rel. error {err:.1e} ({dtype})"
                     break
             if reason:
-                break
-            with torch.no_grad():  # evaluation: the same kernel without autograd
-                c, _ = sink_attention_forward(new, *(t.detach() for t in new_in), mask, **{**kw, "s_aux": new.sinks})
-            err = probe.rel_err(c, a)
-            if not err < tol:
-                reason = f"output without grad rel. error {err:.1e} > {tol:.0e} ({dtype})"
                 break
     except Exception as exc:  # a proof must never take the host program down: report it instead
         reason = f"probe failed: {type(exc).__name__}: {exc}"
