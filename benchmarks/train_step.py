@@ -202,7 +202,9 @@ def sweep_chart(results, path):
     from steps import bar_charts
 
     ok = [r for r in results if "error" not in r]
-    bar_charts(path, [f"{r['shape'].split('-')[0]}\n{r['variant']}" for r in ok],
+    short = {"qwen3-30b-a3b": "qwen3", "deepseek-v3-style": "dsv3", "nemotron-3-nano-style": "nemo-h",
+             "gpt-oss-20b": "gpt-oss"}
+    bar_charts(path, [f"{short.get(r['shape'], r['shape'])}\n{r['variant'].replace('stock-best', 'best')}" for r in ok],
                [("tokens/s", [r["tokens_per_s"] for r in ok]), ("peak GiB", [r["peak_gib"] for r in ok])])
 
 
