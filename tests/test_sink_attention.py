@@ -144,3 +144,31 @@ def test_plan_on_cpu_keeps_eager_with_reason_and_names_nothing_new():
     rows = moe_patch.report(patched).where(kind="attention")
     assert len(rows) == 2 and all(r.status == "skipped" and "no backward on CPU" in r.reason for r in rows)
     assert model.config._attn_implementation == "eager"
+
+
+def test_kernel_failure_runs_eager_once_tried(monkeypatch):
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    model, masks = _module_and_masks()
+    module = model.model.layers[1].self_attn
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no kernel for this shape")
+
+    monkeypatch.setattr(sink_attention, "attend", broken)
+    handles = sink_attention.install(module)
+    try:
+        q, k, v = _inputs(module, 37, torch.Generator().manual_seed(4))
+        kw = dict(scaling=module.scaling, dropout=0.0, sliding_window=None, s_aux=module.sinks)
+        with pytest.warns(UserWarning, match="no kernel for this shape"), torch.no_grad():
+            _, probs = modeling_gpt_oss.eager_attention_forward(module, q, k, v, masks["full_attention"], **kw)
+        assert probs is not None and len(calls) == 1  # eager ran
+        with torch.no_grad():
+            _, probs = modeling_gpt_oss.eager_attention_forward(module, q, k, v, masks["full_attention"], **kw)
+        assert probs is not None and len(calls) == 1  # not tried again for the same call shape
+    finally:
+        for h in handles:
+            h.remove()
+        sink_attention._BROKEN.clear()

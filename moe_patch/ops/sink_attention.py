@@ -39,6 +39,7 @@ _MARK = "_moe_patch_sink_attention"
 _ORIGINAL: dict = {}  # python module name -> the eager_attention_forward it had
 _USERS: dict = {}  # python module name -> number of marked attention modules
 FALLBACKS: dict = {}  # reason -> calls that ran the original eager function instead
+_BROKEN: set = set()  # (dtype, query shape, key shape, window, grad) where the kernel failed to build
 
 
 def has_sinks(module: nn.Module) -> bool:
@@ -114,7 +115,7 @@ def mask_window(attention_mask, q_len: int, k_len: int, window: int | None):
         return None, f"attention mask of type {type(attention_mask).__name__} (not an additive float mask)"
     if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or tuple(attention_mask.shape[-2:]) != (q_len, k_len) \
             or q_len != k_len:
-        return None, f"attention mask of shape {tuple(attention_mask.shape)} for {q_len} queries, {k_len} keys"
+        return None, "attention mask is not [batch, 1, q, k] with as many queries as keys (a cache, or a query slice)"
     hit = _CHECKED.get(id(attention_mask))
     if hit is not None and hit[0]() is attention_mask and hit[1] == attention_mask._version and hit[2] == window:
         return hit[3]
@@ -172,14 +173,19 @@ def _dispatcher(modname: str):
 
     def eager_attention_forward(module, *args, **kwargs):
         if getattr(module, _MARK, False):
-            try:
-                return sink_attention_forward(module, *args, **kwargs)
-            except _NotHere as why:
-                _fell_back(str(why))
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as exc:  # the kernel could not be built for this call: eager computes it instead
-                _fell_back(f"flex_attention failed: {type(exc).__name__}: {str(exc)[:200]}")
+            query, key = (list(args) + [kwargs.get("query"), kwargs.get("key")])[:2]
+            call = (getattr(query, "dtype", None), getattr(query, "shape", None), getattr(key, "shape", None),
+                    kwargs.get("sliding_window"), torch.is_grad_enabled())
+            if call not in _BROKEN:
+                try:
+                    return sink_attention_forward(module, *args, **kwargs)
+                except _NotHere as why:
+                    _fell_back(str(why))
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:  # the kernel could not be built for this call: eager computes it
+                    _BROKEN.add(call)  # and every later call like it, without trying to build it again
+                    _fell_back(f"flex_attention failed: {type(exc).__name__}: {str(exc)[:200]}")
         return original(module, *args, **kwargs)
 
     eager_attention_forward.__wrapped__ = original
