@@ -122,7 +122,8 @@ def profile_step(model, opt, ids, rows: int, trace: str | None = None) -> str:
 
 # kernel name pieces -> category; the first match wins (TE's NCCL-EP kernels before other NCCL ones)
 CATEGORIES = (("expert dispatch/combine", ("nccl_ep",)), ("collectives", ("nccl",)),
-              ("attention", ("fmha", "sdpa", "flash", "cudnn")),
+              ("attention", ("fmha", "sdpa", "flash", "cudnn", "triton_tem_fused")),  # triton_tem: flex_attention's
+              # inductor template (moe_patch compiles no other template)
               ("GEMM", ("nvjet", "gemm", "cutlass", "xmma", "splitkreduce")),
               ("optimizer", ("multi_tensor_apply",)))
 COMMUNICATION = ("expert dispatch/combine", "collectives")

@@ -2,10 +2,15 @@
 
     python benchmarks/train_step.py --shape qwen3-30b-a3b --layers 8 --seq 4096 --batch 4 \
         --variants stock,patched --json train_step.json --png train_step.png
+    python benchmarks/train_step.py --shapes all --seq 4096 --json sweep.json --png sweep.png
+
+--shapes (all, or a comma list of shape names) runs every shape of SWEEP at its layers and micro-batch, each with
+stock (the family's default attention), stock-best (stock with the fastest attention Transformers offers the
+family, where that is not the default: BEST_ATTENTION) and patched, and prints one table over all shapes.
 
 Random weights, bf16, fused AdamW, the same random tokens for every variant. Prints tokens/s, TFLOP/s
 (6 x active parameters per token + causal attention), peak GiB and fwd / bwd / optimizer ms (medians).
-Variants: stock | patched (moe_patch.apply, backend auto) | patched-torch (backend="torch") |
+Variants: stock | stock-best (BEST_ATTENTION's implementation) | patched (moe_patch.apply, backend auto) | patched-torch (backend="torch") |
 patched-noloss (backend auto, loss=False: the stock lm_head + cross-entropy) |
 patched-torchloss (backend auto, the loss on moe_patch's chunked torch kernel, as auto picks on GPU) |
 patched-ligerloss (backend auto, but the loss on Liger's fused linear cross-entropy) |
@@ -27,6 +32,14 @@ import subprocess
 import sys
 
 from steps import add_step_arguments, write_results
+
+# shape -> (layers, micro-batch): the layers a benchmark keeps and the micro-batch that fits one H200 (141 GB)
+# at seq 4096 for the stock model (issue 18's table)
+SWEEP = {"qwen3-30b-a3b": (8, 4), "deepseek-v3-style": (4, 4), "nemotron-3-nano-style": (6, 2),
+         "gpt-oss-20b": (4, 2)}
+# model type -> the fastest attention implementation stock Transformers supports for it on a GPU, where that is
+# not its default (GPT-OSS defaults to eager: SDPA cannot apply its sinks; flex_attention can)
+BEST_ATTENTION = {"gpt_oss": "flex_attention"}
 
 
 def active_params(model, config) -> float:
@@ -60,9 +73,12 @@ def child(args) -> dict:
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     config = named_config(args.shape, layers=args.layers)
+    attn = BEST_ATTENTION.get(config.model_type) if args.child == "stock-best" else None
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    info = {}
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
+                                                 **({"attn_implementation": attn} if attn else {}))
+    info = {"attention": model.config._attn_implementation, "shape": args.shape, "layers": args.layers,
+            "batch": args.batch}
     if args.child.startswith("patched"):
         import moe_patch
 
@@ -75,6 +91,8 @@ def child(args) -> dict:
         if args.child == "patched-compiledce":
             model.forward.step = "compiled"
         info["report"] = moe_patch.report(model).summary()
+        info["attention_rows"] = sorted({f"{r.status}: {r.replacement or r.reason}"
+                                         for r in moe_patch.report(model).where(kind="attention")})
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -98,26 +116,96 @@ def main():
     parser.add_argument("--profile", type=int, default=0, help="print the top-N GPU kernels of one step")
     parser.add_argument("--trace", default=None,
                         help="with --profile: also write a Chrome trace of that step to TRACE.<variant>.json")
+    parser.add_argument("--shapes", default=None,
+                        help="'all' or a comma list of SWEEP's shapes: stock, stock-best, patched for each")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
-    results = []
-    for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", variant]
-        env = dict(os.environ, **({"MOE_PATCH_COMPILE": "0"} if variant == "patched-eager" else {}))
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if out.returncode != 0 or not line:
-            print(f"{variant}: failed\n{out.stderr[-4000:]}", file=sys.stderr)
-            results.append(dict(variant=variant, error=out.stderr[-2000:]))
-            continue
-        results.append(json.loads(line[0][7:]))
-        if args.profile:
-            print(f"--- {variant}: GPU kernels of one step\n" + out.stderr[-12000:])
+    if args.shapes:
+        sweep(args)
+        return
+    results = [run_child(variant, []) for variant in args.variants.split(",")]
+    if args.profile:
+        for r in results:
+            print(f"--- {r['variant']}: GPU kernels of one step\n" + r.pop("stderr", ""))
     print_table(results, args)
-    write_results(args, results, chart)
+    write_results(args, [{k: v for k, v in r.items() if k != "stderr"} for r in results], chart)
+
+
+def run_child(variant: str, extra: list) -> dict:
+    """One variant in its own process (a fresh CUDA context and allocator); extra overrides the arguments."""
+    cmd = [sys.executable, __file__, *sys.argv[1:], *extra, "--child", variant]
+    env = dict(os.environ, **({"MOE_PATCH_COMPILE": "0"} if variant == "patched-eager" else {}))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not line:
+        print(f"{variant}: failed\n{out.stderr[-4000:]}", file=sys.stderr)
+        return dict(variant=variant, error=out.stderr[-2000:])
+    return dict(json.loads(line[0][7:]), stderr=out.stderr[-12000:])
+
+
+def sweep(args):
+    from moe_patch.shapes import NAMED
+
+    names = list(SWEEP) if args.shapes == "all" else args.shapes.split(",")
+    results = []
+    for name in names:
+        layers, batch = SWEEP[name]
+        variants = ["stock"] + (["stock-best"] if NAMED[name][0] in BEST_ATTENTION else []) + ["patched"]
+        for variant in variants:
+            extra = ["--shape", name, "--layers", str(layers), "--batch", str(batch)]
+            if variant != "patched":
+                extra += ["--profile", "0"]  # --profile: where the patched step's time goes
+            r = run_child(variant, extra)
+            r.setdefault("shape", name)
+            profile = r.pop("stderr", "")
+            results.append(r)
+            print(json.dumps({k: r.get(k) for k in ("shape", "variant", "tokens_per_s", "peak_gib", "error")}),
+                  flush=True)
+            if args.profile and variant == "patched" and "error" not in r:
+                print(f"--- {name} {variant}: GPU kernels of one step\n{profile}", flush=True)
+            write_results(args, results)  # after every child: a run cut short keeps what it measured
+    print_sweep(results, args)
+    write_results(args, results, sweep_chart)
+
+
+def print_sweep(results, args):
+    ok = [r for r in results if "error" not in r]
+    print(f"\nseq {args.seq}, bf16, fused AdamW, {args.steps} timed steps after {args.warmup} "
+          f"({ok[0]['gpu'] if ok else '?'}); speed-up and memory against stock's best attention for the family")
+    head = f"{'shape (layers)':<28} {'mb':>3} {'variant':<11} {'attention':<15} {'tokens/s':>9} {'TFLOP/s':>8} " \
+           f"{'peak GiB':>9} {'speed-up':>8} {'memory':>7} {'vs default':>10}"
+    print(head + "\n" + "-" * len(head))
+    for r in results:
+        same = [x for x in ok if x["shape"] == r["shape"]]
+        default = next((x for x in same if x["variant"] == "stock"), None)
+        best = next((x for x in same if x["variant"] == "stock-best"), default)
+        label = f"{r['shape']} ({r.get('layers', SWEEP[r['shape']][0])})"
+        if "error" in r:
+            print(f"{label:<28} {'':>3} {r['variant']:<11} FAILED (see stderr)")
+            continue
+        up = r["tokens_per_s"] / best["tokens_per_s"] if best else float("nan")
+        mem = r["peak_gib"] / best["peak_gib"] if best else float("nan")
+        vs_default = r["tokens_per_s"] / default["tokens_per_s"] if default else float("nan")
+        print(f"{label:<28} {r['batch']:>3} {r['variant']:<11} {r['attention']:<15} {r['tokens_per_s']:>9,.0f} "
+              f"{r['tflops']:>8.0f} {r['peak_gib']:>9.1f} {up:>7.2f}x {mem:>6.2f}x {vs_default:>9.2f}x")
+    for r in ok:
+        print(f"{r['shape']:<22} {r['variant']:<11} loss " + " ".join(f"{x:.4f}" for x in r["losses"][:8]))
+    for r in ok:
+        if r.get("attention_rows"):
+            print(f"{r['shape']:<22} attention: " + "; ".join(r["attention_rows"])[:300])
+
+
+def sweep_chart(results, path):
+    from steps import bar_charts
+
+    ok = [r for r in results if "error" not in r]
+    short = {"qwen3-30b-a3b": "qwen3", "deepseek-v3-style": "dsv3", "nemotron-3-nano-style": "nemo-h",
+             "gpt-oss-20b": "gpt-oss"}
+    bar_charts(path, [f"{short.get(r['shape'], r['shape'])}\n{r['variant'].replace('stock-best', 'best')}" for r in ok],
+               [("tokens/s", [r["tokens_per_s"] for r in ok]), ("peak GiB", [r["peak_gib"] for r in ok])])
 
 
 def print_table(results, args):

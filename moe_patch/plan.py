@@ -16,7 +16,7 @@ from torch import nn
 from . import backends, probe
 from .errors import PatchError
 from .families import tables
-from .ops import attention, experts, loss, rmsnorm, router
+from .ops import attention, experts, loss, rmsnorm, router, sink_attention
 from .ops.base import Replacement
 
 
@@ -40,6 +40,7 @@ class Action:
     rope: bool = False  # attention: RoPE calls go to the proven fused kernel (ops/rope.py)
     loss_backend: str | None = None  # loss: the root model's forward gets the fused loss
     loss_step: str = "compiled"  # loss, chunked: the kernel of each chunk's softmax gradient (ops/loss.py STEPS)
+    install: Callable[[nn.Module], list] | None = None  # routes the module's kernel; returns removable handles
 
 
 @dataclass
@@ -244,7 +245,27 @@ def _plan_loss(model, opts, plan) -> None:
     plan.actions.append(Action(row, model, loss_backend=backend, loss_step=step))
 
 
+def _plan_sink_attention(module, row, plan) -> None:
+    """Attention with learned sinks (GPT-OSS, ...): flex_attention + sink rescale where proven on this device
+    against the family's own eager function (ops/sink_attention.py); the implementation name stays."""
+    impl = getattr(module.config, "_attn_implementation", None)
+    if impl != "eager":
+        row.reason = f"model uses {impl!r} attention (chosen by the user); kept"
+        return
+    why = sink_attention.prove(module, _device(module))
+    if why:
+        row.reason = f"{sink_attention.NAME} not proven equal to the family's eager attention: {why}"
+        return
+    window = getattr(module, "sliding_window", None)
+    row.replacement = f"{sink_attention.NAME}[{f'window {window}' if window else 'causal'}]"
+    row.backend, row.status = "torch", "patched"
+    plan.actions.append(Action(row, module, install=sink_attention.install))
+
+
 def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
+    if sink_attention.has_sinks(module):
+        _plan_sink_attention(module, row, plan)
+        return
     impl = getattr(module.config, "_attn_implementation", None)
     if impl != "sdpa" or not plan.supports_sdpa:
         row.reason = f"model uses {impl!r} attention (chosen by the user or required by the family); kept"

@@ -51,6 +51,8 @@ def swap(model, plan, built, record: Record) -> None:
     for row, module in plan.attention_later:  # not on sdpa at apply(): proven if switched to it later
         record.attention.append([row, module, False, [], None])
     for action in plan.actions:
+        if action.install is not None:  # kernels routed by the module's own hooks (ops/sink_attention.py)
+            record.hooks += action.install(action.module)
         if action.loss_backend is not None:
             # an instance attribute: the class keeps its forward
             model.forward = loss_op.FusedLossForward(model, action.loss_backend, action.loss_step)

@@ -40,6 +40,10 @@ def test_bf16_replacements_match_stock(model_type, backend):
         canon = None
         if r.kind == "router":  # TE's kernel orders each token's k pairs its own way, and breaks ties its own way
             canon, args = canonical, (untied(s_mods[r.path], args[0]),) + tuple(args[1:])
+        if r.replacement.startswith("flex_attention+sinks"):
+            continue  # held to eager in float32 in test_sink_attention_on_flex_attention_matches_eager
+        if r.kind == "attention":  # the output (eager also returns its probabilities, a fused kernel does not)
+            canon = lambda outs: outs[:1]  # noqa: E731
         out_s, in_s, par_s = run_module(s_mods[r.path], args, kwargs, canon=canon)
         out_p, in_p, par_p = run_module(p_mods[r.path], args, kwargs, canon=canon)
         for a, b in zip(out_p, out_s):
@@ -260,3 +264,54 @@ def test_experts_weighing_their_rows_on_cuda(model_type):
     grads = dict(ref.named_parameters())
     for pname, q in experts.named_parameters():
         assert rel_err(q.grad, grads[pname].grad) < 2e-2, pname
+
+
+@pytest.mark.parametrize("dtype,tol,grad_tol", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2e-2, 2e-2)])
+def test_sink_attention_on_flex_attention_matches_eager(dtype, tol, grad_tol):
+    """GPT-OSS (learned sinks, a sliding window on every other layer): attention on flex_attention + the sink
+    rescale, proven at apply() on this GPU, against the stock eager attention in float32 on the inputs each module
+    really sees (output, input and parameter gradients, the sinks' included), then the whole model in float32.
+    The bf16 kernel is held to eager in float32: two bf16 roundings of a gradient that nearly cancels (the key
+    bias: a softmax ignores a shift of its row) can differ by more than either is from the exact value."""
+    from moe_patch.ops import sink_attention
+
+    stock32 = build("gpt_oss", max_position_embeddings=512).cuda()
+    # attention alone: the whole-model comparison below is then about attention only
+    patched = moe_patch.apply(copy.deepcopy(stock32).to(dtype), rmsnorm=False, linear=False, experts=False,
+                              router=False, loss=False)
+    rows = moe_patch.report(patched).where(kind="attention")
+    assert len(rows) == 2 and all(r.status == "patched" and r.replacement.startswith(sink_attention.NAME)
+                                  for r in rows), [(r.status, r.reason) for r in rows]
+    assert patched.config._attn_implementation == "eager"
+    ids = torch.randint(0, 256, (2, 77), device="cuda")  # beyond the window (8), not a multiple of flex's block
+    captured = record_inputs(patched, [r.path for r in rows], input_ids=ids)  # the mask the model builds in dtype
+    s_mods, p_mods = dict(stock32.named_modules()), dict(patched.named_modules())
+    up = lambda x: x.float() if torch.is_tensor(x) and x.is_floating_point() else (  # noqa: E731
+        tuple(map(up, x)) if isinstance(x, tuple) else x)
+    first = lambda outs: outs[:1]  # noqa: E731  (eager also returns its probabilities)
+    before = dict(sink_attention.FALLBACKS)
+    for r in rows:
+        args, kwargs = captured[r.path]
+        ref = run_module(s_mods[r.path], up(args), {k: up(v) for k, v in kwargs.items()}, canon=first)
+        new = run_module(p_mods[r.path], args, kwargs, canon=first)
+        eager = run_module(copy.deepcopy(s_mods[r.path]).to(dtype), args, kwargs, canon=first)
+        pairs = [("output", new[0][0], ref[0][0], eager[0][0])]
+        pairs += [(f"input grad {i}", a, b, c) for i, (a, b, c) in enumerate(zip(new[1], ref[1], eager[1]))]
+        pairs += [(name, new[2][name], g, eager[2][name]) for name, g in ref[2].items()]
+        assert any(name == "sinks" for name, *_ in pairs)
+        for name, a, b, c in pairs:
+            err, eager_err = rel_err(a, b), rel_err(c, b)
+            assert err < (tol if name == "output" else grad_tol), (r.path, name, err, f"eager {dtype}: {eager_err}")
+    assert sink_attention.FALLBACKS == before  # every call above ran the fused kernel
+    if dtype == torch.float32:
+        stock32.train(), patched.train()
+        out_s, out_p = stock32(input_ids=ids, labels=ids), patched(input_ids=ids, labels=ids)
+        assert rel_err(out_p.loss, out_s.loss) < tol
+        out_s.loss.backward(), out_p.loss.backward()
+        p_params = dict(patched.named_parameters())
+        for name, p in stock32.named_parameters():
+            if p.grad is not None:
+                assert rel_err(p_params[name].grad, p.grad) < grad_tol, name
+    assert sink_attention.FALLBACKS == before
+    moe_patch.revert(patched)
+    assert not any(hasattr(m, sink_attention._MARK) for m in patched.modules())

@@ -1,0 +1,322 @@
+"""Attention with learned sinks (GPT-OSS and other families with a `sinks` parameter) on flex_attention.
+
+What the family computes (its own `eager_attention_forward`, e.g. transformers' modeling_gpt_oss.py): one extra
+logit per head, the sink s_h, joins every row's softmax and is dropped afterwards,
+
+    p_j = exp(x_j) / (sum_k exp(x_k) + exp(s_h))        x = q.k * scaling + mask
+
+Eager builds the whole [batch, heads, q, k] score matrix for that. The same numbers come from any fused kernel that
+returns the row's log-sum-exp L = log(sum_k exp(x_k)):  p_j = softmax(x)_j * sigmoid(L - s_h), so
+
+    out = flex_attention(q, k, v, block_mask) * sigmoid(L - s_h)
+
+with the gradient to q, k, v and to the sink through L (torch's flex_attention differentiates its LSE output).
+The window of a sliding-attention layer and the causal mask are a BlockMask, so blocks outside the window are
+never computed. L and the rescale stay in float32 (Transformers' own flex path rounds L to the model dtype first).
+
+How it is wired: the module's forward looks its kernel up with
+`ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)`, and for "eager"
+that is the family module's global `eager_attention_forward`. install() puts a dispatcher in that global which
+runs this kernel for the attention modules apply() marked (proven at plan time, `prove`) and the original
+function for every other module; the config's implementation name is never changed. The dispatcher checks at
+call time what the proof assumed and otherwise runs the original function (reason kept in `FALLBACKS`):
+the mask must be the plain causal (or causal + this layer's window) mask eager was given, with no padding or
+packing; no attention dropout in training; the tensors on a GPU (flex_attention has no backward on CPU).
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import types
+import weakref
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+NAME = "flex_attention+sinks"
+_MARK = "_moe_patch_sink_attention"
+_ORIGINAL: dict = {}  # python module name -> the eager_attention_forward it had
+_USERS: dict = {}  # python module name -> number of marked attention modules
+FALLBACKS: dict = {}  # reason -> calls that ran the original eager function instead
+_BROKEN: set = set()  # (dtype, query shape, key shape, window, grad) where the kernel failed to build
+
+
+def has_sinks(module: nn.Module) -> bool:
+    sinks = getattr(module, "sinks", None)
+    return isinstance(sinks, nn.Parameter) and sinks.dim() == 1
+
+
+# --- the kernel ----------------------------------------------------------------------------------------------
+
+def attend(query, key, value, sinks, block_mask, scale: float, flex=None):
+    """flex_attention(q, k, v) * sigmoid(lse - sinks), transposed to [B, Q, H, Dv]; `flex` defaults to torch's."""
+    options = {}
+    if flex is None:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+
+        # the training kernel for every call: without grad and under 128 queries flex_attention would take its
+        # decoding kernel, which the proof does not run (and which inductor failed to build for small heads)
+        options = {"kernel_options": {"FORCE_USE_FLEX_ATTENTION": True}}
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    out, aux = flex(query, key, value, block_mask=block_mask, scale=scale,
+                    enable_gqa=query.shape[1] != key.shape[1], return_aux=AuxRequest(lse=True), **options)
+    keep = torch.sigmoid(aux.lse.float() - sinks.float().view(1, -1, 1))  # [B, H, Q], float32
+    out = (out.float() * keep.unsqueeze(-1)).to(query.dtype)
+    return out.transpose(1, 2).contiguous()  # [B, Q, H, Dv], as eager returns it
+
+
+@lru_cache(maxsize=None)
+def _compiled(role: str):
+    """torch.compile of `attend`, one copy of its code per role ("run": the model's calls, "proof": prove()).
+    Dynamo keeps at most 8 compiled variants per code object and then runs the function uncompiled (flex_attention
+    unfused: the whole score matrix); the proof's shapes and dtypes must not use up the model's. Shapes are
+    static on the first call and dynamic after a second length (torch.compile's default), as Transformers'
+    own flex_attention path compiles."""
+    code = attend.__code__.replace(co_name=f"attend_{role}")
+    fn = types.FunctionType(code, attend.__globals__, f"attend_{role}", attend.__defaults__, attend.__closure__)
+    return torch.compile(fn)
+
+
+@lru_cache(maxsize=32)
+def _block_mask(q_len: int, k_len: int, window: int | None, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if window:
+        def mask_mod(b, h, q, k):
+            return (k <= q) & (k > q - window)
+    else:
+        def mask_mod(b, h, q, k):
+            return k <= q
+    return create_block_mask(mask_mod, None, None, q_len, k_len, device=device)
+
+
+def _expected_mask(q_len: int, k_len: int, window: int | None, dtype, device) -> torch.Tensor:
+    """The additive mask eager receives for causal (window None) or sliding-window causal attention."""
+    q = torch.arange(q_len, device=device)[:, None]
+    k = torch.arange(k_len, device=device)[None, :]
+    allowed = k <= q
+    if window:
+        allowed &= k > q - window
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+_CHECKED: dict = {}  # id(mask) -> (weakref, version, window, verdict): one check per mask tensor, not per layer
+
+
+def mask_window(attention_mask, q_len: int, k_len: int, window: int | None):
+    """("none", None) for no mask, ("causal", window) if attention_mask is exactly the causal (+window) mask
+    eager would get, else (None, reason). Checked once per mask tensor object (one device sync)."""
+    if attention_mask is None:
+        return "none", None
+    if not isinstance(attention_mask, torch.Tensor) or not attention_mask.is_floating_point():
+        return None, f"attention mask of type {type(attention_mask).__name__} (not an additive float mask)"
+    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or tuple(attention_mask.shape[-2:]) != (q_len, k_len) \
+            or q_len != k_len:
+        return None, "attention mask is not [batch, 1, q, k] with as many queries as keys (a cache, or a query slice)"
+    hit = _CHECKED.get(id(attention_mask))
+    if hit is not None and hit[0]() is attention_mask and hit[1] == attention_mask._version and hit[2] == window:
+        return hit[3]
+    ok = bool((attention_mask == _expected_mask(q_len, k_len, window, attention_mask.dtype,
+                                                attention_mask.device)).all())
+    verdict = ("causal", window) if ok else (None, "attention mask is not the plain causal / sliding-window mask "
+                                                   "(padding or packed sequences)")
+    if len(_CHECKED) > 64:
+        _CHECKED.clear()
+    _CHECKED[id(attention_mask)] = (weakref.ref(attention_mask), attention_mask._version, window, verdict)
+    return verdict
+
+
+def sink_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, compiled="run",
+                           **kwargs):
+    """Drop-in for a sinks family's eager_attention_forward: query [B, H, Q, D], key / value [B, Hkv, K, D(v)],
+    attention_mask the additive [B, 1, Q, K] mask (or None), module.sinks [H]. Returns ([B, Q, H, Dv] in the
+    query's dtype, None): no probabilities are materialised. Raises _NotHere(reason) where it does not apply.
+    compiled: which compiled copy runs on a GPU ("run", "proof"; see _compiled), False for torch's eager
+    flex_attention (CPU tests)."""
+    if dropout and module.training:
+        raise _NotHere("attention dropout in training (flex_attention has none)")
+    if _probabilities_requested():
+        raise _NotHere("attention probabilities requested (output_attentions): eager returns them")
+    if query.requires_grad and query.device.type == "cpu" or key.requires_grad and key.device.type == "cpu":
+        raise _NotHere("flex_attention has no backward on CPU")
+    window = kwargs.get("sliding_window")
+    kind, why = mask_window(attention_mask, query.shape[-2], key.shape[-2], window)
+    if kind is None:
+        raise _NotHere(why)
+    block_mask = _block_mask(query.shape[-2], key.shape[-2], window, str(query.device)) if kind == "causal" else None
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    fn = _compiled(compiled) if compiled and query.device.type == "cuda" else attend
+    return fn(query, key, value, module.sinks, block_mask, scale), None
+
+
+class _NotHere(Exception):
+    pass
+
+
+def _probabilities_requested() -> bool:
+    """True while Transformers collects attention probabilities (output_attentions=True): only eager has them."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and "attentions" in collected
+
+
+# --- routing: a dispatcher in the family module's eager_attention_forward global -----------------------------
+
+def _dispatcher(modname: str):
+    original = _ORIGINAL[modname]
+
+    def eager_attention_forward(module, *args, **kwargs):
+        if getattr(module, _MARK, False):
+            query, key = (list(args) + [kwargs.get("query"), kwargs.get("key")])[:2]
+            call = (getattr(query, "dtype", None), getattr(query, "shape", None), getattr(key, "shape", None),
+                    kwargs.get("sliding_window"), torch.is_grad_enabled())
+            if call not in _BROKEN:
+                try:
+                    return sink_attention_forward(module, *args, **kwargs)
+                except _NotHere as why:
+                    _fell_back(str(why))
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:  # the kernel could not be built for this call: eager computes it
+                    _BROKEN.add(call)  # and every later call like it, without trying to build it again
+                    _fell_back(f"flex_attention failed: {type(exc).__name__}: {str(exc)[:200]}")
+        return original(module, *args, **kwargs)
+
+    eager_attention_forward.__wrapped__ = original
+    eager_attention_forward.__doc__ = f"moe_patch: {NAME} for marked modules, else {modname}.eager_attention_forward"
+    return eager_attention_forward
+
+
+def _fell_back(reason: str) -> None:
+    """Count a call that ran the family's eager function; warn once per reason."""
+    if reason not in FALLBACKS:
+        import warnings
+
+        warnings.warn(f"moe_patch: {NAME} not used for this call, the family's eager attention ran: {reason}",
+                      stacklevel=3)
+    FALLBACKS[reason] = FALLBACKS.get(reason, 0) + 1
+
+
+class _Handle:
+    def __init__(self, module, modname):
+        self.module, self.modname = module, modname
+
+    def remove(self):
+        if self.module is None:
+            return
+        if hasattr(self.module, _MARK):
+            delattr(self.module, _MARK)
+        _USERS[self.modname] -= 1
+        if _USERS[self.modname] == 0:  # the last marked module: the family module gets its function back
+            setattr(sys.modules[self.modname], "eager_attention_forward", _ORIGINAL.pop(self.modname))
+            del _USERS[self.modname]
+        self.module = None
+
+
+def family_eager(module) -> tuple:
+    """(python module name, its original eager_attention_forward) or (name, None)."""
+    modname = type(module).__module__
+    fn = _ORIGINAL.get(modname) or getattr(sys.modules.get(modname), "eager_attention_forward", None)
+    return modname, fn
+
+
+def install(module) -> list:
+    """Mark `module` and route its family's eager function through the dispatcher; returns removable handles."""
+    modname, fn = family_eager(module)
+    if modname not in _ORIGINAL:
+        _ORIGINAL[modname] = fn
+        setattr(sys.modules[modname], "eager_attention_forward", _dispatcher(modname))
+    _USERS[modname] = _USERS.get(modname, 0) + 1
+    setattr(module, _MARK, True)
+    return [_Handle(module, modname)]
+
+
+# --- the proof ------------------------------------------------------------------------------------------------
+
+_PROOFS: dict = {}
+
+
+def _stand_in(module, device, dtype, generator):
+    """A shallow copy of the attention module with its own random sinks (trained scale, both signs), which is
+    all the eager function reads besides its arguments (num_key_value_groups, training, sinks)."""
+    clone = copy.copy(module)
+    clone._parameters = {}
+    clone._modules = {}
+    clone._buffers = {}
+    clone.training = False
+    sinks = torch.randn(module.sinks.shape[0], generator=generator) * 2.0
+    clone.sinks = nn.Parameter(sinks.to(device=device, dtype=dtype))
+    return clone
+
+
+def prove(module, device) -> str | None:
+    """None if sink_attention_forward equals the family's own eager_attention_forward on `device` (float32:
+    rel. error < 1e-5 forward, < 1e-4 gradients of q, k, v and sinks; bfloat16: < 2e-2, against eager in float32
+    on the same bf16 values),
+    with random q / k / v / sinks, causal and this layer's sliding-window masks, a length beyond the window and
+    not a multiple of flex's block. Cached per (class, heads, kv heads, head dim, window, device)."""
+    from .. import probe
+
+    modname, eager = family_eager(module)
+    if eager is None:
+        return f"{modname} has no eager_attention_forward"
+    if device.type != "cuda":
+        return "flex_attention has no backward on CPU: the family's eager attention stays"
+    heads = module.sinks.shape[0]
+    kv_groups = getattr(module, "num_key_value_groups", None)
+    head_dim = getattr(module, "head_dim", None)
+    window = getattr(module, "sliding_window", None)
+    if not isinstance(kv_groups, int) or not isinstance(head_dim, int) or heads % kv_groups:
+        return "no integer num_key_value_groups / head_dim on the attention module"
+    scaling = getattr(module, "scaling", head_dim ** -0.5)
+    key = (type(module), heads, kv_groups, head_dim, window, float(scaling), str(device))
+    if key in _PROOFS:
+        return _PROOFS[key]
+    reason = None
+    try:
+        g = torch.Generator().manual_seed(0)
+        seq = max(2 * (window or 0), 96) + 37
+        batch, kv_heads = 2, heads // kv_groups
+        shapes = [(batch, heads, seq, head_dim), (batch, kv_heads, seq, head_dim), (batch, kv_heads, seq, head_dim)]
+        base = [torch.randn(s, generator=g) for s in shapes]
+        base[0] = base[0] * 3.0  # logits at a trained scale: sharp rows, where the sink matters
+        for dtype in (torch.float32, torch.bfloat16):
+            # eager runs in float32 on the same (dtype-rounded) values: in bf16 the reference is the function,
+            # not eager's own bf16 rounding (its bf16 softmax is further from float64 than this kernel: CHANGELOG)
+            new = _stand_in(module, device, dtype, torch.Generator().manual_seed(2))
+            stock = _stand_in(module, device, dtype, torch.Generator().manual_seed(2)).float()
+            stock.sinks = nn.Parameter(new.sinks.detach().float())
+            mask = _expected_mask(seq, seq, window, dtype, device).expand(batch, 1, seq, seq)
+            new_in = [t.to(device, dtype).requires_grad_() for t in base]
+            ref_in = [t.detach().float().requires_grad_() for t in new_in]
+            kw = dict(dropout=0.0, scaling=scaling, sliding_window=window)
+            a, _ = eager(stock, *ref_in, mask.float(), **{**kw, "s_aux": stock.sinks})
+            b, _ = sink_attention_forward(new, *new_in, mask, compiled="proof", **{**kw, "s_aux": new.sinks})
+            if a.shape != b.shape:
+                reason = f"output shape {tuple(b.shape)} != eager's {tuple(a.shape)}"
+                break
+            tol = probe.TOL[dtype]
+            err = probe.rel_err(b, a)
+            if not err < tol:
+                reason = f"output rel. error {err:.1e} > {tol:.0e} ({dtype})"
+                break
+            w = torch.randn(a.shape, generator=g).to(device)
+            ga = torch.autograd.grad((a.float() * w).sum(), ref_in + [stock.sinks])
+            gb = torch.autograd.grad((b.float() * w).sum(), new_in + [new.sinks])
+            for name, p, q in zip(("query", "key", "value", "sinks"), ga, gb):
+                err = probe.rel_err(q, p)
+                if not err < probe.GRAD_TOL[dtype]:
+                    reason = f"{name} gradient rel. error {err:.1e} ({dtype})"
+                    break
+            if reason:
+                break
+    except Exception as exc:  # a proof must never take the host program down: report it instead
+        reason = f"probe failed: {type(exc).__name__}: {exc}"
+    _PROOFS[key] = reason
+    return reason

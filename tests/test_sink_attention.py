@@ -1,0 +1,174 @@
+"""Attention with learned sinks (ops/sink_attention.py) against the family's own eager attention, CPU fp32.
+
+flex_attention has a CPU forward but no CPU backward: the forward is checked with torch's flex_attention itself;
+the gradients (q, k, v and the sinks, through the log-sum-exp) with a dense stand-in for flex_attention that returns
+the same (output, lse), which checks the sink rescale and its gradient. The kernel's own gradients are proven on
+the GPU at apply() and in tests/test_gpu.py."""
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import moe_patch
+from moe_patch.ops import sink_attention
+from util import build, rel_err
+
+
+def _module_and_masks(seq=37):
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    model = build("gpt_oss")  # layer 0 sliding (window 8), layer 1 full attention, eager
+    emb = torch.zeros(2, seq, model.config.hidden_size)
+    pos = torch.arange(seq)[None].expand(2, seq)
+    kw = dict(config=model.config, inputs_embeds=emb, attention_mask=None, cache=None, position_ids=pos)
+    masks = {"sliding_attention": create_sliding_window_causal_mask(**kw), "full_attention": create_causal_mask(**kw)}
+    return model, masks
+
+
+def _inputs(module, seq, generator):
+    heads, kv = module.config.num_attention_heads, module.config.num_key_value_heads
+    d = module.head_dim
+    q = torch.randn(2, heads, seq, d, generator=generator) * 3
+    k, v = torch.randn(2, kv, seq, d, generator=generator), torch.randn(2, kv, seq, d, generator=generator)
+    with torch.no_grad():
+        module.sinks.copy_(torch.randn(heads, generator=generator) * 2)
+    return q, k, v
+
+
+def _eager(module):
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    return sink_attention.family_eager(module)[1] or modeling_gpt_oss.eager_attention_forward
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_forward_equals_eager_fp32_cpu(layer):
+    model, masks = _module_and_masks()
+    module = model.model.layers[layer].self_attn
+    mask = masks[module.layer_type]
+    assert sink_attention.mask_window(mask, 37, 37, module.sliding_window)[0] == "causal"
+    g = torch.Generator().manual_seed(layer)
+    for _ in range(2):  # fresh inputs each time
+        q, k, v = _inputs(module, 37, g)
+        kw = dict(scaling=module.scaling, dropout=0.0, sliding_window=module.sliding_window, s_aux=module.sinks)
+        with torch.no_grad():
+            ref, _ = _eager(module)(module, q, k, v, mask, **kw)
+            out, weights = sink_attention.sink_attention_forward(module, q, k, v, mask, compiled=False, **kw)
+        assert weights is None and out.shape == ref.shape
+        assert rel_err(out, ref) < 1e-5
+
+
+def _dense_flex(mask):
+    """(output, aux.lse) of plain softmax attention under an additive mask: flex_attention's contract."""
+    def flex(q, k, v, block_mask=None, scale=None, enable_gqa=False, return_aux=None):
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        scores = q @ k.transpose(-1, -2) * scale + mask
+        lse = torch.logsumexp(scores, -1)
+        return torch.softmax(scores, -1) @ v, SimpleNamespace(lse=lse)
+    return flex
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_sink_rescale_gradients_equal_eager_fp32_cpu(layer):
+    model, masks = _module_and_masks()
+    module = model.model.layers[layer].self_attn
+    mask = masks[module.layer_type]
+    g = torch.Generator().manual_seed(10 + layer)
+    q, k, v = _inputs(module, 37, g)
+    w = torch.randn(2, 37, module.config.num_attention_heads, module.head_dim, generator=g)
+    kw = dict(scaling=module.scaling, dropout=0.0, sliding_window=module.sliding_window, s_aux=module.sinks)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, _ = _eager(module)(module, *leaves, mask, **kw)
+    ref_grads = torch.autograd.grad((ref * w).sum(), leaves + [module.sinks])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = sink_attention.attend(*leaves, module.sinks, None, module.scaling, flex=_dense_flex(mask))
+    grads = torch.autograd.grad((out * w).sum(), leaves + [module.sinks])
+    assert rel_err(out, ref) < 1e-5
+    for name, a, b in zip(("q", "k", "v", "sinks"), grads, ref_grads):
+        assert rel_err(a, b) < 1e-4, name
+
+
+def test_mask_check_refuses_padding_and_other_windows():
+    from transformers.masking_utils import create_causal_mask
+
+    model, masks = _module_and_masks()
+    sliding, full = masks["sliding_attention"], masks["full_attention"]
+    assert sink_attention.mask_window(full, 37, 37, None) == ("causal", None)
+    assert sink_attention.mask_window(sliding, 37, 37, 8) == ("causal", 8)
+    assert sink_attention.mask_window(sliding, 37, 37, None)[0] is None  # a window the kwarg does not name
+    assert sink_attention.mask_window(full, 37, 37, 8)[0] is None
+    pad = torch.ones(2, 37, dtype=torch.long)
+    pad[0, :5] = 0  # left padding
+    padded = create_causal_mask(config=model.config, inputs_embeds=torch.zeros(2, 37, model.config.hidden_size),
+                                attention_mask=pad, cache=None, position_ids=torch.arange(37)[None])
+    assert sink_attention.mask_window(padded, 37, 37, None)[0] is None
+    assert sink_attention.mask_window(None, 37, 37, None) == ("none", None)
+    assert sink_attention.mask_window(full[:, :, :30], 30, 37, None)[0] is None
+
+
+def test_dispatcher_routes_marked_modules_only_and_is_removed():
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    original = modeling_gpt_oss.eager_attention_forward
+    model, masks = _module_and_masks()
+    marked, unmarked = model.model.layers[1].self_attn, copy.deepcopy(model.model.layers[1].self_attn)
+    handles = sink_attention.install(marked)
+    try:
+        assert modeling_gpt_oss.eager_attention_forward is not original
+        q, k, v = _inputs(marked, 37, torch.Generator().manual_seed(3))
+        unmarked.sinks.data = marked.sinks.data.clone()
+        kw = dict(scaling=marked.scaling, dropout=0.0, sliding_window=None, s_aux=marked.sinks)
+        with torch.no_grad():
+            _, probs = modeling_gpt_oss.eager_attention_forward(unmarked, q, k, v, masks["full_attention"], **kw)
+            assert probs is not None  # the original eager function ran: it returns the probabilities
+            before = dict(sink_attention.FALLBACKS)
+            _, none = modeling_gpt_oss.eager_attention_forward(marked, q, k, v, masks["full_attention"], **kw)
+            assert none is None and sink_attention.FALLBACKS == before  # the fused path ran
+            # a padded mask is not what the proof covered: the original function runs, and the reason is kept
+            bad = masks["full_attention"].clone()
+            bad[0, :, :, 0] = torch.finfo(bad.dtype).min
+            _, probs = modeling_gpt_oss.eager_attention_forward(marked, q, k, v, bad, **kw)
+            assert probs is not None and any("padding" in r for r in sink_attention.FALLBACKS)
+    finally:
+        for h in handles:
+            h.remove()
+    assert modeling_gpt_oss.eager_attention_forward is original
+    assert not hasattr(marked, sink_attention._MARK)
+
+
+def test_plan_on_cpu_keeps_eager_with_reason_and_names_nothing_new():
+    model = build("gpt_oss")
+    patched = moe_patch.apply(model)
+    rows = moe_patch.report(patched).where(kind="attention")
+    assert len(rows) == 2 and all(r.status == "skipped" and "no backward on CPU" in r.reason for r in rows)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_kernel_failure_runs_eager_once_tried(monkeypatch):
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    model, masks = _module_and_masks()
+    module = model.model.layers[1].self_attn
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no kernel for this shape")
+
+    monkeypatch.setattr(sink_attention, "attend", broken)
+    handles = sink_attention.install(module)
+    try:
+        q, k, v = _inputs(module, 37, torch.Generator().manual_seed(4))
+        kw = dict(scaling=module.scaling, dropout=0.0, sliding_window=None, s_aux=module.sinks)
+        with pytest.warns(UserWarning, match="no kernel for this shape"), torch.no_grad():
+            _, probs = modeling_gpt_oss.eager_attention_forward(module, q, k, v, masks["full_attention"], **kw)
+        assert probs is not None and len(calls) == 1  # eager ran
+        with torch.no_grad():
+            _, probs = modeling_gpt_oss.eager_attention_forward(module, q, k, v, masks["full_attention"], **kw)
+        assert probs is not None and len(calls) == 1  # not tried again for the same call shape
+    finally:
+        for h in handles:
+            h.remove()
+        sink_attention._BROKEN.clear()
