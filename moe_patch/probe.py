@@ -136,16 +136,19 @@ def _configs(cfg) -> list:
 
 
 def _scalars(obj, skip=()) -> tuple:
+    """(name, value) of obj's public attributes holding a scalar or a list of scalars, in attribute order."""
     items = []
     for k, v in vars(obj).items():
-        if k.startswith("_") or k in skip:
+        if k[0] == "_" or k in skip:
             continue
-        if isinstance(v, (list, tuple)) and all(isinstance(x, _SCALAR) for x in v):
+        if type(v) in (list, tuple):
+            if not all(isinstance(x, _SCALAR) for x in v):
+                continue
             v = tuple(v)
         elif not isinstance(v, _SCALAR):
             continue
         items.append((k, v))
-    return tuple(sorted(items, key=lambda kv: kv[0]))
+    return tuple(items)
 
 
 def head_fingerprint(model) -> tuple:
@@ -271,8 +274,8 @@ def _head_path_errors(tiny, stub, fused, hidden_size: int, experts: int | None) 
     labels[0, :3] = -100
     labels[1, 6:8] = -100
     calls = [{}, {"num_items_in_batch": torch.tensor(11)}]
-    if experts and "output_router_logits" in accepts:
-        calls.append({"output_router_logits": True})
+    if experts and "output_router_logits" in accepts:  # the aux-loss term on, with the Trainer's normaliser
+        calls[1]["output_router_logits"] = True
     for std in LOGIT_STDS:
         with torch.no_grad():
             head.weight.copy_(torch.randn(head.weight.shape, generator=g) * (std / hidden_size ** 0.5))
