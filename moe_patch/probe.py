@@ -151,11 +151,12 @@ def _scalars(obj, skip=()) -> tuple:
     return tuple(items)
 
 
-def head_fingerprint(model) -> tuple:
+def head_fingerprint(model, cls=None) -> tuple:
     """What the head path can depend on and a user can change after apply(): the class, every (nested)
     config's public scalar fields, and the root model's public scalar attributes (router_aux_loss_coef, ...).
-    A few tens of microseconds: computed at every fused-loss forward."""
-    return (type(model), tuple(_scalars(c) for c in _configs(model.config)), _scalars(model, ("training",)))
+    A few tens of microseconds: computed at every fused-loss forward. `cls`: the model's class as it was at
+    apply() (FSDP2's fully_shard swaps the instance's class for a subclass of it)."""
+    return (cls or type(model), tuple(_scalars(c) for c in _configs(model.config)), _scalars(model, ("training",)))
 
 
 def _shrunk_config(model, one_layer: bool):
@@ -224,7 +225,7 @@ def _num_experts(model) -> int | None:
     return None
 
 
-def _tiny_root(model):
+def _tiny_root(model, cls):
     """(the throw-away instance, its stub decoder); raises if the class cannot be built that way."""
     errors = []
     for one_layer in (True, False):  # one layer first: the meta build of a deep model takes seconds
@@ -236,7 +237,7 @@ def _tiny_root(model):
                 except Exception:  # noqa: BLE001 - a config without the setter builds as it is
                     pass
             with torch.device("meta"):
-                tiny = type(model)(cfg)
+                tiny = cls(cfg)
             break
         except Exception as exc:  # noqa: BLE001 - reported by the caller if no attempt builds
             errors.append(f"{type(exc).__name__}: {exc}")
@@ -304,15 +305,16 @@ def _head_path_errors(tiny, stub, fused, hidden_size: int, experts: int | None) 
     return None
 
 
-def fused_loss_unproven(model, make_fused) -> str | None:
+def fused_loss_unproven(model, make_fused, cls=None) -> str | None:
     """None if `make_fused(instance)` (a forward taking input_ids / labels / ... like the model's) gives the
     model's own loss and gradients on its class's head path, else why not (see the comment above).
-    Cached by head_fingerprint(model)."""
-    key = head_fingerprint(model)
+    Cached by head_fingerprint(model, cls); cls defaults to type(model)."""
+    cls = cls or type(model)
+    key = head_fingerprint(model, cls)
     if key in _LOSS_CACHE:
         return _LOSS_CACHE[key]
     try:
-        tiny, stub = _tiny_root(model)
+        tiny, stub = _tiny_root(model, cls)
         tiny.train()
         hidden_size = tiny.lm_head.weight.shape[1]
         reason = _head_path_errors(tiny, stub, make_fused(tiny), hidden_size, _num_experts(model))

@@ -300,3 +300,25 @@ def test_a_hook_on_lm_head_sends_the_loss_back_to_stock():
     ids = inputs(batch=2, seq=10)
     with pytest.warns(RuntimeWarning, match="forward hooks"):
         _assert_same(stock, patched, ids, _labels(ids), num_items_in_batch=torch.tensor(13))
+
+
+def test_the_proof_runs_on_a_multimodal_model_with_a_nested_text_config():
+    """Qwen3-VL-MoE: vocab_size lives in config.text_config; the proof shrinks it there, passes, and the fused
+    loss then equals stock on text input (loss and every gradient)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, vocab_size=256, max_position_embeddings=128, moe_intermediate_size=32, num_experts=8,
+                num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0])
+    cfg = AutoConfig.for_model("qwen3_vl_moe", text_config=text, vision_config=vision, image_token_id=250,
+                               video_token_id=251, vision_start_token_id=252, vision_end_token_id=253)
+    torch.manual_seed(0)
+    stock = AutoModelForImageTextToText.from_config(cfg)
+    patched = moe_patch.apply(copy.deepcopy(stock), attention=False)
+    assert moe_patch.report(patched).where(kind="loss")[0].status == "patched"
+    ids = inputs(vocab=240, batch=2, seq=10)
+    _assert_same(stock, patched, ids, _labels(ids))
+    assert patched.forward.stock_reason is None

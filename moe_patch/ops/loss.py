@@ -267,6 +267,7 @@ class FusedLossForward:
     def __init__(self, model, backend: str, step: str = "compiled", head=None):
         self.model, self.backend, self.step = model, backend, step
         self.head = model.lm_head if head is None else head
+        self.cls = type(model)  # the class proven (FSDP2's fully_shard later swaps in a subclass of it)
         self.stock_forward = model.forward  # the bound class method
         self.stock_reason = None  # why the last call took the stock path, if it did
         self._warned: set = set()
@@ -284,7 +285,7 @@ class FusedLossForward:
 
         why = head_changed(model, self.head)
         if why is None:
-            why = probe.fused_loss_unproven(model, FusedLossForward.for_proof)
+            why = probe.fused_loss_unproven(model, FusedLossForward.for_proof, self.cls)
         return why
 
     def __call__(self, *args, **kwargs):
