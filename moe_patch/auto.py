@@ -14,6 +14,7 @@ as Transformers built it. instrument() / uninstrument() do the same by hand.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -26,6 +27,17 @@ _TARGETS = ("PreTrainedModel.from_pretrained", "PreTrainedModel._from_config", "
 
 def _depth() -> int:
     return getattr(_state, "depth", 0)
+
+
+@contextlib.contextmanager
+def suspended():
+    """Models built inside are not patched: moe_patch's own throw-away instances (the fused loss's proof
+    builds one of the model's class, which would otherwise be patched, and prove again, without end)."""
+    _state.depth = _depth() + 1
+    try:
+        yield
+    finally:
+        _state.depth = _depth() - 1
 
 
 def _patch(model):

@@ -236,7 +236,9 @@ def _tiny_root(model, cls):
                     c._attn_implementation = "eager"
                 except Exception:  # noqa: BLE001 - a config without the setter builds as it is
                     pass
-            with torch.device("meta"):
+            from . import auto
+
+            with torch.device("meta"), auto.suspended():  # never auto-patched (MOE_PATCH=1)
                 tiny = cls(cfg)
             break
         except Exception as exc:  # noqa: BLE001 - reported by the caller if no attempt builds
