@@ -255,10 +255,12 @@ def _tiny_root(model, cls):
         raise RuntimeError(f"{size:,} root-level parameters besides the decoder")
     tiny.to_empty(device="cpu").float()
     # attributes set on the model after it was built (model.router_aux_loss_coef = 0.0, ...) are set on the
-    # copy too; those mirroring a config field keep the copy's (shrunk) value
-    mirrored = {k for c in _configs(model.config) for k in vars(c)}
+    # copy too; those still mirroring the config's field (vocab_size, ...) keep the copy's (shrunk) value
+    from_config = {}
+    for c in reversed(_configs(model.config)):  # the outer config's value wins
+        from_config.update(vars(c))
     for k, v in _scalars(model, ("training",)):
-        if k not in mirrored and hasattr(tiny, k):
+        if hasattr(tiny, k) and (k not in from_config or from_config[k] != v):
             setattr(tiny, k, v)
     return tiny, stub
 

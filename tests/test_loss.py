@@ -322,3 +322,15 @@ def test_the_proof_runs_on_a_multimodal_model_with_a_nested_text_config():
     ids = inputs(vocab=240, batch=2, seq=10)
     _assert_same(stock, patched, ids, _labels(ids))
     assert patched.forward.stock_reason is None
+
+
+def test_a_backward_hook_on_lm_head_still_fires():
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    seen = {"stock": 0, "patched": 0}
+    for key, m in (("stock", stock), ("patched", patched)):
+        m.lm_head.register_full_backward_hook(lambda mod, gi, go, key=key: seen.__setitem__(key, seen[key] + 1))
+    ids = inputs(batch=2, seq=10)
+    with pytest.warns(RuntimeWarning, match="backward hooks"):
+        _assert_same(stock, patched, ids, _labels(ids))
+    assert seen["patched"] == seen["stock"] == 1

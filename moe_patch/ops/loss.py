@@ -228,7 +228,8 @@ def causal_lm_loss(hidden, head, labels, backend, num_items_in_batch=None, shift
 def head_changed(model, head) -> str | None:
     """None while `head` (the lm_head proven at apply time) is still what the model computes its logits with,
     exactly as F.linear(hidden, head.weight, head.bias): the same module object, of class nn.Linear itself,
-    with no forward hooks or forward override, plain tensor parameters. Else why not. The weight is read at
+    with no forward / backward hooks or forward override, plain tensor parameters, and no loss_function of
+    the user's on the model. Else why not. The weight is read at
     each call, so a Parameter replaced in place (FSDP2's unsharded parameter, load_state_dict(assign=True))
     is the one stock would use too; a wrapper (PEFT's LoRA, modules_to_save, trainable tokens replace
     lm_head), a parametrization (changes the class) or a hook is not."""
@@ -241,6 +242,9 @@ def head_changed(model, head) -> str | None:
     mod = torch.nn.modules.module
     if head._forward_hooks or head._forward_pre_hooks or mod._global_forward_hooks or mod._global_forward_pre_hooks:
         return "lm_head has forward hooks"
+    if head._backward_hooks or head._backward_pre_hooks or mod._global_backward_hooks or \
+            mod._global_backward_pre_hooks:
+        return "lm_head has backward hooks (the fused loss computes its gradient without calling it)"
     for name in ("weight", "bias"):
         t = head._parameters.get(name)
         if t is not None and type(t) not in (torch.nn.Parameter, torch.Tensor):
