@@ -1,4 +1,7 @@
-"""Prove a small replacement equal to the module it replaces, before anything is swapped.
+"""Prove a replacement equal to what the model itself computes, before anything is swapped.
+
+Two proofs live here: proven_equal() for module swaps (norms, routers, below) and fused_loss_unproven()
+for the fused loss, which runs the model class's own forward (see the comment above it).
 
 Norms and routers are tiny, so for each class we run a throw-away copy of the original (fresh random
 weights, on CPU, so it also works for models built on the meta device) against the proposed replacement
