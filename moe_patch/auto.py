@@ -16,6 +16,7 @@ site-packages is read twice (a .pth file can be executed twice in some virtual e
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -51,6 +52,17 @@ def patch_built_model(model) -> None:
 
     engine.apply(model)
     getattr(model, engine.RECORD).auto = True  # an explicit apply() later may re-plan it (explicit wins)
+
+
+@contextlib.contextmanager
+def suspended():
+    """Models built inside are not patched: moe_patch's own throw-away instances (the fused loss's proof
+    builds one of the model's class, which would otherwise be patched, and prove again, without end)."""
+    _state.depth = _depth() + 1
+    try:
+        yield
+    finally:
+        _state.depth = _depth() - 1
 
 
 def _patch(model):

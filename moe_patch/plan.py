@@ -226,7 +226,9 @@ def _plan_loss(model, opts, plan) -> None:
     if user_skip:
         row.reason = user_skip
         return
-    why = loss.why_not(model)
+    why = loss.why_not(model)  # fast path: what is known not to fit, without building anything
+    if why is None:  # the gate: the class's own forward, run against the fused path (probe.py)
+        why = probe.fused_loss_unproven(model, loss.FusedLossForward.for_proof)
     if why:
         row.reason = why
         return

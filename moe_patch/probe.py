@@ -1,4 +1,7 @@
-"""Prove a small replacement equal to the module it replaces, before anything is swapped.
+"""Prove a replacement equal to what the model itself computes, before anything is swapped.
+
+Two proofs live here: proven_equal() for module swaps (norms, routers, below) and fused_loss_unproven()
+for the fused loss, which runs the model class's own forward (see the comment above it).
 
 Norms and routers are tiny, so for each class we run a throw-away copy of the original (fresh random
 weights, on CPU, so it also works for models built on the meta device) against the proposed replacement
@@ -94,4 +97,235 @@ def proven_equal(module: nn.Module, factory, in_features: int, key, device="cpu"
     except Exception as exc:  # a probe must never take the host program down: report it instead
         reason = f"probe failed: {type(exc).__name__}: {exc}"
     _CACHE[cache_key] = reason
+    return reason
+
+
+# --- the model's own head path: the fused loss ---------------------------------------------------------
+#
+# The fused loss replaces one thing in the root model's forward: the call to `self.loss_function(logits,
+# labels, ...)`, which it answers from the decoder's last hidden state and lm_head's weight instead of the
+# logits (ops/loss.py). That is the model's loss only if the model's own forward feeds the decoder's output
+# straight into lm_head and the logits straight into that call, with no transform between (a width
+# multiplier, a softcap, a logit scale, a vocabulary slice, an extra norm) and with Transformers' causal-LM
+# loss. Whether it does is decided by running the root class's own forward, not by reading names: a
+# throw-away instance of the same class, built on the meta device from a copy of the config with a small
+# vocabulary and one decoder layer, whose decoder is replaced by a stub returning chosen hidden states (and
+# router logits, so the aux-loss term runs too); only lm_head and any other root-level modules are
+# materialised. Stock forward and fused forward are compared there at two logit scales (init-like and
+# trained-like, where a softcap or multiplier shows), with -100 labels, with and without
+# num_items_in_batch: the loss and the gradients of the hidden states, router logits and root parameters.
+# The result is cached by the model's class and a fingerprint of its config and scalar attributes, which
+# the fused forward recomputes at each call: a switch a user flips after apply() is proven again.
+
+PROBE_VOCAB = 96
+PROBE_MAX_PARAMS = 50_000_000  # root-level parameters materialised for the proof (lm_head is PROBE_VOCAB rows)
+LOGIT_STDS = (1.0, 12.0)  # logits' standard deviation: init-like, and trained-like (|logit| up to ~40)
+_SCALAR = (bool, int, float, str, type(None))
+_LOSS_CACHE: dict = {}
+
+
+def _configs(cfg) -> list:
+    """cfg and every config nested in it (text_config, ...), each once."""
+    from transformers.configuration_utils import PreTrainedConfig
+
+    out, todo = [], [cfg]
+    while todo:
+        c = todo.pop()
+        if any(c is o for o in out):
+            continue
+        out.append(c)
+        todo += [v for v in vars(c).values() if isinstance(v, PreTrainedConfig)]
+    return out
+
+
+def _scalars(obj, skip=()) -> tuple:
+    """(name, value) of obj's public attributes holding a scalar or a list of scalars, in attribute order."""
+    items = []
+    for k, v in vars(obj).items():
+        if k[0] == "_" or k in skip:
+            continue
+        if type(v) in (list, tuple):
+            if not all(isinstance(x, _SCALAR) for x in v):
+                continue
+            v = tuple(v)
+        elif not isinstance(v, _SCALAR):
+            continue
+        items.append((k, v))
+    return tuple(items)
+
+
+def head_fingerprint(model, cls=None) -> tuple:
+    """What the head path can depend on and a user can change after apply(): the class, every (nested)
+    config's public scalar fields, and the root model's public scalar attributes (router_aux_loss_coef, ...).
+    A few tens of microseconds: computed at every fused-loss forward. `cls`: the model's class as it was at
+    apply() (FSDP2's fully_shard swaps the instance's class for a subclass of it)."""
+    return (cls or type(model), tuple(_scalars(c) for c in _configs(model.config)), _scalars(model, ("training",)))
+
+
+def _shrunk_config(model, one_layer: bool):
+    """A copy of the config with a PROBE_VOCAB vocabulary (other vocabulary sizes, e.g. an unpadded one,
+    scaled alike; token ids kept inside it) and, with one_layer, one decoder layer (per-layer lists cut)."""
+    cfg = copy.deepcopy(model.config)
+    for c in _configs(cfg):
+        fields = vars(c)
+        vocab = fields.get("vocab_size")
+        if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > PROBE_VOCAB:
+            for k, v in list(fields.items()):
+                if k == "vocab_size" or isinstance(v, bool):
+                    continue
+                if "vocab" in k and isinstance(v, int) and 0 < v <= vocab:
+                    setattr(c, k, max(1, v * PROBE_VOCAB // vocab))
+                elif k.endswith(("token_id", "token_ids")) and isinstance(v, int):
+                    setattr(c, k, v % PROBE_VOCAB)
+                elif k.endswith(("token_id", "token_ids")) and isinstance(v, (list, tuple)):
+                    setattr(c, k, type(v)(x % PROBE_VOCAB if isinstance(x, int) else x for x in v))
+            c.vocab_size = PROBE_VOCAB
+        layers = fields.get("num_hidden_layers")
+        if one_layer and isinstance(layers, int) and layers > 1:
+            for k, v in list(fields.items()):
+                if isinstance(v, (list, tuple)) and len(v) == layers:
+                    setattr(c, k, type(v)(v[:1]))
+            c.num_hidden_layers = 1
+    return cfg
+
+
+def _stub_output_class():
+    from transformers.modeling_outputs import MoeModelOutputWithPast
+
+    class StubOutput(MoeModelOutputWithPast):
+        """The decoder's output as the root forward reads it; fields it lacks read None."""
+
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return None
+
+    return StubOutput
+
+
+class _StubDecoder(nn.Module):
+    """Stands in for the decoder: returns the hidden states (and router logits) set on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.router_logits, self.output = None, None, _stub_output_class()
+
+    def forward(self, *args, **kwargs):
+        return self.output(last_hidden_state=self.hidden, router_logits=self.router_logits)
+
+
+def _num_experts(model) -> int | None:
+    """Experts per MoE layer, read off the model (a fused 3D experts module, else the config)."""
+    for module in model.modules():
+        params3d = [p for p in module.parameters(recurse=False) if p.dim() == 3]
+        if len(params3d) >= 2 and len({p.shape[0] for p in params3d}) == 1:
+            return params3d[0].shape[0]
+    for c in _configs(model.config):
+        for attr in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+            value = vars(c).get(attr)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _tiny_root(model, cls):
+    """(the throw-away instance, its stub decoder); raises if the class cannot be built that way."""
+    errors = []
+    for one_layer in (True, False):  # one layer first: the meta build of a deep model takes seconds
+        try:
+            cfg = _shrunk_config(model, one_layer)
+            for c in _configs(cfg):  # the decoder is never run: eager builds everywhere
+                try:
+                    c._attn_implementation = "eager"
+                except Exception:  # noqa: BLE001 - a config without the setter builds as it is
+                    pass
+            from . import auto
+
+            with torch.device("meta"), auto.suspended():  # never auto-patched (MOE_PATCH=1)
+                tiny = cls(cfg)
+            break
+        except Exception as exc:  # noqa: BLE001 - reported by the caller if no attempt builds
+            errors.append(f"{type(exc).__name__}: {exc}")
+    else:
+        raise RuntimeError("could not build a small instance: " + " / ".join(errors))
+    prefix = getattr(tiny, "base_model_prefix", None)
+    if not prefix or not isinstance(getattr(tiny, prefix, None), nn.Module):
+        raise RuntimeError("no decoder under base_model_prefix")
+    stub = _StubDecoder()
+    setattr(tiny, prefix, stub)
+    size = sum(p.numel() for p in tiny.parameters())
+    if size > PROBE_MAX_PARAMS:
+        raise RuntimeError(f"{size:,} root-level parameters besides the decoder")
+    tiny.to_empty(device="cpu").float()
+    # attributes set on the model after it was built (model.router_aux_loss_coef = 0.0, ...) are set on the
+    # copy too; those still mirroring the config's field (vocab_size, ...) keep the copy's (shrunk) value
+    from_config = {}
+    for c in reversed(_configs(model.config)):  # the outer config's value wins
+        from_config.update(vars(c))
+    for k, v in _scalars(model, ("training",)):
+        if hasattr(tiny, k) and (k not in from_config or from_config[k] != v):
+            setattr(tiny, k, v)
+    return tiny, stub
+
+
+def _head_path_errors(tiny, stub, fused, hidden_size: int, experts: int | None) -> str | None:
+    g = torch.Generator().manual_seed(0)
+    params = [p for p in tiny.parameters()]
+    head = tiny.lm_head
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5 + 0.1)
+    accepts = inspect.signature(type(tiny).forward).parameters
+    batch, seq = 2, 10
+    ids = torch.randint(0, PROBE_VOCAB, (batch, seq), generator=g)
+    labels = torch.randint(0, PROBE_VOCAB, (batch, seq), generator=g)
+    labels[0, :3] = -100
+    labels[1, 6:8] = -100
+    calls = [{}, {"num_items_in_batch": torch.tensor(11)}]
+    if experts and "output_router_logits" in accepts:  # the aux-loss term on, with the Trainer's normaliser
+        calls[1]["output_router_logits"] = True
+    for std in LOGIT_STDS:
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * (std / hidden_size ** 0.5))
+        hidden = torch.randn(batch, seq, hidden_size, generator=g)
+        router = tuple(torch.randn(batch * seq, experts, generator=g) for _ in range(2)) if experts else None
+        for kwargs in calls:
+            results = []
+            for forward in (type(tiny).forward.__get__(tiny), fused):
+                stub.hidden = hidden.clone().requires_grad_()
+                stub.router_logits = tuple(r.clone().requires_grad_() for r in router) if router else None
+                loss = forward(input_ids=ids, labels=labels, **kwargs).loss
+                leaves = [stub.hidden, *(stub.router_logits or ()), *params]
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                results.append((loss, [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, grads)]))
+            (ref, ref_grads), (out, out_grads) = results
+            where = f"logit std {std:g}, {', '.join(kwargs) or 'mean over tokens'}"
+            err = rel_err(out, ref)
+            if not err <= TOL[torch.float32]:
+                return f"loss differs from the model's own forward (rel. error {err:.1e}; {where})"
+            names = ["hidden states"] + ["router logits"] * (len(leaves) - 1 - len(params)) + \
+                [n for n, _ in tiny.named_parameters()]
+            for name, a, b in zip(names, out_grads, ref_grads):
+                err = rel_err(a, b) if b.norm() > 0 else a.norm().item()
+                if not err <= GRAD_TOL[torch.float32]:
+                    return f"gradient of {name} differs from the model's own forward (rel. error {err:.1e}; {where})"
+    return None
+
+
+def fused_loss_unproven(model, make_fused, cls=None) -> str | None:
+    """None if `make_fused(instance)` (a forward taking input_ids / labels / ... like the model's) gives the
+    model's own loss and gradients on its class's head path, else why not (see the comment above).
+    Cached by head_fingerprint(model, cls); cls defaults to type(model)."""
+    cls = cls or type(model)
+    key = head_fingerprint(model, cls)
+    if key in _LOSS_CACHE:
+        return _LOSS_CACHE[key]
+    try:
+        tiny, stub = _tiny_root(model, cls)
+        tiny.train()
+        hidden_size = tiny.lm_head.weight.shape[1]
+        reason = _head_path_errors(tiny, stub, make_fused(tiny), hidden_size, _num_experts(model))
+    except Exception as exc:  # a probe never takes the program down: the stock loss stays
+        reason = f"head-path proof could not run: {type(exc).__name__}: {exc}"
+    _LOSS_CACHE[key] = reason
     return reason

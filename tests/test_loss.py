@@ -118,3 +118,219 @@ def test_fused_loss_under_autocast_over_fp32_weights():
     g_s, g_p = stock.lm_head.weight.grad, patched.lm_head.weight.grad
     assert g_p.dtype == torch.float32 and rel_err(g_p, g_s) < 2e-2
     assert rel_err(patched.model.embed_tokens.weight.grad, stock.model.embed_tokens.weight.grad) < 2e-2
+
+
+# --- issue 17: the fused loss is proven on the model's own head path, and again wherever it can change ----
+
+def _loss_and_grads(model, ids, labels, **kwargs):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=labels, **kwargs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(stock, patched, ids, labels, **kwargs):
+    """The patched model's loss (< 1e-5 relative) and every gradient (< 1e-4 relative) are stock's."""
+    ls, gs = _loss_and_grads(stock, ids, labels, **kwargs)
+    lp, gp = _loss_and_grads(patched, ids, labels, **kwargs)
+    assert rel_err(lp, ls) < 1e-5, (lp.item(), ls.item())
+    assert gp.keys() == gs.keys()
+    for name, g in gs.items():
+        err = rel_err(gp[name], g) if g.norm() > 0 else gp[name].norm().item()
+        assert err < 1e-4, (name, err)
+    return ls, gs
+
+
+def _labels(ids):
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, 5:7] = -100
+    return labels
+
+
+INKLING = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=16, swa_head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, vocab_size=256,
+               max_position_embeddings=128, layer_types=["hybrid_sliding", "hybrid"],
+               mlp_layer_types=["sparse", "sparse"], n_routed_experts=8, num_experts_per_tok=2,
+               moe_intermediate_size=32, n_shared_experts=1, sliding_window_size=8)
+
+
+def _inkling(**overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("inkling_text", **{**INKLING, **overrides}))
+
+
+LOSS_ONLY = dict(attention=False, rmsnorm=False, linear=False, experts=False, router=False)
+
+
+def test_a_logit_transform_under_a_name_no_list_knows_is_found_by_the_proof():
+    """Inkling divides the hidden states by config.logits_mup_width_multiplier before lm_head: no name list
+    holds it, the proof on the class's own forward finds it, and the stock loss stays (reported)."""
+    from moe_patch.ops import loss
+
+    stock = _inkling(logits_mup_width_multiplier=24.0)
+    assert loss.why_not(stock) is None  # not the fast path: the proof decides
+    patched = moe_patch.apply(copy.deepcopy(stock), **LOSS_ONLY)
+    (row,) = moe_patch.report(patched).where(kind="loss")
+    assert row.status == "skipped" and "differs from the model's own forward" in row.reason
+    ids = inputs(batch=2, seq=10)
+    _assert_same(stock, patched, ids, _labels(ids))
+
+
+def test_a_switch_flipped_after_apply_is_proven_again():
+    """Proven with a multiplier of 1 (exact), then set to 24 on the config: the next forward proves the new
+    config, finds the difference, warns once and runs the model's own loss."""
+    stock = _inkling(logits_mup_width_multiplier=1.0)
+    patched = moe_patch.apply(copy.deepcopy(stock), **LOSS_ONLY)
+    assert moe_patch.report(patched).where(kind="loss")[0].status == "patched"
+    ids = inputs(batch=2, seq=10)
+    _assert_same(stock, patched, ids, _labels(ids))
+    assert patched.forward.stock_reason is None  # the fused path ran
+    stock.config.logits_mup_width_multiplier = patched.config.logits_mup_width_multiplier = 24.0
+    with pytest.warns(RuntimeWarning, match="differs from the model's own forward"):
+        _assert_same(stock, patched, ids, _labels(ids))
+    stock.config.logits_mup_width_multiplier = patched.config.logits_mup_width_multiplier = 1.0
+    _assert_same(stock, patched, ids, _labels(ids))
+    assert patched.forward.stock_reason is None  # proven config again: fused
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("when", ["before_apply", "after_apply"])
+def test_aux_loss_coefficient_set_to_zero_on_the_model_is_honoured(model_type, when):
+    """Built with router_aux_loss_coef=0.5 and output_router_logits=True, then model.router_aux_loss_coef =
+    0.0 (how recipes turn the aux term off): cross-entropy only, as stock, with the router gradients."""
+    stock = build(model_type, router_aux_loss_coef=0.5, output_router_logits=True)
+    if when == "before_apply":
+        stock.router_aux_loss_coef = 0.0
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    if when == "after_apply":
+        stock.router_aux_loss_coef = patched.router_aux_loss_coef = 0.0
+    ids = inputs(batch=2, seq=10)
+    ls, gs = _assert_same(stock, patched, ids, _labels(ids))
+    assert any("gate" in n or "router" in n for n in gs)  # the routers are in the comparison
+    stock.router_aux_loss_coef = patched.router_aux_loss_coef = 0.5  # and back on: the aux term returns
+    ls_on, _ = _assert_same(stock, patched, ids, _labels(ids))
+    assert ls_on > ls
+
+
+def test_output_router_logits_switched_on_the_config_after_apply():
+    stock = build("qwen3_moe", router_aux_loss_coef=0.3)
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    ids = inputs(batch=2, seq=10)
+    _assert_same(stock, patched, ids, _labels(ids))
+    stock.config.output_router_logits = patched.config.output_router_logits = True
+    _assert_same(stock, patched, ids, _labels(ids))
+    assert patched(input_ids=ids, labels=ids).aux_loss is not None
+
+
+def _same_adapter_weights(src, dst):
+    own = dict(dst.named_parameters())
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if p.requires_grad:
+                own[name].copy_(p)
+
+
+def test_lora_on_lm_head_added_after_apply():
+    """Patch, then PEFT LoRA on q_proj and lm_head: the fused loss is not the model's loss any more (it
+    would read lm_head.weight and skip the adapter), so the stock path runs, with one warning; the lm_head
+    LoRA weights get stock's (non-zero) gradients."""
+    peft = pytest.importorskip("peft")
+    config = dict(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    torch.manual_seed(3)
+    stock_lora = peft.get_peft_model(stock, peft.LoraConfig(**config))
+    patched_lora = peft.get_peft_model(patched, peft.LoraConfig(**config))
+    _same_adapter_weights(stock_lora, patched_lora)
+    ids = inputs(batch=2, seq=10)
+    with pytest.warns(RuntimeWarning, match="lm_head is now"):
+        _, grads = _assert_same(stock_lora, patched_lora, ids, _labels(ids))
+    head_lora = [n for n in grads if "lm_head" in n and "lora" in n]
+    assert len(head_lora) == 2 and all(grads[n].norm() > 0 for n in head_lora)
+    assert any("q_proj" in n and "lora" in n for n in grads)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per reason, not one per step
+        _assert_same(stock_lora, patched_lora, ids, _labels(ids))
+
+
+@pytest.mark.parametrize("how", ["modules_to_save", "trainable_tokens"])
+def test_other_adapters_on_the_head(how):
+    peft = pytest.importorskip("peft")
+    if how == "modules_to_save":
+        config = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    else:
+        config = peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"lm_head": [3, 7, 11]},
+                                 init_lora_weights=False)
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    torch.manual_seed(3)
+    stock_peft, patched_peft = peft.get_peft_model(stock, config), peft.get_peft_model(patched, config)
+    _same_adapter_weights(stock_peft, patched_peft)
+    ids = inputs(batch=2, seq=10)
+    with pytest.warns(RuntimeWarning, match="lm_head"):
+        _assert_same(stock_peft, patched_peft, ids, _labels(ids))
+
+
+def test_lora_on_attention_only_keeps_the_fused_loss():
+    peft = pytest.importorskip("peft")
+    config = dict(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    torch.manual_seed(3)
+    stock_lora = peft.get_peft_model(stock, peft.LoraConfig(**config))
+    patched_lora = peft.get_peft_model(patched, peft.LoraConfig(**config))
+    _same_adapter_weights(stock_lora, patched_lora)
+    ids = inputs(batch=2, seq=10)
+    _assert_same(stock_lora, patched_lora, ids, _labels(ids))
+    assert patched.forward.stock_reason is None
+    assert patched_lora(input_ids=ids, labels=ids).logits is None  # fused: no logits built
+
+
+def test_a_hook_on_lm_head_sends_the_loss_back_to_stock():
+    stock = build("olmoe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    for m in (stock, patched):
+        m.lm_head.register_forward_hook(lambda mod, inp, out: out * 0.5)
+    ids = inputs(batch=2, seq=10)
+    with pytest.warns(RuntimeWarning, match="forward hooks"):
+        _assert_same(stock, patched, ids, _labels(ids), num_items_in_batch=torch.tensor(13))
+
+
+def test_the_proof_runs_on_a_multimodal_model_with_a_nested_text_config():
+    """Qwen3-VL-MoE: vocab_size lives in config.text_config; the proof shrinks it there, passes, and the fused
+    loss then equals stock on text input (loss and every gradient)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, vocab_size=256, max_position_embeddings=128, moe_intermediate_size=32, num_experts=8,
+                num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0])
+    cfg = AutoConfig.for_model("qwen3_vl_moe", text_config=text, vision_config=vision, image_token_id=250,
+                               video_token_id=251, vision_start_token_id=252, vision_end_token_id=253)
+    torch.manual_seed(0)
+    stock = AutoModelForImageTextToText.from_config(cfg)
+    patched = moe_patch.apply(copy.deepcopy(stock), attention=False)
+    assert moe_patch.report(patched).where(kind="loss")[0].status == "patched"
+    ids = inputs(vocab=240, batch=2, seq=10)
+    _assert_same(stock, patched, ids, _labels(ids))
+    assert patched.forward.stock_reason is None
+
+
+def test_a_backward_hook_on_lm_head_still_fires():
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    seen = {"stock": 0, "patched": 0}
+    for key, m in (("stock", stock), ("patched", patched)):
+        m.lm_head.register_full_backward_hook(lambda mod, gi, go, key=key: seen.__setitem__(key, seen[key] + 1))
+    ids = inputs(batch=2, seq=10)
+    with pytest.warns(RuntimeWarning, match="backward hooks"):
+        _assert_same(stock, patched, ids, _labels(ids))
+    assert seen["patched"] == seen["stock"] == 1

@@ -4,7 +4,11 @@ A replacement registers the original module's Parameter objects, buffers and chi
 names, so `state_dict()` keys, shapes and dtypes stay Hugging Face's, memory does not grow, and an
 optimizer built before apply() still updates the weights the patched model uses. It also shares the
 original's forward / backward hook dictionaries, so hooks installed before apply() keep firing (Transformers
-installs its output recorders, e.g. for `output_router_logits`, at the first forward).
+installs its output recorders, e.g. for `output_router_logits`, at the first forward). And it carries the
+original's public plain attributes under their names (`top_k`, `norm_topk_prob`, `variance_epsilon`,
+`routed_scaling_factor`, `limit`, `config`, ...), which the replacement reads at each forward, never a copy
+taken at apply time: what a user reads back or sets on the module after apply() is what it computes with.
+revert() hands them back to the original.
 """
 from __future__ import annotations
 
@@ -27,6 +31,11 @@ def current_params_into(inner: nn.Module, owner: nn.Module) -> None:
     for name, param in owner._parameters.items():
         if param is not None and inner._parameters.get(name) is not param:  # (no bias: nothing to point at)
             inner._parameters[name] = param
+
+
+# nn.Module's own bookkeeping (parameters, buffers, children, hooks, training): adopted above by name, never
+# copied as plain attributes
+_MODULE_STATE = frozenset(vars(nn.Module())) | {"training"}
 
 
 @lru_cache(maxsize=None)
@@ -65,6 +74,9 @@ class Replacement(nn.Module):
         for name, child in original._modules.items():
             self.add_module(name, child)
         self.training = original.training
+        for name, value in vars(original).items():
+            if name not in _MODULE_STATE:
+                self.__dict__[name] = value
         for name in _HOOK_DICTS:
             setattr(self, name, getattr(original, name))
         # Kept outside the module tree (object.__setattr__) so it adds no state_dict keys; revert() needs it.
@@ -83,6 +95,9 @@ class Replacement(nn.Module):
             original._buffers[name] = self._buffers[name]
         for name in list(original._modules):
             original._modules[name] = self._modules[name]
+        for name in list(vars(original)):  # attributes set on the module while patched
+            if name not in _MODULE_STATE and name in self.__dict__:
+                original.__dict__[name] = self.__dict__[name]
         original.train(self.training)
         return original
 

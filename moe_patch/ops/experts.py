@@ -150,6 +150,10 @@ def scatter_weighted(out, order, weights, num_tokens, top_k, hidden_dtype):
     return slots.view(num_tokens, top_k, out.shape[-1]).sum(dim=1).to(hidden_dtype)
 
 
+# attributes GroupedExperts sets and changes itself (sharding sets the local expert count)
+_MANAGED = frozenset(FLAG_NAMES) | {"up_name", "num_experts", "num_global_experts", "grad_factor"}
+
+
 class GroupedExperts(Replacement):
     kind = "experts"
 
@@ -157,6 +161,9 @@ class GroupedExperts(Replacement):
         super().__init__(original)
         # a fused kernel proven equal to the family's _apply_gate (te_gate.py), or None; outside the module tree
         object.__setattr__(self, "_fused_gate", fused_gate)
+        # the gate's switches the fused kernel was proven with (e.g. GPT-OSS's alpha / limit): a value set on
+        # the module after apply() sends the rows to the family's own gate
+        object.__setattr__(self, "_gate_proven", self._gate_switches())
         for name in FLAG_NAMES:
             setattr(self, name, bool(flags[name]))
         self.up_name = "gate_up_proj" if self.has_gate else "up_proj"
@@ -170,6 +177,10 @@ class GroupedExperts(Replacement):
             self.dispatcher = TEPermuteDispatcher()
         else:
             self.dispatcher = LocalDispatcher()
+
+    def _gate_switches(self) -> tuple:
+        return tuple((k, v) for k, v in vars(self).items()
+                     if isinstance(v, (bool, int, float, str)) and not k.startswith("_") and k not in _MANAGED)
 
     def expert_weight(self, name: str) -> torch.Tensor:
         """A stacked expert parameter as the plain local tensor the kernels take (under
@@ -192,10 +203,13 @@ class GroupedExperts(Replacement):
         h = grouped_linear(x, self.expert_weight(self.up_name), offs, bias(self.up_name), self.is_transposed)
         # TE's fused SwiGLU where it was proven to be the family's gate, else the family's own gate (or
         # activation) on its original module
+        # (the family's code runs on this module: its attributes, adopted from the original, are the ones a user
+        # reads and sets after apply())
         if self.has_gate:
-            h = self._fused_gate(h) if self._fused_gate is not None else self.original._apply_gate(h)
+            fused = self._fused_gate is not None and self._gate_switches() == self._gate_proven
+            h = self._fused_gate(h) if fused else self._apply_gate(h)
         else:
-            h = self.original.act_fn(h)
+            h = self.act_fn(h)
         # rows weighted by the module (d.weights): before the down projection where that is the same linear
         # map ((h * w) @ W == (h @ W) * w without a bias or a norm after it, and no dtype promotion), since
         # the intermediate rows are narrower than the hidden ones (768 against 2048 wide in Qwen3-30B-A3B)

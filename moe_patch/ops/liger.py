@@ -12,5 +12,5 @@ class LigerRMSNorm(TorchRMSNorm):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.variant == "offset":  # Gemma: (1 + w) * norm(x), all in fp32
-            return LigerRMSNormFunction.apply(hidden_states, self.weight, self.eps, 1.0, "gemma", False)
-        return LigerRMSNormFunction.apply(hidden_states, self.weight, self.eps, 0.0, "llama", False)
+            return LigerRMSNormFunction.apply(hidden_states, self.weight, self.eps_value, 1.0, "gemma", False)
+        return LigerRMSNormFunction.apply(hidden_states, self.weight, self.eps_value, 0.0, "llama", False)

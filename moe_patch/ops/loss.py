@@ -1,25 +1,28 @@
 """Fused linear + cross-entropy: in training with labels, the (tokens, vocab) logits are never built.
 
 The causal-LM's forward gets an instance-level wrapper (the class is untouched; revert() deletes it).
-When the model is training and `labels` are given, the wrapper runs the stock forward with labels=None
-and logits_to_keep=1 (so the stock lm_head sees one position), captures the decoder's last hidden state,
-and computes the loss straight from hidden states and lm_head's weight:
+When the model is training and `labels` are given, the wrapper runs the model's own forward with
+logits_to_keep=1 (so the stock lm_head sees one position) and answers its `self.loss_function(...)` call
+from the decoder's last hidden state (captured by a hook) and lm_head's weight:
   torch backend: large chunks of rows (about 1 GiB of logits each), gradients computed in the forward
     (_ChunkedLinearCrossEntropy); each chunk's softmax gradient is a torch.compile'd function, or on a GPU
     with Liger-Kernel installed Liger's cross-entropy kernel, once proven equal to it there;
   liger backend: Liger-Kernel's fused linear cross-entropy (Triton; small chunks, so its weight-gradient
   accumulation dominates at large vocabularies).
-Both follow Transformers' ForCausalLMLoss exactly: labels shifted by one, ignore_index -100, logits
-upcast to fp32 for the softmax, "sum / num_items_in_batch" when the Trainer passes num_items_in_batch,
-else the mean over non-ignored tokens; a router aux loss (output_router_logits) is added as stock does.
+Both follow Transformers' ForCausalLMLoss exactly: labels shifted by one, ignore_index, logits upcast to
+fp32 for the softmax, "sum / num_items_in_batch" when the Trainer passes num_items_in_batch, else the mean
+over non-ignored tokens. The rest of the forward (the router aux-loss term with the coefficient and switches
+as set now, the outputs) is the model's own code. That this is the model's loss is proven at apply time on
+the class's own forward (probe.fused_loss_unproven) and checked again at each call (FusedLossForward).
 Effect on outputs: in that training case `outputs.logits` is None (as with Liger's own patches), and
-`outputs.past_key_values` too unless `use_cache=True` is passed (stock fills a KV cache nobody reads in
-training); in eval or without labels the stock forward runs unchanged and returns logits.
+the KV cache too unless `use_cache=True` is passed (stock fills a KV cache nobody reads in training); in eval
+or without labels the stock forward runs unchanged and returns logits.
 """
 from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -38,14 +41,16 @@ def chunk_rows(vocab: int, itemsize: int) -> int:
     return rows - rows % 256 if rows >= 256 else rows  # whole GEMM tiles
 
 
-# config attributes that transform logits after lm_head: the fused path would skip them
+# config attributes known to transform logits after lm_head: a fast "no" before any proof. Not the gate:
+# a transform under another name is found by the proof (probe.fused_loss_unproven).
 LOGIT_TRANSFORMS = ("logits_scaling", "final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
 def why_not(model) -> str | None:
-    """None if the fused loss is exact for this model, else the reason."""
+    """The reason the fused loss cannot fit this model, seen without running anything; None says only that
+    the proof (probe.fused_loss_unproven) is to decide."""
     head = getattr(model, "lm_head", None)
-    if not isinstance(head, torch.nn.Linear):
+    if type(head) is not torch.nn.Linear:
         return "no nn.Linear lm_head"
     params = inspect.signature(type(model).forward).parameters
     if "labels" not in params or "logits_to_keep" not in params:
@@ -200,11 +205,18 @@ def _liger_sum(hidden, weight, bias, labels, step=None):
     return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")(weight, hidden, labels, bias)
 
 
-def causal_lm_loss(hidden, head, labels, backend, num_items_in_batch=None, shift_labels=None, step="compiled"):
+def causal_lm_loss(hidden, head, labels, backend, num_items_in_batch=None, shift_labels=None, step="compiled",
+                   ignore_index=IGNORE):
+    """Transformers' ForCausalLMLoss of head(hidden) without the logits: hidden [batch, seq, H] (any float
+    dtype), head an nn.Linear [V, H], labels [batch, seq] int64 (shifted by one here unless shift_labels is
+    given; `ignore_index` positions ignored). Returns a 0-d fp32 tensor: the sum over tokens divided by
+    num_items_in_batch if given, else the mean over non-ignored tokens."""
     if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     shift_labels = shift_labels.reshape(-1).to(hidden.device)
+    if ignore_index != IGNORE:  # the kernels know -100 only
+        shift_labels = torch.where(shift_labels == ignore_index, IGNORE, shift_labels)
     total = (_liger_sum if backend == "liger" else _chunked_sum)(hidden, head.weight, head.bias, shift_labels, step)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
@@ -213,15 +225,72 @@ def causal_lm_loss(hidden, head, labels, backend, num_items_in_batch=None, shift
     return total / (shift_labels != IGNORE).sum()
 
 
-class FusedLossForward:
-    """Callable set as `model.forward` (an instance attribute)."""
+def head_changed(model, head) -> str | None:
+    """None while `head` (the lm_head proven at apply time) is still what the model computes its logits with,
+    exactly as F.linear(hidden, head.weight, head.bias): the same module object, of class nn.Linear itself,
+    with no forward / backward hooks or forward override, plain tensor parameters, and no loss_function of
+    the user's on the model. Else why not. The weight is read at
+    each call, so a Parameter replaced in place (FSDP2's unsharded parameter, load_state_dict(assign=True))
+    is the one stock would use too; a wrapper (PEFT's LoRA, modules_to_save, trainable tokens replace
+    lm_head), a parametrization (changes the class) or a hook is not."""
+    current = getattr(model, "lm_head", None)
+    if current is not head:
+        return (f"lm_head is now {type(current).__name__}, not the nn.Linear proven at apply time (an adapter such "
+                "as PEFT's LoRA, modules_to_save or trainable tokens wraps or replaces it)")
+    if type(head) is not torch.nn.Linear or "forward" in vars(head):
+        return f"lm_head's class or forward changed ({type(head).__name__})"
+    mod = torch.nn.modules.module
+    if head._forward_hooks or head._forward_pre_hooks or mod._global_forward_hooks or mod._global_forward_pre_hooks:
+        return "lm_head has forward hooks"
+    if head._backward_hooks or head._backward_pre_hooks or mod._global_backward_hooks or \
+            mod._global_backward_pre_hooks:
+        return "lm_head has backward hooks (the fused loss computes its gradient without calling it)"
+    for name in ("weight", "bias"):
+        t = head._parameters.get(name)
+        if t is not None and type(t) not in (torch.nn.Parameter, torch.Tensor):
+            return f"lm_head.{name} is a {type(t).__name__}"
+    if "_loss_function" in vars(model):
+        return "a loss_function of its own is set on the model"
+    return None
 
-    def __init__(self, model, backend: str, step: str = "compiled"):
+
+class FusedLossForward:
+    """Callable set as `model.forward` (an instance attribute).
+
+    In training with labels (and a dict output) it runs the model's own forward with logits_to_keep=1 and
+    answers the forward's `self.loss_function(logits, labels, ...)` call with the fused loss of the decoder's
+    last hidden state (captured by a hook) and lm_head. Everything else in the forward is the model's own
+    code, read at each call: the router aux-loss term (`output_router_logits`, `router_aux_loss_coef`, as
+    set now on the model or its config), the outputs. It does so only while
+      - lm_head is the module proven at apply time, used as is (head_changed()), and
+      - the config and the model's scalar attributes are those proven, or a new proof of them passes
+        (probe.fused_loss_unproven, cached per fingerprint: a switch flipped after apply() is proven again);
+    otherwise the stock forward runs, with one warning per reason.
+    """
+
+    def __init__(self, model, backend: str, step: str = "compiled", head=None):
         self.model, self.backend, self.step = model, backend, step
+        self.head = model.lm_head if head is None else head
+        self.cls = type(model)  # the class proven (FSDP2's fully_shard later swaps in a subclass of it)
         self.stock_forward = model.forward  # the bound class method
+        self.stock_reason = None  # why the last call took the stock path, if it did
+        self._warned: set = set()
         # look like the stock forward to callers that inspect it (Trainer's column and loss-kwargs checks)
         functools.update_wrapper(self, self.stock_forward)
         self.__signature__ = inspect.signature(self.stock_forward)
+
+    @classmethod
+    def for_proof(cls, model):
+        """The fused path of a throw-away instance, without its own checks (probe.fused_loss_unproven)."""
+        return cls(model, "torch").fused
+
+    def _why_stock(self, model) -> str | None:
+        from .. import probe
+
+        why = head_changed(model, self.head)
+        if why is None:
+            why = probe.fused_loss_unproven(model, FusedLossForward.for_proof, self.cls)
+        return why
 
     def __call__(self, *args, **kwargs):
         model = self.model
@@ -232,25 +301,40 @@ class FusedLossForward:
         # the stock path, as evaluation and calls without labels do
         if not model.training or labels is None or not torch.is_grad_enabled() or not return_dict:
             return self.stock_forward(*args, **kwargs)
+        self.stock_reason = self._why_stock(model)
+        if self.stock_reason is not None:
+            if self.stock_reason not in self._warned:
+                self._warned.add(self.stock_reason)
+                warnings.warn(f"moe_patch: the fused loss is not used, the model's own loss runs: {self.stock_reason}",
+                              RuntimeWarning, stacklevel=2)
+            return self.stock_forward(*args, **kwargs)
+        return self.fused(*args, **kwargs)
+
+    def fused(self, *args, **kwargs):
+        model, head = self.model, self.model.lm_head
         captured = {}
 
         def grab(module, inputs, output):
             captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
+        def fused_loss(logits=None, labels=None, vocab_size=None, num_items_in_batch=None, ignore_index=IGNORE,
+                       shift_labels=None, **_):
+            captured["loss"] = True
+            return causal_lm_loss(captured["hidden"], head, labels, self.backend, num_items_in_batch, shift_labels,
+                                  self.step, ignore_index)
+
         if "use_cache" in self.__signature__.parameters:
             # no KV cache unless asked for: a training step never reads it (stock builds and fills one)
             kwargs.setdefault("use_cache", False)
         handle = getattr(model, model.base_model_prefix).register_forward_hook(grab)
+        model._loss_function = fused_loss  # what the `loss_function` property returns while set
         try:
-            out = self.stock_forward(*args, **{**kwargs, "labels": None, "logits_to_keep": 1})
+            out = self.stock_forward(*args, **{**kwargs, "logits_to_keep": 1})
         finally:
             handle.remove()
-        loss = causal_lm_loss(captured["hidden"], model.lm_head, labels, self.backend,
-                              kwargs.get("num_items_in_batch"), kwargs.get("shift_labels"), self.step)
-        aux = getattr(out, "aux_loss", None)
-        if aux is not None:
-            coef = getattr(model, "router_aux_loss_coef", None) or getattr(model.config, "router_aux_loss_coef", 0.0)
-            loss = loss + coef * aux.to(loss.device)
-        out.loss = loss
+            vars(model).pop("_loss_function", None)
+        if "loss" not in captured:  # the proof runs the same forward: this cannot happen silently
+            raise RuntimeError(f"moe_patch: {type(model).__name__}.forward did not call loss_function; "
+                               "apply(model, loss=False) keeps the stock loss")
         out.logits = None
         return out

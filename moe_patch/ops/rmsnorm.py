@@ -41,23 +41,34 @@ class TorchRMSNorm(Replacement):
         if variant not in VARIANTS:
             raise ValueError(f"unknown RMSNorm variant {variant!r}")
         self.variant = variant
-        self.eps = eps_of(original)
+
+    @property
+    def eps_value(self) -> float:
+        """The module's own eps attribute (variance_epsilon / eps / epsilon, adopted from the original), read
+        at each forward: a value set after apply() is honoured."""
+        return eps_of(self)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if compiled.active(hidden_states):
-            return compiled_norm(hidden_states, self.weight, self.eps, self.variant)
-        shape = (hidden_states.shape[-1],)
-        if self.variant == "offset":
-            y = F.rms_norm(hidden_states.float(), shape, eps=self.eps) * (1.0 + self.weight.float())
-            return y.to(hidden_states.dtype)
-        if hidden_states.dtype == self.weight.dtype:
-            # fused: statistics in fp32 inside the kernel, one rounding at the end
-            return F.rms_norm(hidden_states, shape, self.weight, eps=self.eps)
-        y = F.rms_norm(hidden_states.float(), shape, eps=self.eps)
-        return self.weight * y.to(hidden_states.dtype)
+        return torch_rms_norm(hidden_states, self.weight, self.eps_value, self.variant)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, variant={self.variant}, eps={self.eps}"
+        return f"{super().extra_repr()}, variant={self.variant}, eps={self.eps_value}"
+
+
+def torch_rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float, variant: str) -> torch.Tensor:
+    """The family's RMSNorm (`variant` "scale" or "offset") over the last dim: compiled on CUDA, else
+    F.rms_norm with the family's roundings. Same shape and dtype as hidden_states."""
+    if compiled.active(hidden_states):
+        return compiled_norm(hidden_states, weight, eps, variant)
+    shape = (hidden_states.shape[-1],)
+    if variant == "offset":
+        y = F.rms_norm(hidden_states.float(), shape, eps=eps) * (1.0 + weight.float())
+        return y.to(hidden_states.dtype)
+    if hidden_states.dtype == weight.dtype:
+        # fused: statistics in fp32 inside the kernel, one rounding at the end
+        return F.rms_norm(hidden_states, shape, weight, eps=eps)
+    y = F.rms_norm(hidden_states.float(), shape, eps=eps)
+    return weight * y.to(hidden_states.dtype)
 
 
 class _CompiledRMSNorm(torch.autograd.Function):

@@ -50,19 +50,28 @@ def topk_route(logits: torch.Tensor, spec: dict, *, top_k: int, renorm: bool, co
 
 
 class TopKRouter(Replacement):
+    """The family's router in the spec's arithmetic. top_k, the renormalisation switch (spec "renorm" naming
+    an attribute), num_group / topk_group / routed_scaling_factor are the module's own attributes (adopted
+    from the original, base.py), read at each forward: set after apply(), they are honoured as stock does."""
+
     kind = "router"
 
     def __init__(self, original, spec: dict):
         super().__init__(original)
         self.spec = {**DEFAULTS, **spec}
-        renorm = self.spec["renorm"]
-        self.renorm = bool(getattr(original, renorm)) if isinstance(renorm, str) else bool(renorm)
         self.top_k = original.top_k
         self.num_experts = self.weight.shape[0]
         self.hidden_dim = self.weight.shape[1]
-        self.num_group = getattr(original, "num_group", 1) or 1
-        self.topk_group = getattr(original, "topk_group", 1) or 1
-        self.scaling = getattr(original, "routed_scaling_factor", 1.0) or 1.0
+
+    def renorm_now(self) -> bool:
+        renorm = self.spec["renorm"]
+        return bool(getattr(self, renorm)) if isinstance(renorm, str) else bool(renorm)
+
+    def switches(self) -> tuple:
+        """(num_group, topk_group, scaling) as set on the module now (`is None`, not `or`: a user's 0 is a
+        value; absent or None means the family has no such switch)."""
+        return tuple(d if getattr(self, a, None) is None else getattr(self, a)
+                     for a, d in (("num_group", 1), ("topk_group", 1), ("routed_scaling_factor", 1.0)))
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.spec["fp32_logits"]:
@@ -74,10 +83,11 @@ class TopKRouter(Replacement):
         return logits
 
     def route(self, logits: torch.Tensor):
+        num_group, topk_group, scaling = self.switches()
         return topk_route(
-            logits, self.spec, top_k=self.top_k, renorm=self.renorm,
+            logits, self.spec, top_k=self.top_k, renorm=self.renorm_now(),
             correction_bias=getattr(self, "e_score_correction_bias", None),
-            num_group=self.num_group, topk_group=self.topk_group, scaling=self.scaling,
+            num_group=num_group, topk_group=topk_group, scaling=scaling,
         )
 
     def forward(self, hidden_states: torch.Tensor):
@@ -106,24 +116,21 @@ class TERouter(TopKRouter):
     """Score + top-k (+ renormalisation, group limit, correction bias, scaling) in TE's fused router kernel,
     forward and backward: one kernel each way instead of softmax / topk / sum / div and their gradients."""
 
-    def __init__(self, original, spec: dict):
-        super().__init__(original, spec)
-        self.te_args = te_arguments(self.spec, self.renorm)
-
     def route(self, logits: torch.Tensor):
         from transformer_engine.pytorch.router import fused_topk_with_score_function
 
         # fp32 weights ("float" / "input" specs) come from fp32 scores: TE's probs take the logits' dtype
         scores_in = logits.float() if self.spec["weights_dtype"] == "float" else logits
-        grouped = self.spec["grouped"] and self.num_group > 1
+        num_group, topk_group, scaling = self.switches()
+        grouped = self.spec["grouped"] and num_group > 1
         # the index buffer makes TE write dense [T, k] indices (no [T, E] routing map)
         idx = torch.empty(logits.shape[0], self.top_k, dtype=torch.int64, device=logits.device)
         probs, idx = fused_topk_with_score_function(
-            scores_in, topk=self.top_k, num_groups=self.num_group if grouped else None,
-            group_topk=self.topk_group if grouped else None,
-            scaling_factor=self.scaling if self.spec["grouped"] else None,
+            scores_in, topk=self.top_k, num_groups=num_group if grouped else None,
+            group_topk=topk_group if grouped else None,
+            scaling_factor=scaling if self.spec["grouped"] else None,
             expert_bias=self.e_score_correction_bias.float() if self.spec["grouped"] else None,
-            topk_indices=idx, **self.te_args)
+            topk_indices=idx, **te_arguments(self.spec, self.renorm_now()))
         return probs.gather(1, idx), idx  # probs is [T, E], zero off the chosen experts
 
 

@@ -80,7 +80,13 @@ class TERMSNorm(_TEModule):
                                               dtype=w.dtype, device=dev))
         inner.weight = w
         object.__setattr__(self, "_moe_patch_te", inner)
+        object.__setattr__(self, "_moe_patch_eps", eps_of(original))  # the eps TE's module was built with
         self.variant = variant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = eps_of(self)  # the module's own attribute, read now: a value set after apply() is honoured
+        if eps != self._moe_patch_eps:  # by the torch formula (TE's module keeps the eps it was built with)
+            from .rmsnorm import torch_rms_norm
+
+            return torch_rms_norm(x, self.weight, eps, self.variant)
         return self._run(x)
