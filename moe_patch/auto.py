@@ -29,11 +29,14 @@ def _depth() -> int:
 
 
 def _patch(model):
+    from .parallel import launch
+
+    launch.check(model)  # MOE_PATCH_EP: a size that cannot work raises here (one line), before any change
     try:
         import moe_patch
 
         if not moe_patch.is_patched(model):
-            moe_patch.apply(model)
+            launch.apply(model)  # moe_patch.apply(model), with the launcher's expert parallelism (MOE_PATCH_EP)
             logger.info("moe_patch: patched %s (%s)", type(model).__name__, moe_patch.report(model).summary())
     except Exception as exc:  # never break the host program
         logger.warning("moe_patch: left %s unpatched: %s: %s", type(model).__name__, type(exc).__name__, exc)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ..errors import MeshError, PatchError
 from ..ops.experts import GroupedExperts
-from . import dispatch, overlap
+from . import clip, dispatch, overlap
 
 
 def _ep_mesh(mesh):
@@ -101,10 +101,14 @@ def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=No
         module._ep = (group, rank, size, tuple(names))
         module._register_state_dict_hook(_gather_on_save)
         module._register_load_state_dict_pre_hook(_slice_on_load, with_module=True)
+        clip.register(module)  # torch's clip_grad_norm_ gives the global norm over every rank's experts
         # the all-to-all backward sums every rank's loss into an expert's gradient; DDP and FSDP average
         # the dense gradients, so the experts' are averaged too (scaled where the module takes its weights)
         module.grad_factor = 1.0 / size
     _ignore_in_ddp(model, blocks)
+    from . import trainer  # Trainer's own clipping, saving and resuming with these experts (trainer.py)
+
+    trainer.install()
     pairs = overlap.install(model, record) if shared_overlap else {}
     for row in rows:
         row.replacement += f" + ep{size}/{dispatcher}"
