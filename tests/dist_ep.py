@@ -405,9 +405,10 @@ def run_ddp(model_type, mesh, rank, size):
 
 
 def run_trainer(model_type, mesh, rank, size):
-    """Hugging Face Trainer under torchrun (it wraps the model in DDP): two optimizer steps of the EP model
-    end with the same weights as two steps of the stock model under the same Trainer (README's settings), and
-    ExpertParallelCheckpoint writes a checkpoint stock Transformers loads with those weights."""
+    """Hugging Face Trainer under torchrun (it wraps the model in DDP) with apply(model, mesh) by hand and
+    Trainer's own options: two optimizer steps of the EP model, clipped by max_grad_norm, end with the same weights
+    as two steps of the stock model under the same Trainer, and Trainer's own checkpoint loads in stock
+    Transformers with those weights (tests/test_launch.py runs the launcher path and resuming)."""
     from transformers import Trainer, TrainingArguments
 
     class Data(torch.utils.data.Dataset):
@@ -418,31 +419,32 @@ def run_trainer(model_type, mesh, rank, size):
             ids = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(i))
             return {"input_ids": ids, "labels": ids}
 
-    from moe_patch.parallel.trainer import ExpertParallelCheckpoint
-
     out = [tempfile.mkdtemp() if rank == 0 else None]
     dist.broadcast_object_list(out)
 
-    def train(model, callbacks=()):
-        args = TrainingArguments(output_dir=out[0], per_device_train_batch_size=2, max_steps=2,
-                                 learning_rate=1e-3, max_grad_norm=0, save_strategy="no", report_to=[],
-                                 use_cpu=DEVICE.type == "cpu", seed=0)
-        Trainer(model=model, args=args, train_dataset=Data(), callbacks=list(callbacks)).train()
-        return model
+    def train(model, output_dir):
+        args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=2, max_steps=2,
+                                 learning_rate=1e-3, max_grad_norm=0.05, save_strategy="steps", save_steps=2, logging_steps=1,
+                                 report_to=[], use_cpu=DEVICE.type == "cpu", seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=Data())
+        trainer.train()
+        return [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
 
     stock = build(model_type, dtype=DTYPE).to(DEVICE)
     patched = copy.deepcopy(stock)
     moe_patch.apply(patched, mesh=mesh, dispatcher=DISPATCHER)
-    train(stock), train(patched, [ExpertParallelCheckpoint(every=2)])
+    norms_s, norms_p = train(stock, os.path.join(out[0], "stock")), train(patched, os.path.join(out[0], "ep"))
+    check(all(abs(a - b) <= 1e-4 * b for a, b in zip(norms_p, norms_s)) and max(norms_s) > 0.05,
+          f"trainer: gradient norms {norms_p} vs {norms_s}")
     full = patched.state_dict()  # gathers the experts
     for name, ref in stock.state_dict().items():
         check(rel_err(full[name], ref) < TOL, f"trainer: {name} differs after training: {rel_err(full[name], ref):.2e}")
     dist.barrier()
     from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(os.path.join(out[0], "checkpoint-2"), dtype=DTYPE).to(DEVICE)
+    saved = AutoModelForCausalLM.from_pretrained(os.path.join(out[0], "ep", "checkpoint-2"), dtype=DTYPE).to(DEVICE)
     loaded = saved.state_dict()
-    for name, ref in stock.state_dict().items():  # a stock model loads the callback's checkpoint
+    for name, ref in stock.state_dict().items():  # a stock model loads Trainer's checkpoint
         check(rel_err(loaded[name], ref) < TOL, f"trainer checkpoint: {name}")
     if rank == 0:
         print(f"ok trainer {model_type} ep={size}", flush=True)
