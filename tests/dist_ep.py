@@ -491,7 +491,7 @@ def run_fsdp(model_type, mesh, rank, size):
     patched = copy.deepcopy(stock)
     moe_patch.apply(patched, mesh=mesh, dispatcher=DISPATCHER)
     fully_shard_moe(patched, mesh)
-    # 1-D mesh: the experts are DTensors on a one-rank mesh that FSDP2 does not manage (no copies per step);
+    # 1-D mesh: the experts are DTensors sharded over the ep ranks that FSDP2 does not manage (no copies per step);
     # with a dp_shard dimension FSDP2 shards them over it
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
@@ -499,7 +499,7 @@ def run_fsdp(model_type, mesh, rank, size):
     for m in patched._moe_patch.sharded:
         stacked = [p for p in m.parameters(recurse=False) if p.dim() >= 2]
         check(isinstance(m, FSDPModule) == two_d and all(isinstance(p, DTensor) for p in stacked)
-              and all(p.device_mesh.size() == (mesh["dp_shard"].size() if two_d else 1) for p in stacked),
+              and all(p.device_mesh.size() == (mesh["dp_shard"].size() if two_d else size) for p in stacked),
               f"fsdp: experts not laid out as expected (2-D mesh: {two_d})")
     g = torch.Generator().manual_seed(200 + rank)
     ids = torch.randint(0, 256, (2, 9), generator=g).to(DEVICE)
@@ -533,7 +533,7 @@ def run_fsdp(model_type, mesh, rank, size):
         full = p.grad.full_tensor()
         gs = summed(s_params[name].grad if s_params[name].grad is not None else torch.zeros_like(s_params[name]))
         gs = gs / size
-        if name.rpartition(".")[0] in experts:
+        if name.rpartition(".")[0] in experts and two_d:  # 1-D: the experts' DTensor is whole (sharded over ep)
             gs = block(gs, ep_rank, ep_size)
         check(rel_err(full, gs) < GTOL, f"fsdp gradient of {name}: {rel_err(full, gs):.2e}")
     # clipping by the global norm equals torch's on the unsharded model
@@ -542,12 +542,16 @@ def run_fsdp(model_type, mesh, rank, size):
     for p in stock.parameters():
         p.grad = summed(p.grad if p.grad is not None else torch.zeros_like(p)) / size
     ref_norm = torch.nn.utils.clip_grad_norm_(stock.parameters(), max_norm=0.05)
+    if not two_d:  # torch's own clipping (Trainer's and accelerate's): every parameter a DTensor on one mesh
+        torch_norm = torch.nn.utils.clip_grad_norm_(patched.parameters(), max_norm=float("inf"))
+        torch_norm = torch_norm.full_tensor() if hasattr(torch_norm, "full_tensor") else torch_norm
+        check(rel_err(torch_norm, ref_norm) < TOL, f"fsdp: torch's grad norm {torch_norm} vs {ref_norm}")
     norm = clip_grad_norm_(patched, max_norm=0.05)
     check(rel_err(norm, ref_norm) < TOL and ref_norm > 0.05, f"fsdp grad norm {norm} vs {ref_norm}")
     s_params = dict(stock.named_parameters())
     for name, p in patched.named_parameters():
         gs = s_params[name].grad
-        gs = block(gs, ep_rank, ep_size) if name.rpartition(".")[0] in expert_names(patched) else gs
+        gs = block(gs, ep_rank, ep_size) if name.rpartition(".")[0] in expert_names(patched) and two_d else gs
         check(rel_err(p.grad.full_tensor(), gs) < GTOL, f"fsdp clipped gradient of {name}")
     if rank == 0:
         print(f"ok fsdp2d {model_type} ep={ep_size} dp_shard={size // ep_size}" if two_d
