@@ -15,7 +15,12 @@ LOCAL_RANK), then:
 4. composes with the launcher's data parallelism. Under DDP (what Trainer and accelerate use for torchrun
    without an FSDP config) the experts are on DDP's ignore list; with dp > 1 their gradients are averaged over
    the dp ranks holding the same experts (a post-accumulate-grad hook, as DDP does for the rest), so every
-   parameter gets the gradient of the mean of all ranks' losses.
+   parameter gets the gradient of the mean of all ranks' losses. Under `accelerate launch` with an FSDP2
+   config (ACCELERATE_USE_FSDP=true, FSDP_VERSION=2) the mesh is ("ep",) or (dp_shard, ep) and
+   fully_shard_moe shards the model with the policy accelerate's own FullyShardedDataParallelPlugin reads
+   from that config (reshard_after_forward, mixed precision); accelerate then finds an FSDP2 module and leaves
+   it as it is. Left to itself it would shard the expert blocks as if every rank held the same experts.
+   This FSDP2 path needs GPUs (accelerate runs FSDP on GPUs only) and has not run yet: unverified.
 
 MOE_PATCH_EP unset (or 1 in a single process): plain `moe_patch.apply(model)`.
 """
@@ -65,10 +70,34 @@ def check(model) -> int | None:
     if world % ep:
         raise MeshError(f"MOE_PATCH_EP={ep} does not divide the world size {world} "
                         "(the number of processes the launcher started)")
+    if _accelerate_fsdp2() and ep != world:
+        # fully_shard_moe's (dp_shard, ep) mesh leaves the experts on the dp_shard sub-mesh, where Trainer's and
+        # accelerate's clipping would take each ep rank's expert norm alone
+        raise MeshError(f"MOE_PATCH_EP={ep} under accelerate's FSDP2 must equal the world size {world} "
+                        "(expert parallelism over every rank); for ep < world use torchrun / DDP")
     for path, n in _expert_counts(model):
         if n % ep:
             raise MeshError(f"MOE_PATCH_EP={ep} does not divide the {n} experts of {path}")
     return ep
+
+
+def _accelerate_fsdp2() -> bool:
+    return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+            and os.environ.get("FSDP_VERSION", "1").strip() == "2")
+
+
+def _fsdp2_kwargs() -> dict:
+    """fully_shard's reshard_after_forward and mp_policy as accelerate's FSDP plugin reads them from its config."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables accelerate launch sets
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision != "no":
+        plugin.set_mixed_precision(precision)
+    kwargs = dict(reshard_after_forward=plugin.reshard_after_forward)
+    if plugin.mixed_precision_policy is not None:
+        kwargs["mp_policy"] = plugin.mixed_precision_policy
+    return kwargs
 
 
 def mesh(ep: int):
@@ -81,12 +110,13 @@ def mesh(ep: int):
         dist.init_process_group()  # the launcher's env:// rendezvous; gloo for CPU tensors, NCCL for CUDA ones
     device = "cuda" if torch.cuda.is_available() else "cpu"
     world = dist.get_world_size()
-    key = (device, world, ep)
+    dp = "dp_shard" if _accelerate_fsdp2() else "dp"  # fully_shard_moe's name for the FSDP2 dimension
+    key = (device, world, ep, dp)
     if key not in _MESHES:
         if world == ep:
             _MESHES[key] = init_device_mesh(device, (ep,), mesh_dim_names=("ep",))
         else:
-            _MESHES[key] = init_device_mesh(device, (world // ep, ep), mesh_dim_names=("dp", "ep"))
+            _MESHES[key] = init_device_mesh(device, (world // ep, ep), mesh_dim_names=(dp, "ep"))
     return _MESHES[key]
 
 
@@ -113,6 +143,10 @@ def apply(model):
         return moe_patch.apply(model)
     device_mesh = mesh(ep)
     moe_patch.apply(model, mesh=device_mesh)
-    if "dp" in (device_mesh.mesh_dim_names or ()) and device_mesh["dp"].size() > 1:
+    if _accelerate_fsdp2():
+        from .fsdp import fully_shard_moe
+
+        fully_shard_moe(model, device_mesh, **_fsdp2_kwargs())
+    elif "dp" in (device_mesh.mesh_dim_names or ()) and device_mesh["dp"].size() > 1:
         _average_over_dp(model, device_mesh["dp"].get_group(), device_mesh["dp"].size())
     return model
