@@ -119,3 +119,26 @@ def test_ep_size_errors_before_any_change(monkeypatch):
             launch.apply(model)
         assert "\n" not in str(info.value) and f"MOE_PATCH_EP={ep}" in str(info.value).replace("'", "")
         assert list(model.modules()) == before and not hasattr(model, "_moe_patch")
+
+
+def test_load_state_dict_of_saved_checkpoint_every_family(tmp_path):
+    """What Trainer's resume does: torch's load_state_dict() of the file save_pretrained() wrote (the family's
+    checkpoint format, experts per expert; stock Transformers 5.24 leaves fused experts out): a patched model
+    takes it whole."""
+    import glob
+
+    import moe_patch
+    from safetensors.torch import load_file
+    from util import MOE_FAMILIES, build, rel_err
+
+    for family in MOE_FAMILIES:
+        saved = moe_patch.apply(build(family))
+        out = tmp_path / family
+        saved.save_pretrained(out)
+        state = {k: v for f in glob.glob(str(out / "*.safetensors")) for k, v in load_file(f).items()}
+        model = moe_patch.apply(build(family, seed=3))
+        result = model.load_state_dict(state, strict=False)
+        assert not result.unexpected_keys, (family, result.unexpected_keys[:3])
+        expected = saved.state_dict()
+        for name, value in model.state_dict().items():
+            assert rel_err(value, expected[name]) == 0, (family, name)
