@@ -63,7 +63,8 @@ def stock(tmp_path_factory):
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_trainer_under_torchrun_expert_parallel(stock, tmp_path, nproc):
     """MOE_PATCH=1 MOE_PATCH_EP=2 torchrun: 2 ranks (mesh ("ep",)) or 4 (mesh (dp=2, ep=2)), each with
-    4 / nproc sequences per step, equal to the stock run; its checkpoint-2 resumes into the same steps 3-4."""
+    4 / nproc sequences per step, equal to the stock run; its checkpoint-2 resumes into the same steps 3-4
+    (2 ranks)."""
     stock_out, ref = stock
     out = tmp_path / "ep"
     steps, experts, _ = run(out, "--batch", 4 // nproc, "--steps", 4, "--save-steps", 2, nproc=nproc,
@@ -83,6 +84,8 @@ def test_trainer_under_torchrun_expert_parallel(stock, tmp_path, nproc):
     optim = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
     assert sorted({v["exp_avg"].shape[0] for v in optim.values() if v["exp_avg"].dim() == 3}) == [8]
 
+    if nproc == 4:  # resuming is the same code path on any mesh: 2 ranks test it (CI time)
+        return
     resumed_out = tmp_path / "resumed"
     resumed, _, _ = run(resumed_out, "--batch", 4 // nproc, "--steps", 4, "--resume", ckpt, nproc=nproc,
                         MOE_PATCH="1", MOE_PATCH_EP="2")
