@@ -47,10 +47,11 @@ def say(message: str) -> None:
 
 def patch_built_model(model) -> None:
     """The one place where a model Transformers has just built is handed to moe_patch (options from the
-    MOE_PATCH_* variables). Launch-time features (e.g. expert parallelism under torchrun) extend this."""
+    MOE_PATCH_* variables), with the launcher's expert parallelism where MOE_PATCH_EP asks for it."""
     from . import engine
+    from .parallel import launch
 
-    engine.apply(model)
+    launch.apply(model)
     getattr(model, engine.RECORD).auto = True  # an explicit apply() later may re-plan it (explicit wins)
 
 
@@ -66,6 +67,9 @@ def suspended():
 
 
 def _patch(model):
+    from .parallel import launch
+
+    launch.check(model)  # MOE_PATCH_EP: a size that cannot work raises here (one line), before any change
     try:
         import moe_patch
 

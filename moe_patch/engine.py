@@ -186,6 +186,10 @@ def _apply(model, mesh, opts, requested, parallel_options):
     built = swap.build(model, plan)
     record = Record(options=opts, rows=plan.rows, mesh=mesh, parallel=requested)
     swap.swap(model, plan, built, record)
+    # load_state_dict() of a checkpoint as save_pretrained() wrote it (Trainer's resume): resume.py
+    from . import resume
+
+    record.hooks.append(resume.install(model))
     if mesh is not None:
         try:
             record.sharded = shard_mod.shard(model, mesh, record, **parallel_options)

@@ -405,9 +405,10 @@ def run_ddp(model_type, mesh, rank, size):
 
 
 def run_trainer(model_type, mesh, rank, size):
-    """Hugging Face Trainer under torchrun (it wraps the model in DDP): two optimizer steps of the EP model
-    end with the same weights as two steps of the stock model under the same Trainer (README's settings), and
-    ExpertParallelCheckpoint writes a checkpoint stock Transformers loads with those weights."""
+    """Hugging Face Trainer under torchrun (it wraps the model in DDP) with apply(model, mesh) by hand and
+    Trainer's own options: two optimizer steps of the EP model, clipped by max_grad_norm, end with the same weights
+    as two steps of the stock model under the same Trainer, and Trainer's own checkpoint loads in stock
+    Transformers with those weights (tests/test_launch.py runs the launcher path and resuming)."""
     from transformers import Trainer, TrainingArguments
 
     class Data(torch.utils.data.Dataset):
@@ -418,31 +419,32 @@ def run_trainer(model_type, mesh, rank, size):
             ids = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(i))
             return {"input_ids": ids, "labels": ids}
 
-    from moe_patch.parallel.trainer import ExpertParallelCheckpoint
-
     out = [tempfile.mkdtemp() if rank == 0 else None]
     dist.broadcast_object_list(out)
 
-    def train(model, callbacks=()):
-        args = TrainingArguments(output_dir=out[0], per_device_train_batch_size=2, max_steps=2,
-                                 learning_rate=1e-3, max_grad_norm=0, save_strategy="no", report_to=[],
-                                 use_cpu=DEVICE.type == "cpu", seed=0)
-        Trainer(model=model, args=args, train_dataset=Data(), callbacks=list(callbacks)).train()
-        return model
+    def train(model, output_dir):
+        args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=2, max_steps=2,
+                                 learning_rate=1e-3, max_grad_norm=0.05, save_strategy="steps", save_steps=2, logging_steps=1,
+                                 report_to=[], use_cpu=DEVICE.type == "cpu", seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=Data())
+        trainer.train()
+        return [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
 
     stock = build(model_type, dtype=DTYPE).to(DEVICE)
     patched = copy.deepcopy(stock)
     moe_patch.apply(patched, mesh=mesh, dispatcher=DISPATCHER)
-    train(stock), train(patched, [ExpertParallelCheckpoint(every=2)])
+    norms_s, norms_p = train(stock, os.path.join(out[0], "stock")), train(patched, os.path.join(out[0], "ep"))
+    check(all(abs(a - b) <= 1e-4 * b for a, b in zip(norms_p, norms_s)) and max(norms_s) > 0.05,
+          f"trainer: gradient norms {norms_p} vs {norms_s}")
     full = patched.state_dict()  # gathers the experts
     for name, ref in stock.state_dict().items():
         check(rel_err(full[name], ref) < TOL, f"trainer: {name} differs after training: {rel_err(full[name], ref):.2e}")
     dist.barrier()
     from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(os.path.join(out[0], "checkpoint-2"), dtype=DTYPE).to(DEVICE)
+    saved = AutoModelForCausalLM.from_pretrained(os.path.join(out[0], "ep", "checkpoint-2"), dtype=DTYPE).to(DEVICE)
     loaded = saved.state_dict()
-    for name, ref in stock.state_dict().items():  # a stock model loads the callback's checkpoint
+    for name, ref in stock.state_dict().items():  # a stock model loads Trainer's checkpoint
         check(rel_err(loaded[name], ref) < TOL, f"trainer checkpoint: {name}")
     if rank == 0:
         print(f"ok trainer {model_type} ep={size}", flush=True)
@@ -489,7 +491,7 @@ def run_fsdp(model_type, mesh, rank, size):
     patched = copy.deepcopy(stock)
     moe_patch.apply(patched, mesh=mesh, dispatcher=DISPATCHER)
     fully_shard_moe(patched, mesh)
-    # 1-D mesh: the experts are DTensors on a one-rank mesh that FSDP2 does not manage (no copies per step);
+    # 1-D mesh: the experts are DTensors sharded over the ep ranks that FSDP2 does not manage (no copies per step);
     # with a dp_shard dimension FSDP2 shards them over it
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
@@ -497,7 +499,7 @@ def run_fsdp(model_type, mesh, rank, size):
     for m in patched._moe_patch.sharded:
         stacked = [p for p in m.parameters(recurse=False) if p.dim() >= 2]
         check(isinstance(m, FSDPModule) == two_d and all(isinstance(p, DTensor) for p in stacked)
-              and all(p.device_mesh.size() == (mesh["dp_shard"].size() if two_d else 1) for p in stacked),
+              and all(p.device_mesh.size() == (mesh["dp_shard"].size() if two_d else size) for p in stacked),
               f"fsdp: experts not laid out as expected (2-D mesh: {two_d})")
     g = torch.Generator().manual_seed(200 + rank)
     ids = torch.randint(0, 256, (2, 9), generator=g).to(DEVICE)
@@ -531,7 +533,7 @@ def run_fsdp(model_type, mesh, rank, size):
         full = p.grad.full_tensor()
         gs = summed(s_params[name].grad if s_params[name].grad is not None else torch.zeros_like(s_params[name]))
         gs = gs / size
-        if name.rpartition(".")[0] in experts:
+        if name.rpartition(".")[0] in experts and two_d:  # 1-D: the experts' DTensor is whole (sharded over ep)
             gs = block(gs, ep_rank, ep_size)
         check(rel_err(full, gs) < GTOL, f"fsdp gradient of {name}: {rel_err(full, gs):.2e}")
     # clipping by the global norm equals torch's on the unsharded model
@@ -540,12 +542,16 @@ def run_fsdp(model_type, mesh, rank, size):
     for p in stock.parameters():
         p.grad = summed(p.grad if p.grad is not None else torch.zeros_like(p)) / size
     ref_norm = torch.nn.utils.clip_grad_norm_(stock.parameters(), max_norm=0.05)
+    if not two_d:  # torch's own clipping (Trainer's and accelerate's): every parameter a DTensor on one mesh
+        torch_norm = torch.nn.utils.clip_grad_norm_(patched.parameters(), max_norm=float("inf"))
+        torch_norm = torch_norm.full_tensor() if hasattr(torch_norm, "full_tensor") else torch_norm
+        check(rel_err(torch_norm, ref_norm) < TOL, f"fsdp: torch's grad norm {torch_norm} vs {ref_norm}")
     norm = clip_grad_norm_(patched, max_norm=0.05)
     check(rel_err(norm, ref_norm) < TOL and ref_norm > 0.05, f"fsdp grad norm {norm} vs {ref_norm}")
     s_params = dict(stock.named_parameters())
     for name, p in patched.named_parameters():
         gs = s_params[name].grad
-        gs = block(gs, ep_rank, ep_size) if name.rpartition(".")[0] in expert_names(patched) else gs
+        gs = block(gs, ep_rank, ep_size) if name.rpartition(".")[0] in expert_names(patched) and two_d else gs
         check(rel_err(p.grad.full_tensor(), gs) < GTOL, f"fsdp clipped gradient of {name}")
     if rank == 0:
         print(f"ok fsdp2d {model_type} ep={ep_size} dp_shard={size // ep_size}" if two_d

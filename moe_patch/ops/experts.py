@@ -184,7 +184,7 @@ class GroupedExperts(Replacement):
 
     def expert_weight(self, name: str) -> torch.Tensor:
         """A stacked expert parameter as the plain local tensor the kernels take (under
-        parallel.fsdp.fully_shard_moe's 1-D path it is a DTensor on a one-rank mesh; to_local is
+        parallel.fsdp.fully_shard_moe's 1-D path it is a DTensor sharded over the ep ranks; to_local is
         differentiable). Under expert parallelism its gradient collects the tokens of every rank (the
         dispatch's backward sums over the ep group), so it is scaled by grad_factor = 1 / ep: the gradient
         of the mean of the per-rank losses, as DDP and FSDP give the dense parameters."""

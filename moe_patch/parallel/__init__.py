@@ -5,6 +5,8 @@ dispatch.py  the all-to-all dispatcher (exact reference) and the choice among di
              at the first forward when only fp32 weights stand in te_ep's way)
 te_ep.py     TransformerEngine NCCL-EP fused dispatch;  deepep.py  DeepEP adapter (unverified)
 fsdp.py      fully_shard_moe: FSDP2 around an expert-parallel model
-clip.py      global-norm gradient clipping (bare, DDP, FSDP2);  trainer.py  Trainer checkpoint callback
+clip.py      global-norm gradient clipping (torch's clip_grad_norm_ made exact; by hand: bare, DDP, FSDP2)
+trainer.py   Trainer's own save / optimizer-state / resume paths under expert parallelism
+launch.py    MOE_PATCH_EP=N under torchrun / accelerate launch: check, mesh, apply, compose with DDP / FSDP2
 checkpoint.py  model + optimizer state for torch.distributed.checkpoint (resuming EP training)
 """

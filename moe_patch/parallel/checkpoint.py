@@ -61,6 +61,8 @@ def load_state_dict(model, optimizer, state: dict) -> None:
     params = dict(model.named_parameters())
     for fqn, (module, group, rank, size) in _expert_states(model).items():
         for key, value in state["optim"]["state"].get(fqn, {}).items():
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == module.num_global_experts:
+            # (a DTensor sharded over the ep ranks, fully_shard_moe's 1-D mesh, is loaded in place by DCP already)
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == module.num_global_experts \
+                    and not hasattr(value, "device_mesh"):
                 state["optim"]["state"][fqn][key] = local_experts(value, params[fqn], rank, size)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -9,8 +9,11 @@
 - experts, already split over `ep`, are sharded over `dp_shard` by FSDP2. With one rank on `dp_shard` (a 1-D
   mesh) there is nothing to split, yet FSDP2 would still copy every expert weight at each unshard and every
   expert gradient through a one-rank reduce-scatter (about 0.6 GB per layer each at the Qwen3-30B-A3B
-  shape): there the experts only become DTensors on that one-rank mesh, as FSDP2 would make them (one
-  optimizer still handles everything; the experts module computes with their local tensors);
+  shape): there the experts only become what they are, DTensors sharded over the ep ranks (Shard(0) on the
+  mesh, global shape [E, ...]; the experts module computes with their local tensors). Everything is then a
+  DTensor on the one mesh, so torch itself gets the whole model right: clip_grad_norm_ (Trainer's and
+  accelerate's clipping) reduces the experts' norms over the ep ranks, torch.distributed.checkpoint saves each
+  rank's experts (model and optimizer states) at their offsets, and one fused / foreach optimizer takes all;
 - gradients: FSDP averages the non-expert gradients over all ranks; an expert's gradient arrives summed
   over its ep group (the all-to-all backward) and divided by ep (GroupedExperts.expert_weight), and FSDP2
   averages it over dp_shard: every parameter ends up with the gradient of the mean of the per-rank losses.
@@ -47,7 +50,7 @@ def fully_shard_moe(model, mesh, **fsdp_kwargs):
     ignored = set()
     for experts in record.sharded:
         if expert_dp.size() == 1:
-            ignored |= _as_local_dtensors(experts, expert_dp)
+            ignored |= _as_ep_dtensors(experts, all_ranks)
         else:  # FSDP2 averages over dp_shard; the experts module already divided by ep (GroupedExperts.expert_weight)
             fully_shard(experts, mesh=expert_dp, **fsdp_kwargs)
     if ignored:
@@ -58,13 +61,13 @@ def fully_shard_moe(model, mesh, **fsdp_kwargs):
     return model
 
 
-def _as_local_dtensors(experts, one_rank_mesh) -> set:
-    """The experts' stacked parameters as DTensors on a one-rank mesh (same data, no copy); returned for
+def _as_ep_dtensors(experts, ep_mesh) -> set:
+    """The experts' stacked parameters as DTensors sharded over the ep ranks (same data, no copy); returned for
     FSDP2's ignored_params (it leaves them alone)."""
     params = set()
     for name in experts._ep[3]:
         old = experts._parameters[name]
-        new = torch.nn.Parameter(DTensor.from_local(old.data, one_rank_mesh, [Shard(0)], run_check=False),
+        new = torch.nn.Parameter(DTensor.from_local(old.data, ep_mesh, [Shard(0)], run_check=False),
                                  requires_grad=old.requires_grad)
         experts._parameters[name] = new
         params.add(new)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ..errors import MeshError, PatchError
 from ..ops.experts import GroupedExperts
-from . import dispatch, overlap
+from . import clip, dispatch, overlap
 
 
 def _ep_mesh(mesh):
@@ -101,10 +101,14 @@ def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=No
         module._ep = (group, rank, size, tuple(names))
         module._register_state_dict_hook(_gather_on_save)
         module._register_load_state_dict_pre_hook(_slice_on_load, with_module=True)
+        clip.register(module)  # torch's clip_grad_norm_ gives the global norm over every rank's experts
         # the all-to-all backward sums every rank's loss into an expert's gradient; DDP and FSDP average
         # the dense gradients, so the experts' are averaged too (scaled where the module takes its weights)
         module.grad_factor = 1.0 / size
     _ignore_in_ddp(model, blocks)
+    from . import trainer  # Trainer's own clipping, saving and resuming with these experts (trainer.py)
+
+    trainer.install()
     pairs = overlap.install(model, record) if shared_overlap else {}
     for row in rows:
         row.replacement += f" + ep{size}/{dispatcher}"
@@ -121,11 +125,14 @@ def _ignore_in_ddp(model, blocks):
     model._ddp_params_and_buffers_to_ignore = sorted(set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | names)
 
 
-def gather_experts(local, group, size):
-    """All ranks' expert blocks of one tensor (this rank's `local`, a DTensor under fully_shard_moe) as one
-    whole [experts, ...] tensor, in rank order. A collective over the ep group."""
-    if hasattr(local, "full_tensor"):  # under fully_shard_moe: this rank's experts, sharded over dp_shard
+def gather_experts(local, group, size, num_global=None):
+    """All ranks' expert blocks of one tensor (this rank's `local`) as one whole [experts, ...] tensor, in rank
+    order. A collective over the ep group. Under fully_shard_moe `local` is a DTensor: sharded over the ep ranks
+    (1-D mesh: its full tensor is already whole) or over dp_shard (then gathered over ep as well)."""
+    if hasattr(local, "full_tensor"):
         local = local.full_tensor()
+        if local.shape[0] == num_global:
+            return local
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local.contiguous(), group=group)
     return torch.cat(parts)
@@ -133,19 +140,20 @@ def gather_experts(local, group, size):
 
 def local_experts(full, param, rank, size):
     """This rank's block of a whole [experts, ...] tensor, in the layout of `param`: a plain tensor, or under
-    fully_shard_moe a DTensor like the parameter (FSDP2 copies into DTensors; each rank keeps its own data)."""
-    block = _block(full, rank, size).contiguous()
-    if hasattr(param, "device_mesh") and not hasattr(block, "device_mesh"):
+    fully_shard_moe a DTensor like the parameter (each rank takes its part of the whole tensor it holds)."""
+    if hasattr(param, "device_mesh") and not hasattr(full, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
 
-        block = distribute_tensor(block, param.device_mesh, param.placements, src_data_rank=None)
-    return block
+        whole = param.shape[0] == full.shape[0]  # sharded over the ep ranks: the DTensor's global shape is whole
+        return distribute_tensor(full if whole else _block(full, rank, size).contiguous(), param.device_mesh,
+                                 param.placements, src_data_rank=None)
+    return _block(full, rank, size).contiguous()
 
 
 def _gather_on_save(module, state_dict, prefix, local_metadata):
     group, rank, size, names = module._ep
     for name in names:
-        state_dict[prefix + name] = gather_experts(state_dict[prefix + name], group, size)
+        state_dict[prefix + name] = gather_experts(state_dict[prefix + name], group, size, module.num_global_experts)
     return state_dict
 
 

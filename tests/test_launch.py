@@ -1,0 +1,147 @@
+"""Expert parallelism from the launcher with an unmodified Trainer script (tests/trainer_script.py), against the
+stock single-process run on the concatenated batch: losses and gradient norms step for step (Trainer's own
+max_grad_norm clipping active), Trainer's own checkpoints, and resume_from_checkpoint continuing exactly."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(__file__)
+SCRIPT = os.path.join(HERE, "trainer_script.py")
+MAX_GRAD_NORM = 0.5  # trainer_script.py's
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_PATCH")}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def run(out, *args, nproc=1, **env):
+    prefix = [sys.executable, SCRIPT] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), SCRIPT]
+    result = subprocess.run([*prefix, str(out), *map(str, args)], capture_output=True, text=True, env=_env(**env),
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    with open(os.path.join(out, "history.json")) as f:
+        history = json.load(f)
+    steps = {h["step"]: h for h in history["log"] if "loss" in h}
+    return steps, history["local_experts"], result
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def rel(a, b):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return ((a - b).norm() / b.norm()).item()
+
+
+def same_run(got, ref, loss_tol, norm_tol):
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert rel(got[step]["loss"], ref[step]["loss"]) < loss_tol, (step, got[step], ref[step])
+        assert rel(got[step]["grad_norm"], ref[step]["grad_norm"]) < norm_tol, (step, got[step], ref[step])
+
+
+@pytest.fixture(scope="module")
+def stock(tmp_path_factory):
+    """The reference: stock Transformers, one process, the whole batch (4 sequences per step)."""
+    out = tmp_path_factory.mktemp("stock")
+    steps, experts, _ = run(out, "--batch", 4, "--steps", 4)
+    assert experts == 8 and any(s["grad_norm"] > MAX_GRAD_NORM for s in steps.values())  # clipping is active
+    return out, steps
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_trainer_under_torchrun_expert_parallel(stock, tmp_path, nproc):
+    """MOE_PATCH=1 MOE_PATCH_EP=2 torchrun: 2 ranks (mesh ("ep",)) or 4 (mesh (dp=2, ep=2)), each with
+    4 / nproc sequences per step, equal to the stock run; its checkpoint-2 resumes into the same steps 3-4
+    (2 ranks)."""
+    stock_out, ref = stock
+    out = tmp_path / "ep"
+    steps, experts, _ = run(out, "--batch", 4 // nproc, "--steps", 4, "--save-steps", 2, nproc=nproc,
+                            MOE_PATCH="1", MOE_PATCH_EP="2")
+    assert experts == 4  # 8 experts over ep=2
+    same_run(steps, ref, 1e-5, 1e-4)  # the gradient norm is the global one: Trainer clipped by it
+    final, expected = weights(out / "final"), weights(stock_out / "final")  # trainer.save_model() under EP
+    assert final.keys() == expected.keys()
+    for name, value in expected.items():
+        assert rel(final[name], value) < 1e-4, name
+
+    # Trainer's own checkpoint: the standard format, and the optimizer state of every expert
+    ckpt = out / "checkpoint-2"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(ckpt)  # stock Transformers loads it
+    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
+    assert sorted({v["exp_avg"].shape[0] for v in optim.values() if v["exp_avg"].dim() == 3}) == [8]
+
+    if nproc == 4:  # resuming is the same code path on any mesh: 2 ranks test it (CI time)
+        return
+    resumed_out = tmp_path / "resumed"
+    resumed, _, _ = run(resumed_out, "--batch", 4 // nproc, "--steps", 4, "--resume", ckpt, nproc=nproc,
+                        MOE_PATCH="1", MOE_PATCH_EP="2")
+    same_run(resumed, steps, 1e-6, 1e-6)  # the run it resumes: the same processes, so the same numbers
+    resumed_final = weights(resumed_out / "final")
+    for name, value in final.items():
+        assert rel(resumed_final[name], value) < 1e-6, name
+
+
+def test_trainer_resume_one_process_exact(stock, tmp_path):
+    """Stock Trainer's resume does not restore fused experts (the checkpoint holds them per expert); with
+    moe_patch active (MOE_PATCH=1) it continues exactly as the uninterrupted run."""
+    _, ref = stock
+    steps, _, _ = run(tmp_path / "a", "--batch", 4, "--steps", 4, "--save-steps", 2, MOE_PATCH="1")
+    same_run(steps, ref, 1e-5, 1e-4)
+    resumed, _, _ = run(tmp_path / "b", "--batch", 4, "--steps", 4, "--resume", tmp_path / "a" / "checkpoint-2",
+                        MOE_PATCH="1")
+    same_run(resumed, steps, 1e-6, 1e-6)
+
+
+def test_ep_size_errors_before_any_change(monkeypatch):
+    """A size that cannot work is a one-line MeshError naming the value, and the model is left as it was."""
+    from moe_patch.errors import MeshError
+    from moe_patch.parallel import launch
+    from util import build
+
+    model = build("qwen3_moe")  # 8 experts per layer
+    before = list(model.modules())
+    for ep, world, words in (("3", "4", "does not divide the world size 4"), ("3", "6", "does not divide the 8 experts"),
+                             ("two", "2", "expected a positive integer"), ("0", "2", "expected a positive integer")):
+        monkeypatch.setenv("MOE_PATCH_EP", ep)
+        monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(MeshError, match=words) as info:
+            launch.apply(model)
+        assert "\n" not in str(info.value) and f"MOE_PATCH_EP={ep}" in str(info.value).replace("'", "")
+        assert list(model.modules()) == before and not hasattr(model, "_moe_patch")
+
+
+def test_load_state_dict_of_saved_checkpoint_every_family(tmp_path):
+    """What Trainer's resume does: torch's load_state_dict() of the file save_pretrained() wrote (the family's
+    checkpoint format, experts per expert; stock Transformers 5.24 leaves fused experts out): a patched model
+    takes it whole."""
+    import glob
+
+    import moe_patch
+    from safetensors.torch import load_file
+    from util import MOE_FAMILIES, build, rel_err
+
+    for family in MOE_FAMILIES:
+        saved = moe_patch.apply(build(family))
+        out = tmp_path / family
+        saved.save_pretrained(out)
+        state = {k: v for f in glob.glob(str(out / "*.safetensors")) for k, v in load_file(f).items()}
+        model = moe_patch.apply(build(family, seed=3))
+        result = model.load_state_dict(state, strict=False)
+        assert not result.unexpected_keys, (family, result.unexpected_keys[:3])
+        expected = saved.state_dict()
+        for name, value in model.state_dict().items():
+            assert rel_err(value, expected[name]) == 0, (family, name)

@@ -1,0 +1,56 @@
+"""An ordinary Hugging Face Trainer script, with nothing of moe_patch in it: the tests run it as stock
+(`python`), patched (`MOE_PATCH=1 python`) and expert-parallel (`MOE_PATCH=1 MOE_PATCH_EP=2 torchrun ...`).
+
+    python tests/trainer_script.py OUT --batch 4 --steps 4 [--save-steps 2] [--resume CKPT] [--trl]
+
+Writes OUT/history.json (rank 0: Trainer's log history) and OUT/final (trainer.save_model()).
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from util import build  # noqa: E402  (a tiny random Qwen3-MoE through AutoModelForCausalLM.from_config)
+
+
+class Data(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--save-steps", type=int, default=0)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--model", default="qwen3_moe")
+    args = parser.parse_args()
+
+    from transformers import Trainer, TrainingArguments
+
+    model = build(args.model)
+    training = TrainingArguments(
+        output_dir=args.out, per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-2,
+        lr_scheduler_type="linear", max_grad_norm=0.5, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+        dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=training, train_dataset=Data())
+    trainer.train(resume_from_checkpoint=args.resume)
+    trainer.save_model(os.path.join(args.out, "final"))
+    if trainer.is_world_process_zero():
+        experts = model.model.layers[0].mlp.experts  # what the test checks: how many experts this rank holds
+        with open(os.path.join(args.out, "history.json"), "w") as f:
+            json.dump({"log": trainer.state.log_history, "local_experts": experts.gate_up_proj.shape[0]}, f)
+
+
+if __name__ == "__main__":
+    main()
