@@ -179,17 +179,40 @@ def _propose_experts(module, backend, opts):
         return None, "", "gated experts without _apply_gate"
     if not flags["has_gate"] and not hasattr(module, "act_fn"):
         return None, "", "non-gated experts without act_fn"
+    key = _experts_key(module, flags)
+    why_not_te = ""
     if backend == "te":
-        gate, why = None, ""
+        gate, why_gate = None, ""
         if flags["has_gate"]:
             from .ops.te_gate import fused_swiglu  # lazy: only reached with TE usable on a GPU
 
             gate_up = module.gate_up_proj  # [E, 2 x width, hidden], or [E, hidden, 2 x width] when transposed
-            gate, why = fused_swiglu(module, gate_up.shape[-1 if flags["is_transposed"] else -2], _device(module))
+            gate, why_gate = fused_swiglu(module, gate_up.shape[-1 if flags["is_transposed"] else -2],
+                                          _device(module))
         label = "GroupedExperts(te permute, te swiglu, grouped_mm)" if gate is not None else \
             "GroupedExperts(te permute, grouped_mm)"
-        return (lambda m: experts.GroupedExperts.build(m, flags, "te", gate)), label, why
-    return (lambda m: experts.GroupedExperts.build(m, flags)), "GroupedExperts(grouped_mm)", ""
+        te_factory = (lambda m: experts.GroupedExperts.build(m, flags, "te", gate))
+        why = probe.experts_proven(module, te_factory, ("te", key, gate is not None), device=_device(module))
+        if why is None:
+            return te_factory, label, why_gate
+        why_not_te = f"TE grouped experts not proven equal to {name}: {why}"
+    # proven on a small throw-away copy, as the model's own experts module computes it (probe.py)
+    factory = (lambda m: experts.GroupedExperts.build(m, flags))
+    why = probe.experts_proven(module, factory, ("torch", key), device=_device(module))
+    if why is not None:
+        return None, "", "; ".join(r for r in (why_not_te, f"GroupedExperts not proven equal to {name}: {why}") if r)
+    return factory, "GroupedExperts(grouped_mm)", why_not_te
+
+
+def _experts_key(module, flags) -> str:
+    """What the experts proof depends on besides the class: the layout flags, the scalar attributes (clamp
+    limits, activation names, the experts implementation in use) and the widths."""
+    scalars = sorted((k, v) for k, v in vars(module).items()
+                     if isinstance(v, (bool, int, float, str)) and not k.startswith("_"))
+    impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    widths = [tuple(p.shape[1:]) for p in module.parameters(recurse=False)]
+    act = type(getattr(module, "act_fn", None)).__name__
+    return repr((sorted(flags.items()), scalars, impl, widths, act))
 
 
 def _propose_linear(module, backend, opts):

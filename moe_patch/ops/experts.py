@@ -34,10 +34,13 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     """x [S, in] sorted by group, w [G, in, out], offs [G] int32 cumulative ends -> [S, out]."""
     w = w.to(x.dtype) if w.dtype != x.dtype else w
     bf16_only = x.device.type == "cuda" or torch.compiler.is_compiling()  # CUDA kernel / fake kernel
+    # the backward runs grouped_mm on the output's gradient [S, out] too: its rows must be aligned as well
+    out_aligned = w.shape[-1] * x.element_size() % 16 == 0
     if (hasattr(F, "grouped_mm") and (x.dtype == torch.bfloat16 or not bf16_only) and x.shape[0] > 0
-            and _aligned(x) and _aligned(w)):
+            and _aligned(x) and _aligned(w) and out_aligned):
         return F.grouped_mm(x, w, offs=offs)
-    # Per-group loop: grouped_mm is bf16-only on CUDA and under torch.compile, needs aligned operands, and
+    # Per-group loop: grouped_mm is bf16-only on CUDA and under torch.compile, needs aligned operands (the
+    # output's gradient included: odd expert widths are not), and
     # an empty batch still has to touch the weights so that every rank produces a (zero) gradient for them.
     outs, start = [], 0
     for g, end in enumerate(offs.tolist()):
