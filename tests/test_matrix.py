@@ -28,9 +28,9 @@ _INDEXER = ("attention applied alone: logits rel. error 5e-2..1e-1 at seq 14 > i
 KNOWN_WRONG = {
     "deepseek_v32": _INDEXER,
     "glm_moe_dsa": _INDEXER,
-    "axk2": "attention applied alone: logits rel. error 5.6e-2 (issue 17 case 1 or 5: the renamed implementation)",
-    "dots3_note": "attention applied alone: logits rel. error 4.7e-2 (issue 17 case 1 or 5: the renamed implementation)",
-    "inkling": "loss applied alone: 5.5967 against stock 5.5468, gradients 23x (issue 17 case 2: logits_mup multiplier)",
+    "axk2": "attention applied alone: logits rel. error 5.6e-2 (issue 17 case 1 or 5: a renamed implementation)",
+    "dots3_note": "attention applied alone: logits rel. error 4.7e-2 (issue 17 case 1 or 5: renamed implementation)",
+    "inkling": "loss applied alone: 5.5967 against stock 5.5468, grads 23x (issue 17 case 2: logits_mup multiplier)",
 }
 
 
