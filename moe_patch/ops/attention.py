@@ -289,7 +289,8 @@ def prove(model, module) -> str | None:
         dtype = torch.float32  # CPU half-precision SDPA is slow and not what a GPU runs
     found = switches(module)
     seq = max([16] + [v + 8 for v in found.values()])
-    shape = tuple(getattr(module.config, n, None) for n in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    # the module's own weight shapes, not config fields: per-layer (heterogeneous) configs raise on global reads
+    shape = tuple(tuple(p.shape) for p in module.parameters())
     key = (type(module), tuple(sorted(found.items())), str(device), dtype, shape, getattr(module, "head_dim", None))
     if key in _PROOFS:
         return _PROOFS[key]
