@@ -7,7 +7,7 @@
 
 Attributes load lazily (PEP 562) so that the start-up bootstrap (moe_patch.auto) never imports torch.
 """
-__version__ = "0.7.1"
+__version__ = "0.8.0"
 
 _ENGINE = ("apply", "is_patched", "plan_report", "report", "revert")
 _ERRORS = ("PatchError", "BackendUnavailableError", "MeshError", "UnsupportedModelError")
