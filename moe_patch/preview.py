@@ -44,7 +44,7 @@ def _label(row: Row, backend: str, target: torch.device, caps) -> tuple[str, str
     """(replacement, what the GPU proves first) of a row the plan here patches, on the target machine."""
     gpu = target.type == "cuda"
     if row.kind == "attention":
-        label = f"{attention.NAME} {attention.describe(target)}"
+        label = attention.describe(target)  # the kernel priority the module's hooks set there
         if backend == "liger":
             return f"{label} + Liger RoPE", _proven_there("Liger RoPE", "the family's RoPE")
         return label, ""
