@@ -69,7 +69,11 @@ def suspended():
 def _patch(model):
     from .parallel import launch
 
-    launch.check(model)  # MOE_PATCH_EP: a size that cannot work raises here (one line), before any change
+    try:
+        launch.check(model)  # MOE_PATCH_EP: a size that cannot work stops here, before any change
+    except Exception as exc:  # the user's launch setting: one line and exit status 2, not a traceback per rank
+        print(f"moe_patch: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     try:
         import moe_patch
 

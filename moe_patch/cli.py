@@ -436,7 +436,7 @@ def main(argv=None) -> int:
         if args.traceback:
             raise
         print(f"moe-patch {args.command}: unexpected error (a bug: please report it with `moe-patch env`; "
-              f"--traceback shows where): {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+              f"`moe-patch --traceback {args.command} ...` shows where): {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
         return 1
 
 

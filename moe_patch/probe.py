@@ -216,16 +216,17 @@ class _StubDecoder(nn.Module):
 
 
 def _num_experts(model) -> int | None:
-    """Experts per MoE layer, read off the model (a fused 3D experts module, else the config)."""
-    for module in model.modules():
-        params3d = [p for p in module.parameters(recurse=False) if p.dim() == 3]
-        if len(params3d) >= 2 and len({p.shape[0] for p in params3d}) == 1:
-            return params3d[0].shape[0]
+    """Experts per MoE layer, as the model's aux loss counts them: the config's count first (an expert-parallel
+    model's experts modules hold only this rank's experts), else a fused 3D experts module's."""
     for c in _configs(model.config):
         for attr in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
             value = vars(c).get(attr)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
+    for module in model.modules():
+        params3d = [p for p in module.parameters(recurse=False) if p.dim() == 3]
+        if len(params3d) >= 2 and len({p.shape[0] for p in params3d}) == 1:
+            return params3d[0].shape[0]
     return None
 
 
@@ -334,7 +335,7 @@ def fused_loss_unproven(model, make_fused, cls=None) -> str | None:
 # --- experts -------------------------------------------------------------------------------------------------
 
 EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-PROBE_EXPERTS = 4  # experts in the throw-away copy: the map is the same per expert, so a few prove it
+PROBE_EXPERTS = 3  # experts in the throw-away copy: the map is the same per expert, so a few prove it
 
 
 def _small_experts_copy(module: nn.Module, device, dtype) -> nn.Module:
@@ -368,21 +369,34 @@ def _three_d(module):
     return {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
 
 
+def _experts_proof_dtypes(module: nn.Module, device) -> list:
+    """(dtype, routing-weights dtype) pairs the experts proof runs: fp32 always (the map itself); bf16 with
+    bf16 and fp32 routing weights on a GPU, or where the module's own weights are half precision. An fp32 CPU
+    module (a model planned on CPU or on the meta device) skips bf16: CPU bf16 grouped GEMMs are not the GPU's
+    kernels, and at real widths (Mixtral: 4096 x 14336) the extra passes cost GBs of memory and tens of
+    seconds; apply() on the GPU proves bf16 there."""
+    pairs = [(torch.float32, torch.float32)]
+    half = any(p.dtype in (torch.bfloat16, torch.float16) for p in module.parameters())
+    if torch.device(device).type == "cuda" or half:
+        pairs += [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
+    return pairs
+
+
 def experts_proven(module: nn.Module, factory, key, device="cpu") -> str | None:
     """None if `factory(copy)` computes what the family's own experts module computes, else the reason.
 
     The family's module (as configured: Transformers' experts implementation in use included) and the
     replacement run on one small copy (_small_experts_copy) with the same Parameter objects, on routed
     tokens that hit every expert but one (an empty group), top-k without repeats, in fp32 (relative error
-    < 1e-5 outputs, < 1e-4 gradients of the hidden states, the routing weights and every parameter) and in
-    bf16 with bf16 and with fp32 routing weights (< 2e-2). Cached per (class, key, device)."""
+    < 1e-5 outputs, < 1e-4 gradients of the hidden states, the routing weights and every parameter) and, on a
+    GPU or for half-precision weights, in bf16 with bf16 and with fp32 routing weights (< 2e-2; see
+    _experts_proof_dtypes). Cached per (class, key, device)."""
     cache_key = (type(module), "experts", key, str(device))
     if cache_key in _CACHE:
         return _CACHE[cache_key]
     reason = None
     try:
-        for dtype, weights_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                     (torch.bfloat16, torch.float32)):
+        for dtype, weights_dtype in _experts_proof_dtypes(module, device):
             stock = _small_experts_copy(module, device, dtype)
             new = factory(stock)  # adopts the copy's parameters
             try:

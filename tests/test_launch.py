@@ -67,9 +67,12 @@ def test_trainer_under_torchrun_expert_parallel(stock, tmp_path, nproc):
     (2 ranks)."""
     stock_out, ref = stock
     out = tmp_path / "ep"
-    steps, experts, _ = run(out, "--batch", 4 // nproc, "--steps", 4, "--save-steps", 2, nproc=nproc,
-                            MOE_PATCH="1", MOE_PATCH_EP="2")
+    steps, experts, result = run(out, "--batch", 4 // nproc, "--steps", 4, "--save-steps", 2, nproc=nproc,
+                                 MOE_PATCH="1", MOE_PATCH_EP="2")
     assert experts == 4  # 8 experts over ep=2
+    # the fused loss stays on under EP, also after Trainer changes the config (its proof once counted this
+    # rank's 4 experts where the aux loss counts the config's 8, and fell back to the stock loss)
+    assert "fused loss is not used" not in result.stderr, result.stderr[-2000:]
     same_run(steps, ref, 1e-5, 1e-4)  # the gradient norm is the global one: Trainer clipped by it
     final, expected = weights(out / "final"), weights(stock_out / "final")  # trainer.save_model() under EP
     assert final.keys() == expected.keys()
@@ -145,3 +148,18 @@ def test_load_state_dict_of_saved_checkpoint_every_family(tmp_path):
         expected = saved.state_dict()
         for name, value in model.state_dict().items():
             assert rel_err(value, expected[name]) == 0, (family, name)
+
+
+def test_bad_ep_size_from_the_environment_is_one_line_exit_2():
+    """`MOE_PATCH=1 MOE_PATCH_EP=3` with 2 processes: the script stops at model creation with one line on stderr
+    and exit status 2 (a traceback from every rank before)."""
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from util import build\n"
+            "build('qwen3_moe')\n"
+            "print('not reached')\n") % HERE
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env=_env(MOE_PATCH="1", MOE_PATCH_EP="3", WORLD_SIZE="2"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "not reached" not in result.stdout
+    lines = [x for x in result.stderr.splitlines() if "MOE_PATCH_EP=3" in x]
+    assert len(lines) == 1 and "does not divide the world size 2" in lines[0], result.stderr
