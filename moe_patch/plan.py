@@ -316,9 +316,20 @@ def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
     plan.actions.append(Action(row, module, attention_impl=impl, rope=rope_label is not None))
 
 
+def _fused_loss_head(model: nn.Module, plan: Plan):
+    """The output embedding the planned fused loss will read, or None when the loss is not patched."""
+    if not any(r.kind == "loss" and r.status != "skipped" for r in plan.rows):
+        return None
+    try:
+        return model.get_output_embeddings()
+    except Exception:  # not a PreTrainedModel, or a family without output embeddings
+        return getattr(model, "lm_head", None)
+
+
 def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool) -> Plan:
     plan = Plan(supports_sdpa=supports_sdpa)
     _plan_loss(model, opts, plan)
+    fused_head = _fused_loss_head(model, plan)
     claimed: list[str] = []  # replaced modules' paths: their children belong to them
     for path, module in model.named_modules():
         if isinstance(module, Replacement) or any(path.startswith(c + ".") for c in claimed):
@@ -340,6 +351,11 @@ def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool) -> Plan:
 
         if kind == "attention":
             _plan_attention(model, module, row, backend, fallback_reason, plan)
+            continue
+        if kind == "linear" and module is fused_head:
+            # the fused loss runs only while lm_head is the plain nn.Linear it proved (ops/loss.py): a TELinear
+            # there would switch it off at the first forward while the report said "patched"
+            row.reason = "lm_head feeds the fused loss, which reads its weight: kept nn.Linear"
             continue
 
         factory, replacement, reason = PROPOSE[kind](module, backend, opts)

@@ -334,3 +334,17 @@ def test_a_backward_hook_on_lm_head_still_fires():
     with pytest.warns(RuntimeWarning, match="backward hooks"):
         _assert_same(stock, patched, ids, _labels(ids))
     assert seen["patched"] == seen["stock"] == 1
+
+
+def test_lm_head_feeding_the_fused_loss_is_kept_nn_linear():
+    """The fused loss runs only while lm_head is the plain nn.Linear it proved: the plan never swaps that
+    module for another kind (TE's Linear under fp8= would switch the loss off at run time while the report
+    said patched). With the loss off, lm_head is an ordinary linear row again."""
+    import moe_patch
+    from util import build
+
+    rows = moe_patch.plan_report(build("qwen3_moe"))
+    (head,) = [r for r in rows if r.path == "lm_head"]
+    assert head.kind == "linear" and head.status == "skipped" and "fused loss" in head.reason
+    (head,) = [r for r in moe_patch.plan_report(build("qwen3_moe"), loss=False) if r.path == "lm_head"]
+    assert "fused loss" not in head.reason
