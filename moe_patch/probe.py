@@ -429,7 +429,9 @@ def _compare_experts(stock, new, dtype, weights_dtype, device) -> str | None:
     g = torch.Generator().manual_seed(1)
     used = max(num - 1, top_k)  # the last expert gets no token where there are enough experts
     idx = torch.stack([torch.randperm(used, generator=g)[:top_k] for _ in range(tokens)])
-    x = torch.randn(tokens, _hidden_width(stock), generator=g)
+    # token scales from 0.1 to 10: small values and a trained model's large activations, where a value-dependent
+    # quirk of the family's forward (a clamp, a cap) shows
+    x = torch.randn(tokens, _hidden_width(stock), generator=g) * torch.logspace(-1, 1, tokens)[:, None]
     w = torch.rand(tokens, top_k, generator=g) + 0.1
     x, w, idx = x.to(device, dtype), w.to(device, weights_dtype), idx.to(device)
     params = [p for p in stock.parameters() if p.requires_grad]
