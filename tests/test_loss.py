@@ -234,18 +234,23 @@ def _same_adapter_weights(src, dst):
                 own[name].copy_(p)
 
 
+def _peft_pair(peft, config):
+    """The same adapter (same initial weights) on a stock model and on a patched copy, added after apply()."""
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    torch.manual_seed(3)
+    stock_peft, patched_peft = peft.get_peft_model(stock, config), peft.get_peft_model(patched, config)
+    _same_adapter_weights(stock_peft, patched_peft)
+    return stock_peft, patched_peft, patched
+
+
 def test_lora_on_lm_head_added_after_apply():
     """Patch, then PEFT LoRA on q_proj and lm_head: the fused loss is not the model's loss any more (it
     would read lm_head.weight and skip the adapter), so the stock path runs, with one warning; the lm_head
     LoRA weights get stock's (non-zero) gradients."""
     peft = pytest.importorskip("peft")
-    config = dict(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
-    stock = build("qwen3_moe")
-    patched = moe_patch.apply(copy.deepcopy(stock))
-    torch.manual_seed(3)
-    stock_lora = peft.get_peft_model(stock, peft.LoraConfig(**config))
-    patched_lora = peft.get_peft_model(patched, peft.LoraConfig(**config))
-    _same_adapter_weights(stock_lora, patched_lora)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    stock_lora, patched_lora, _ = _peft_pair(peft, config)
     ids = inputs(batch=2, seq=10)
     with pytest.warns(RuntimeWarning, match="lm_head is now"):
         _, grads = _assert_same(stock_lora, patched_lora, ids, _labels(ids))
@@ -267,11 +272,7 @@ def test_other_adapters_on_the_head(how):
     else:
         config = peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"lm_head": [3, 7, 11]},
                                  init_lora_weights=False)
-    stock = build("qwen3_moe")
-    patched = moe_patch.apply(copy.deepcopy(stock))
-    torch.manual_seed(3)
-    stock_peft, patched_peft = peft.get_peft_model(stock, config), peft.get_peft_model(patched, config)
-    _same_adapter_weights(stock_peft, patched_peft)
+    stock_peft, patched_peft, _ = _peft_pair(peft, config)
     ids = inputs(batch=2, seq=10)
     with pytest.warns(RuntimeWarning, match="lm_head"):
         _assert_same(stock_peft, patched_peft, ids, _labels(ids))
@@ -279,13 +280,8 @@ def test_other_adapters_on_the_head(how):
 
 def test_lora_on_attention_only_keeps_the_fused_loss():
     peft = pytest.importorskip("peft")
-    config = dict(r=4, target_modules=["q_proj"], init_lora_weights=False)
-    stock = build("qwen3_moe")
-    patched = moe_patch.apply(copy.deepcopy(stock))
-    torch.manual_seed(3)
-    stock_lora = peft.get_peft_model(stock, peft.LoraConfig(**config))
-    patched_lora = peft.get_peft_model(patched, peft.LoraConfig(**config))
-    _same_adapter_weights(stock_lora, patched_lora)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    stock_lora, patched_lora, patched = _peft_pair(peft, config)
     ids = inputs(batch=2, seq=10)
     _assert_same(stock_lora, patched_lora, ids, _labels(ids))
     assert patched.forward.stock_reason is None
