@@ -7,6 +7,7 @@ The Actions carry what swap.py needs; building them can fail, mutating the model
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -73,6 +74,17 @@ def _device(module: nn.Module) -> torch.device:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return t.device
     return torch.device("cpu")
+
+
+def _warn_unmatched_skip(model: nn.Module, skip) -> None:
+    """A skip glob that matches no module path is most likely a typo ('model.layer.*'): say so once."""
+    if callable(skip):
+        return
+    paths = [p for p, _ in model.named_modules()]
+    for pattern in skip:
+        if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
+            warnings.warn(f"moe_patch: skip pattern {pattern!r} matches no module of {type(model).__name__} "
+                          "(globs match module paths such as 'model.layers.0.mlp')", UserWarning, stacklevel=3)
 
 
 def _skipped_by_user(path: str, module: nn.Module, skip) -> str | None:
@@ -328,6 +340,7 @@ def _fused_loss_head(model: nn.Module, plan: Plan):
 
 def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool) -> Plan:
     plan = Plan(supports_sdpa=supports_sdpa)
+    _warn_unmatched_skip(model, opts.skip)
     _plan_loss(model, opts, plan)
     fused_head = _fused_loss_head(model, plan)
     claimed: list[str] = []  # replaced modules' paths: their children belong to them

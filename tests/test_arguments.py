@@ -56,3 +56,12 @@ def test_plan_report_checks_its_arguments_like_apply():
     with pytest.raises(moe_patch.PatchError, match="router must be True or False"):
         moe_patch.plan_report(model, router="off")
     assert moe_patch.plan_report(model, skip="lm_head").where(kind="loss")[0].reason == "matched skip pattern 'lm_head'"
+
+
+@pytest.mark.parametrize("pattern", ["[", "model.layer.*"])
+def test_a_skip_glob_matching_no_module_warns_once(pattern):
+    model = build("qwen3_moe")
+    with pytest.warns(UserWarning, match=r"skip pattern .* matches no module of Qwen3MoeForCausalLM") as record:
+        moe_patch.apply(model, skip=[pattern, "model.layers.0.*"])
+    assert len([w for w in record if "matches no module" in str(w.message)]) == 1  # the matching glob is quiet
+    assert moe_patch.report(model).where(path="model.layers.0.mlp.experts")[0].status == "skipped"
