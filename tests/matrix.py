@@ -146,6 +146,13 @@ OVERRIDES: dict = {
     # the sparse (QSA) indexer: all five fields or none; a budget below SEQ so that selection happens
     "qwen4_exp": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
                       indexer_compress_ratio=2),
+    # mlp_layer_types and the routed-expert sizes are None by default (read per layer / by the router)
+    "deepseek_ocr2": dict(mlp_layer_types=["dense", "sparse"], n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                          topk_group=1),
+    # stock's attention defaults have no rope_theta and clip_qkv=None (its forward clamps with both bounds None)
+    "dbrx": dict(n_layers=2, attn_config=dict(rope_theta=10000.0, clip_qkv=8.0), ffn_config=dict(moe_top_k=2)),
+    # (tested through its thinker) the audio encoder: 20 heads by default (head count is not a SHRINK attribute of audio towers)
+    "qwen3_omni_moe": dict(audio_config=dict(encoder_attention_heads=4, encoder_layers=1, encoder_ffn_dim=96)),
     # the audio tower's pyramid holds one entry per layer (4): keep 4 layers, shrink their widths
     "muse_spark": dict(audio_config=dict(num_hidden_layers=4, patch_sizes=[2, 2, 2, 2], hidden_sizes=[16, 16, 32, 64],
                                          depths=[1, 1, 1, 1])),
@@ -153,7 +160,6 @@ OVERRIDES: dict = {
 
 # Families that cannot be built tiny or fed text, with the reason. test_matrix fails on an entry the enumeration
 # no longer finds; a family it finds that is not here is tested (and fails until it builds or is listed here).
-_NO_GENERIC = "its default configuration does not shrink generically and no tiny override is written yet: "
 EXCLUDED: dict = {
     # not a text model: nothing to feed input_ids to, no language-model loss
     "vitpose_backbone": "vision backbone (pose estimation): no text input, no auto class with a head",
@@ -161,13 +167,8 @@ EXCLUDED: dict = {
     # encoder-decoder: the matrix feeds decoder-only input (input_ids, labels); these need decoder inputs
     "nllb_moe": "encoder-decoder (needs decoder_input_ids): not covered by the decoder-only matrix yet",
     "switch_transformers": "encoder-decoder (needs decoder_input_ids): not covered by the decoder-only matrix yet",
-    # stock cannot be built from its own defaults
-    "dbrx": "stock DbrxAttentionConfig() has no rope_theta: the stock model cannot be built from its defaults",
     "diffusion_gemma": "diffusion language model: forward(input_ids, labels) returns no loss (needs its own "
                        "noising inputs); its tiny build is in OVERRIDES",
-    # build fails or is too large with the generic shrink (a per-family OVERRIDES entry would bring it in)
-    "deepseek_ocr2": _NO_GENERIC + "its SAM vision tower keeps its full size (the build ran past 600 s)",
-    "qwen3_omni_moe": _NO_GENERIC + "its audio encoder keeps 20 heads over a 64-wide embedding",
 }
 
 
@@ -212,18 +213,28 @@ def tiny_config(pkg: str):
     _, cls_name = model_class_name(pkg)
     import transformers
 
+    def shrunk(config) -> dict:  # this level's changes, and every nested sub-configuration's, as a dict
+        out = _changes(config.to_dict(), type(config))
+        for key, value in vars(config).items():
+            if isinstance(value, PreTrainedConfig):
+                out[key] = {**value.to_dict(), **shrunk(value)}
+        return out
+
     config_class = getattr(transformers, cls_name).config_class
-    defaults = config_class()
-    kwargs = _changes(defaults.to_dict(), config_class)
-    for key, value in vars(defaults).items():
-        if isinstance(value, PreTrainedConfig):
-            kwargs[key] = {**value.to_dict(), **_changes(value.to_dict(), type(value))}
+    kwargs = shrunk(config_class())
     override = OVERRIDES.get(pkg, {})
     if isinstance(override, dict):
         text_key = next((k for k in ("text_config", "language_config") if isinstance(kwargs.get(k), dict)), None)
+        def merge(into: dict, changes: dict) -> None:  # a dict given for a sub-configuration merges into it
+            for key, value in changes.items():
+                if isinstance(value, dict) and isinstance(into.get(key), dict) and key != "rope_parameters":
+                    merge(into[key], value)
+                else:
+                    into[key] = value
+
         for key, value in override.items():
-            if isinstance(value, dict) and isinstance(kwargs.get(key), dict):  # a sub-configuration's entry
-                kwargs[key].update(value)
+            if isinstance(value, dict) and isinstance(kwargs.get(key), dict) and key != "rope_parameters":
+                merge(kwargs[key], value)  # a sub-configuration's entries
             else:
                 (kwargs[text_key] if text_key else kwargs)[key] = value
     cfg = config_class(**kwargs)
