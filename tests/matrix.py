@@ -151,6 +151,9 @@ OVERRIDES: dict = {
                           topk_group=1),
     # stock's attention defaults have no rope_theta and clip_qkv=None (its forward clamps with both bounds None)
     "dbrx": dict(n_layers=2, attn_config=dict(rope_theta=10000.0, clip_qkv=8.0), ffn_config=dict(moe_top_k=2)),
+    # encoder-decoder: both stacks shrunk (their layer counts are not SHRINK attributes)
+    "switch_transformers": dict(decoder_start_token_id=0, num_decoder_layers=2),  # its label shift reads the id
+    "nllb_moe": dict(encoder_layers=2, decoder_layers=2),
     # (tested through its thinker) the audio encoder: 20 heads by default (head count is not a SHRINK attribute of audio towers)
     "qwen3_omni_moe": dict(audio_config=dict(encoder_attention_heads=4, encoder_layers=1, encoder_ffn_dim=96)),
     # the audio tower's pyramid holds one entry per layer (4): keep 4 layers, shrink their widths
@@ -164,9 +167,6 @@ EXCLUDED: dict = {
     # not a text model: nothing to feed input_ids to, no language-model loss
     "vitpose_backbone": "vision backbone (pose estimation): no text input, no auto class with a head",
     "nemotron3_5_transcribe": "speech recognition (audio input, CTC-style head): no text-in causal LM",
-    # encoder-decoder: the matrix feeds decoder-only input (input_ids, labels); these need decoder inputs
-    "nllb_moe": "encoder-decoder (needs decoder_input_ids): not covered by the decoder-only matrix yet",
-    "switch_transformers": "encoder-decoder (needs decoder_input_ids): not covered by the decoder-only matrix yet",
     "diffusion_gemma": "diffusion language model: forward(input_ids, labels) returns no loss (needs its own "
                        "noising inputs); its tiny build is in OVERRIDES",
 }
@@ -291,12 +291,18 @@ def _logits(out):
     return getattr(out, "logits", None) if not isinstance(out, tuple) else out[0]
 
 
+def _decoder_inputs(model, ids) -> dict:
+    """Encoder-decoder families also get decoder_input_ids (the same tokens) where no labels are given;
+    with labels they shift the labels themselves, as in training."""
+    return dict(decoder_input_ids=ids) if getattr(model.config, "is_encoder_decoder", False) else {}
+
+
 def _run(model, ids, labels):
     model.train()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)  # the same draws on both sides (router jitter)
     with torch.no_grad():
-        logits = _logits(model(input_ids=ids, use_cache=False))
+        logits = _logits(model(input_ids=ids, use_cache=False, **_decoder_inputs(model, ids)))
     torch.manual_seed(0)
     out = model(input_ids=ids, labels=labels, use_cache=False)
     out.loss.backward()
@@ -352,7 +358,8 @@ def check(pkg: str, diagnose: bool = True) -> dict:
     stock = build(pkg)
     vocab = min(stock.get_input_embeddings().num_embeddings, VOCAB)
     with torch.no_grad():
-        classes = _logits(stock(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=False)).shape[-1]
+        zeros = torch.zeros(1, 2, dtype=torch.long)
+        classes = _logits(stock(input_ids=zeros, use_cache=False, **_decoder_inputs(stock, zeros))).shape[-1]
     ids, labels = _inputs(vocab, classes)
     patched = copy.deepcopy(stock)
     moe_patch.apply(patched)
