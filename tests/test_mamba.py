@@ -85,6 +85,78 @@ def test_load_bare_reports_a_submodule_that_needs_the_extension(tmp_path, monkey
             del sys.modules[name]
 
 
+# --- routing and proof on CPU, with the family's own scan standing in for the kernel ---------------------------
+
+def _stand_in_kernel(drop_d=False):
+    """mamba_chunk_scan_combined's signature over the family's PyTorch scan (output in the input's dtype, as the
+    kernel returns it); drop_d: a wrong kernel that forgets the D skip connection."""
+    family = importlib.import_module(FAMILY)
+    scan = mamba_ssd._ORIGINAL.get((FAMILY, "mamba2_chunk_scan"), family.mamba2_chunk_scan)
+
+    def kernel(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+               cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False,
+               return_varlen_states=False):
+        assert initial_states is None and not return_final_states and z is None
+        return scan(x, dt, A, B, C, chunk_size, D=None if drop_d else D, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                    dt_limit=dt_limit).to(x.dtype)
+
+    return kernel
+
+
+@pytest.fixture
+def cpu_kernel(monkeypatch):
+    monkeypatch.setattr(mamba_ssd, "KERNEL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(mamba_ssd, "_PROOFS", {})
+
+    def use(kernel):
+        monkeypatch.setitem(mamba_ssd._KERNEL, "result", (kernel, ""))
+
+    return use
+
+
+def test_routing_only_the_patched_mixer_and_back(cpu_kernel):
+    cpu_kernel(_stand_in_kernel())
+    family = importlib.import_module(FAMILY)
+    original = family.mamba2_chunk_scan
+    model = _model()
+    stock, other = copy.deepcopy(model), copy.deepcopy(model)
+    moe_patch.apply(model)
+    (row,) = moe_patch.report(model).where(kind="mamba")
+    assert row.status == "patched" and row.backend == "mamba_ssm", row
+    assert family.mamba2_chunk_scan is not original
+    ids = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(0))
+    calls = mamba_ssd.CALLS["kernel"]
+    loss = model(input_ids=ids, labels=ids).loss
+    assert mamba_ssd.CALLS["kernel"] == calls + 1  # one Mamba2 layer in the tiny model
+    assert rel_err(loss, stock(input_ids=ids, labels=ids).loss) < 1e-6
+    other(input_ids=ids, labels=ids)  # an unpatched model in the same process: the family's own scan
+    assert mamba_ssd.CALLS["kernel"] == calls + 1
+    model.gradient_checkpointing_enable()
+    model(input_ids=ids, labels=ids).loss.backward()  # the recompute in backward is routed too
+    assert mamba_ssd.CALLS["kernel"] == calls + 3
+    assert mamba_ssd._ACTIVE.get() is None
+    reason = "initial or final SSM state (a cache): the proof covers training calls without one"
+    before = mamba_ssd.FALLBACKS.get(reason, 0)
+    with torch.no_grad():
+        model.eval().generate(ids[:1, :12], max_new_tokens=2, do_sample=False)
+    assert mamba_ssd.FALLBACKS.get(reason, 0) > before  # a cache: the family's scan ran, counted with its reason
+    moe_patch.revert(model)
+    mixer = model.model.layers[0].mixer
+    assert family.mamba2_chunk_scan is original
+    assert mamba_ssd._MARK not in mixer.__dict__ and not mixer._forward_hooks and not mixer._forward_pre_hooks
+
+
+def test_proof_rejects_a_wrong_kernel(cpu_kernel):
+    cpu_kernel(_stand_in_kernel(drop_d=True))
+    family = importlib.import_module(FAMILY)
+    original = family.mamba2_chunk_scan
+    model = _model()
+    moe_patch.apply(model)
+    (row,) = moe_patch.report(model).where(kind="mamba")
+    assert row.status == "skipped" and "not proven equal" in row.reason and "float32" in row.reason, row
+    assert family.mamba2_chunk_scan is original
+
+
 # --- GPU ------------------------------------------------------------------------------------------------------
 
 def _need_kernel():

@@ -57,6 +57,7 @@ _USERS: dict = {}  # (python module name, function name) -> number of marked mix
 FALLBACKS: dict = {}  # reason -> calls of a marked mixer that ran the family's own scan
 CALLS = {"kernel": 0}  # scan calls that ran the kernel (the proof checks that its routed forward used it)
 _KERNEL: dict = {}  # cache of load_kernel()
+KERNEL_DEVICES = ("cuda",)  # where the kernel runs (Triton); CPU tests stand a reference in for it on "cpu"
 NOT_ON_CPU = "mamba-ssm's SSD kernels are Triton (CUDA only): the family's PyTorch scan stays on this device"
 ON_GPU_PREVIEW = ("on a GPU with mamba-ssm installed (moe_patch[mamba]): mamba-ssm's Triton SSD scan where apply() "
                   "proves it there, else the family's PyTorch scan")
@@ -131,7 +132,7 @@ def _why_not_here(mark, hidden_states, chunk_size, initial_states, dt_limit, dt_
         return "initial or final SSM state (a cache): the proof covers training calls without one"
     if kwargs.get("seq_idx") is not None or kwargs.get("cu_seqlens") is not None:
         return "packed sequences (seq_idx / cu_seqlens)"
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.device.type != "cuda":
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.device.type not in KERNEL_DEVICES:
         return "tensors not on a CUDA device (the kernel is Triton)"
     if hidden_states.dtype not in mark["dtypes"]:
         return f"{hidden_states.dtype} not proven at plan time"
@@ -260,7 +261,7 @@ def why_not(module, fn_name: str, device) -> str | None:
             return f"mixer has no {attr}"
     if stock_uses_package(fn):
         return "Transformers already runs mamba-ssm's kernels for this family (mamba-ssm fully installed): kept"
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type not in KERNEL_DEVICES:
         return NOT_ON_CPU
     kernel, why = load_kernel()
     return why or None
