@@ -95,7 +95,11 @@ def load_bare(package: str, submodule: str):
 def load_kernel():
     """(mamba_chunk_scan_combined, "") or (None, why not). Cached."""
     if "result" not in _KERNEL:
-        if importlib.util.find_spec(PACKAGE) is None:
+        try:
+            found = importlib.util.find_spec(PACKAGE) is not None
+        except (ImportError, ValueError):  # blocked (sys.modules entry None) or a broken install
+            found = False
+        if not found:
             _KERNEL["result"] = (None, "mamba-ssm is not installed (pip install 'moe_patch[mamba]'; its Triton "
                                        "kernels need no CUDA build: MAMBA_SKIP_CUDA_BUILD=TRUE)")
         else:
