@@ -7,10 +7,13 @@
 --shapes (all, or a comma list of shape names) runs every shape of SWEEP at its layers and micro-batch, each with
 stock (the family's default attention), stock-best (stock with the fastest attention Transformers offers the
 family, where that is not the default: BEST_ATTENTION) and patched, and prints one table over all shapes.
+For a family with Mamba2 mixers (MAMBA_FAMILIES) where mamba-ssm is installed, stock-nomamba runs stock with
+mamba-ssm and causal-conv1d hidden from Transformers, so the table shows both stock rows: what a pip install of
+those libraries gives stock by itself, and what moe_patch adds. The "scan" column says which scan stock ran.
 
 Random weights, bf16, fused AdamW, the same random tokens for every variant. Prints tokens/s, TFLOP/s
 (6 x active parameters per token + causal attention), peak GiB and fwd / bwd / optimizer ms (medians).
-Variants: stock | stock-best (BEST_ATTENTION's implementation) | patched (moe_patch.apply, backend auto) | patched-torch (backend="torch") |
+Variants: stock | stock-nomamba (stock, mamba-ssm / causal-conv1d not importable) | stock-best (BEST_ATTENTION's implementation) | patched (moe_patch.apply, backend auto) | patched-torch (backend="torch") |
 patched-noloss (backend auto, loss=False: the stock lm_head + cross-entropy) |
 patched-torchloss (backend auto, the loss on moe_patch's chunked torch kernel, as auto picks on GPU) |
 patched-ligerloss (backend auto, but the loss on Liger's fused linear cross-entropy) |
@@ -40,6 +43,31 @@ SWEEP = {"qwen3-30b-a3b": (8, 4), "deepseek-v3-style": (4, 4), "nemotron-3-nano-
 # model type -> the fastest attention implementation stock Transformers supports for it on a GPU, where that is
 # not its default (GPT-OSS defaults to eager: SDPA cannot apply its sinks; flex_attention can)
 BEST_ATTENTION = {"gpt_oss": "flex_attention"}
+# model type -> (python module of the family, its Mamba2 scan function): families whose stock path changes with
+# mamba-ssm installed
+MAMBA_FAMILIES = {"nemotron_h": ("transformers.models.nemotron_h.modeling_nemotron_h", "mamba2_chunk_scan")}
+MAMBA_LIBRARIES = ("mamba_ssm", "causal_conv1d")
+
+
+def mamba_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mamba_ssm") is not None
+
+
+def scan_in_use(model_type: str) -> str | None:
+    """Which chunked scan the family's stock mixer calls here: 'mamba-ssm' where Transformers bound it to the
+    package, 'pytorch' for its reference scan; None for a family without Mamba2 mixers."""
+    if model_type not in MAMBA_FAMILIES:
+        return None
+    import importlib
+
+    from moe_patch.ops import mamba_ssd
+
+    modname, fn_name = MAMBA_FAMILIES[model_type]
+    fn = getattr(importlib.import_module(modname), fn_name)
+    fn = mamba_ssd._ORIGINAL.get((modname, fn_name), fn)  # under moe_patch: what stock had
+    return "mamba-ssm" if mamba_ssd.stock_uses_package(fn) else "pytorch"
 
 
 def active_params(model, config) -> float:
@@ -63,6 +91,9 @@ def attention_flops_per_token(config, seq) -> float:
 
 
 def child(args) -> dict:
+    if args.child == "stock-nomamba":  # before Transformers is imported: it looks the libraries up at import
+        for name in MAMBA_LIBRARIES:
+            sys.modules[name] = None  # `import mamba_ssm` raises ImportError
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -78,7 +109,7 @@ def child(args) -> dict:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
                                                  **({"attn_implementation": attn} if attn else {}))
     info = {"attention": model.config._attn_implementation, "shape": args.shape, "layers": args.layers,
-            "batch": args.batch}
+            "batch": args.batch, "scan": scan_in_use(config.model_type)}
     if args.child.startswith("patched"):
         import moe_patch
 
@@ -93,6 +124,8 @@ def child(args) -> dict:
         info["report"] = moe_patch.report(model).summary()
         info["attention_rows"] = sorted({f"{r.status}: {r.replacement or r.reason}"
                                          for r in moe_patch.report(model).where(kind="attention")})
+        info["mamba_rows"] = sorted({f"{r.status}: {r.replacement} {r.reason}".strip()
+                                     for r in moe_patch.report(model).where(kind="mamba")})
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -104,6 +137,11 @@ def child(args) -> dict:
         trace = f"{args.trace}.{args.child}.json" if args.trace else None
         print(profile_step(model, opt, ids, args.profile, trace), file=sys.stderr)
     flops = (6 * active_params(model, config) + attention_flops_per_token(config, args.seq)) * tokens
+    if args.child.startswith("patched") and config.model_type in MAMBA_FAMILIES:
+        from moe_patch.ops import mamba_ssd
+
+        info["scan"] = f"mamba-ssm ({mamba_ssd.CALLS['kernel']} calls)" if mamba_ssd.CALLS["kernel"] else info["scan"]
+        info["mamba_fallbacks"] = dict(mamba_ssd.FALLBACKS)  # scan calls that ran the family's own scan, by reason
     return dict(variant=args.child, tokens_per_s=tokens / total, tflops=flops / total / 1e12,
                 gpu=torch.cuda.get_device_name(), torch=torch.__version__, **t, **info)
 
@@ -153,7 +191,9 @@ def sweep(args):
     results = []
     for name in names:
         layers, batch = SWEEP[name]
-        variants = ["stock"] + (["stock-best"] if NAMED[name][0] in BEST_ATTENTION else []) + ["patched"]
+        model_type = NAMED[name][0]
+        variants = (["stock-nomamba"] if model_type in MAMBA_FAMILIES and mamba_installed() else []) + ["stock"] + \
+            (["stock-best"] if model_type in BEST_ATTENTION else []) + ["patched"]
         for variant in variants:
             extra = ["--shape", name, "--layers", str(layers), "--batch", str(batch)]
             if variant != "patched":
@@ -175,8 +215,8 @@ def print_sweep(results, args):
     ok = [r for r in results if "error" not in r]
     print(f"\nseq {args.seq}, bf16, fused AdamW, {args.steps} timed steps after {args.warmup} "
           f"({ok[0]['gpu'] if ok else '?'}); speed-up and memory against stock's best attention for the family")
-    head = f"{'shape (layers)':<28} {'mb':>3} {'variant':<11} {'attention':<15} {'tokens/s':>9} {'TFLOP/s':>8} " \
-           f"{'peak GiB':>9} {'speed-up':>8} {'memory':>7} {'vs default':>10}"
+    head = f"{'shape (layers)':<28} {'mb':>3} {'variant':<13} {'attention':<15} {'scan':<10} {'tokens/s':>9} " \
+           f"{'TFLOP/s':>8} {'peak GiB':>9} {'speed-up':>8} {'memory':>7} {'vs default':>10}"
     print(head + "\n" + "-" * len(head))
     for r in results:
         same = [x for x in ok if x["shape"] == r["shape"]]
@@ -184,15 +224,24 @@ def print_sweep(results, args):
         best = next((x for x in same if x["variant"] == "stock-best"), default)
         label = f"{r['shape']} ({r.get('layers', SWEEP[r['shape']][0])})"
         if "error" in r:
-            print(f"{label:<28} {'':>3} {r['variant']:<11} FAILED (see stderr)")
+            print(f"{label:<28} {'':>3} {r['variant']:<13} FAILED (see stderr)")
             continue
         up = r["tokens_per_s"] / best["tokens_per_s"] if best else float("nan")
         mem = r["peak_gib"] / best["peak_gib"] if best else float("nan")
         vs_default = r["tokens_per_s"] / default["tokens_per_s"] if default else float("nan")
-        print(f"{label:<28} {r['batch']:>3} {r['variant']:<11} {r['attention']:<15} {r['tokens_per_s']:>9,.0f} "
-              f"{r['tflops']:>8.0f} {r['peak_gib']:>9.1f} {up:>7.2f}x {mem:>6.2f}x {vs_default:>9.2f}x")
+        scan = (r.get("scan") or "-").split(" (")[0]
+        print(f"{label:<28} {r['batch']:>3} {r['variant']:<13} {r['attention']:<15} {scan:<10} "
+              f"{r['tokens_per_s']:>9,.0f} {r['tflops']:>8.0f} {r['peak_gib']:>9.1f} {up:>7.2f}x {mem:>6.2f}x "
+              f"{vs_default:>9.2f}x")
     for r in ok:
-        print(f"{r['shape']:<22} {r['variant']:<11} loss " + " ".join(f"{x:.4f}" for x in r["losses"][:8]))
+        stock = next((x for x in ok if x["shape"] == r["shape"] and x["variant"] == "stock"), None)
+        diff = f"  (max |loss - stock| over {len(r['losses'])} steps: " \
+               f"{max(abs(a - b) for a, b in zip(r['losses'], stock['losses'])):.1e})" if stock and r is not stock else ""
+        print(f"{r['shape']:<22} {r['variant']:<13} loss " + " ".join(f"{x:.4f}" for x in r["losses"][:8]) + diff)
+    for r in ok:
+        if r.get("mamba_rows"):
+            print(f"{r['shape']:<22} mamba: " + "; ".join(r["mamba_rows"])[:400]
+                  + (f"; fallbacks {r['mamba_fallbacks']}" if r.get("mamba_fallbacks") else ""))
     for r in ok:
         if r.get("attention_rows"):
             print(f"{r['shape']:<22} attention: " + "; ".join(r["attention_rows"])[:300])

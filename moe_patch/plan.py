@@ -17,7 +17,7 @@ from torch import nn
 from . import backends, probe
 from .errors import PatchError
 from .families import tables
-from .ops import attention, experts, loss, rmsnorm, router, sink_attention
+from .ops import attention, experts, loss, mamba_ssd, rmsnorm, router, sink_attention
 from .ops.base import Replacement
 
 
@@ -52,6 +52,7 @@ class Options:
     experts: bool = True
     router: bool = True
     loss: bool = True
+    mamba: bool = True
     skip: tuple | Callable = ()
     backend: str | dict = "auto"
     fp8: str | None = None
@@ -106,6 +107,8 @@ def _three_d_params(module):
 
 def kind_of(module: nn.Module) -> str | None:
     cls = type(module)
+    if cls.__name__ in tables().mamba:
+        return "mamba"
     if hasattr(module, "has_gate") and hasattr(module, "is_transposed") or cls.__name__ in tables().experts:
         return "experts"
     params3d = _three_d_params(module)
@@ -299,6 +302,28 @@ def _plan_sink_attention(module, row, plan) -> None:
     plan.actions.append(Action(row, module, install=sink_attention.install))
 
 
+def _plan_mamba(module, row, plan) -> None:
+    """A Mamba2 mixer: its chunked scan on mamba-ssm's Triton SSD kernel where proven on this device against the
+    mixer's own forward (ops/mamba_ssd.py); the mixer module and its forward stay."""
+    fn_name = tables().mamba[type(module).__name__]
+    device = _device(module)
+    why = mamba_ssd.why_not(module, fn_name, device)
+    if why:
+        row.reason = why
+        return
+    proven = mamba_ssd.prove(module, fn_name, device)
+    own = next(module.parameters()).dtype
+    if own not in proven or proven[own] is not None:
+        row.reason = f"{mamba_ssd.NAME} not proven equal to the mixer's own scan in {own}: " \
+                     f"{proven.get(own, 'not probed')}"
+        return
+    ok = [d for d, why in proven.items() if why is None]
+    others = [f"{str(d).replace('torch.', '')} calls run the family's scan: {why}" for d, why in proven.items() if why]
+    row.replacement = f"{mamba_ssd.NAME}[chunk {module.chunk_size}]"
+    row.backend, row.status, row.reason = "mamba_ssm", "patched", "; ".join(others)
+    plan.actions.append(Action(row, module, install=mamba_ssd.installer(fn_name, ok)))
+
+
 def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
     if sink_attention.has_sinks(module):
         _plan_sink_attention(module, row, plan)
@@ -359,6 +384,9 @@ def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool) -> Plan:
         user_skip = _skipped_by_user(path, module, opts.skip)
         if user_skip:
             row.reason = user_skip
+            continue
+        if kind == "mamba":  # mamba-ssm's kernel or the family's own scan: no backend choice
+            _plan_mamba(module, row, plan)
             continue
         backend, fallback_reason = backends.choose(backends.for_kind(opts.backend, kind), kind, _device(module))
 

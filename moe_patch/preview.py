@@ -15,7 +15,7 @@ import re
 import torch
 
 from . import backends
-from .ops import attention, compiled
+from .ops import attention, compiled, mamba_ssd
 from .plan import Options, Row
 
 PACKAGES = {"te": "te", "liger": "liger"}  # --with NAME -> the Capabilities field it turns on
@@ -75,6 +75,9 @@ def preview(rows, opts: Options, device: str, with_: set) -> list[Row]:
     for row in rows:
         row = copy.copy(row)
         out.append(row)
+        if row.kind == "mamba" and target.type == "cuda" and row.reason == mamba_ssd.NOT_ON_CPU:
+            row.reason = mamba_ssd.ON_GPU_PREVIEW  # planned here on a CPU: the GPU's own apply() decides
+            continue
         if row.status == "skipped" and row.kind != "linear" or row.reason.endswith("=False") or \
                 row.reason.startswith("matched skip pattern") or row.reason.startswith("skip callable"):
             continue  # structural reasons and the user's own switches hold on any machine

@@ -6,6 +6,8 @@ Each file may define:
   ROUTER       {router class name: spec dict}           -- see moe_patch/ops/router.py; also proven
   EXPERTS      {experts class name: flags dict}         -- only for classes without v5's decorator flags
   SKIP         {class name: reason}                     -- known not to be replaceable, and why
+  MAMBA        {Mamba2 mixer class name: name of the module-level chunk-scan function it calls}
+                                                        -- routed to mamba-ssm's Triton SSD kernel; proven
 Experts decorated with `@use_experts_implementation` and attention modules that dispatch through
 `ALL_ATTENTION_FUNCTIONS` need no entry: they are found structurally.
 """
