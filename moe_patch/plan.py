@@ -215,7 +215,7 @@ def _fp8_experts(module, flags, key, opts, expert_parallel, factory, label, reas
     from .ops import fp8_experts
 
     up = "gate_up_proj" if flags["has_gate"] else "up_proj"
-    why = fp8_experts.why_not([getattr(module, up), module.down_proj], _device(module), expert_parallel)
+    why = fp8_experts.why_not([getattr(module, up), module.down_proj], _device(module), expert_parallel, opts.fp8)
     if why is None:
         why = probe.experts_proven(module, fp8_factory, ("fp8", label, key), device=_device(module),
                                    fp8_tol=fp8_experts.FP8_TOL)

@@ -120,6 +120,7 @@ def _reference_exact(x, weight, offs, transposed):
 def test_fallback_reasons():
     w = torch.zeros(2, 32, 48)
     assert "CUDA GPU" in fp8_experts.why_not([w], "cpu")
+    assert "fp8='current'" in fp8_experts.why_not([w], "cuda", recipe="delayed")
     assert "expert parallelism" in fp8_experts.why_not([w], "cpu", expert_parallel=True)
     if torch.cuda.is_available():
         assert "divisible by 16" in fp8_experts.why_not([torch.zeros(2, 30, 48)], "cuda")
@@ -133,6 +134,8 @@ def test_fp8_plan_on_cpu_keeps_bf16_experts_with_the_reason():
     for r in rows:
         assert r.replacement == plain[r.path].replacement == "GroupedExperts(grouped_mm)"
         assert r.status == "fallback" and "FP8 experts need a CUDA GPU" in r.reason
+    for r in (r for r in make_plan(model, Options(fp8="delayed"), True).rows if r.kind == "experts"):
+        assert r.replacement == "GroupedExperts(grouped_mm)" and "run under fp8='current'" in r.reason
 
 
 def test_fp8_module_copies_and_pickles_without_its_cache():
