@@ -138,11 +138,13 @@ def child(args):
         balance_routing(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     g = torch.Generator(device=device).manual_seed(10 + rank)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device, generator=g)
-    t = timed_steps(model, opt, ids, args.warmup, args.steps, args.sync_phases)
-    t["tokens_per_s_per_gpu"] = args.batch * args.seq / t.pop("step_s")
+    shape = (args.batch, args.seq) if args.grad_accum == 1 else (args.grad_accum, args.batch, args.seq)
+    ids = torch.randint(0, config.vocab_size, shape, device=device, generator=g)
+    t = timed_steps(model, opt, ids, args.warmup, args.steps, args.sync_phases, args.grad_accum)
+    t["tokens_per_s_per_gpu"] = args.grad_accum * args.batch * args.seq / t.pop("step_s")
+    t["grad_accum"] = args.grad_accum
     if args.profile and cuda:  # every rank steps (collectives); rank 0's kernels are kept
-        table = profile_step(model, opt, ids, args.profile)
+        table = profile_step(model, opt, ids if args.grad_accum == 1 else ids[0], args.profile)
         if rank == 0:
             t["profile"] = table
     if getattr(model, "_moe_patch", None) is not None:
