@@ -249,7 +249,8 @@ def main():
 
 def print_tables(results, args):
     dtype = "bf16" if args.device == "cuda" else "fp32 (CPU smoke run: timings mean nothing)"
-    print(f"\n{args.shape}, {args.layers} layers, seq {args.seq}, micro-batch {args.batch} per GPU, {dtype}")
+    print(f"\n{args.shape}, {args.layers} layers, seq {args.seq}, micro-batch {args.batch} per GPU, grad-accum "
+          f"{args.grad_accum}, {dtype}")
     for gpus in sorted({r["gpus"] for r in results}):
         rows = [r for r in results if r["gpus"] == gpus]
         base = next((r for r in rows if r["variant"] == "stock_fsdp" and "error" not in r), None)
