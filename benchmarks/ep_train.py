@@ -138,11 +138,13 @@ def child(args):
         balance_routing(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     g = torch.Generator(device=device).manual_seed(10 + rank)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device, generator=g)
-    t = timed_steps(model, opt, ids, args.warmup, args.steps, args.sync_phases)
-    t["tokens_per_s_per_gpu"] = args.batch * args.seq / t.pop("step_s")
+    shape = (args.batch, args.seq) if args.grad_accum == 1 else (args.grad_accum, args.batch, args.seq)
+    ids = torch.randint(0, config.vocab_size, shape, device=device, generator=g)
+    t = timed_steps(model, opt, ids, args.warmup, args.steps, args.sync_phases, args.grad_accum)
+    t["tokens_per_s_per_gpu"] = args.grad_accum * args.batch * args.seq / t.pop("step_s")
+    t["grad_accum"] = args.grad_accum
     if args.profile and cuda:  # every rank steps (collectives); rank 0's kernels are kept
-        table = profile_step(model, opt, ids, args.profile)
+        table = profile_step(model, opt, ids if args.grad_accum == 1 else ids[0], args.profile)
         if rank == 0:
             t["profile"] = table
     if getattr(model, "_moe_patch", None) is not None:
@@ -247,7 +249,8 @@ def main():
 
 def print_tables(results, args):
     dtype = "bf16" if args.device == "cuda" else "fp32 (CPU smoke run: timings mean nothing)"
-    print(f"\n{args.shape}, {args.layers} layers, seq {args.seq}, micro-batch {args.batch} per GPU, {dtype}")
+    print(f"\n{args.shape}, {args.layers} layers, seq {args.seq}, micro-batch {args.batch} per GPU, grad-accum "
+          f"{args.grad_accum}, {dtype}")
     for gpus in sorted({r["gpus"] for r in results}):
         rows = [r for r in results if r["gpus"] == gpus]
         base = next((r for r in rows if r["variant"] == "stock_fsdp" and "error" not in r), None)

@@ -68,12 +68,13 @@ def main():
     off, on = toggles
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda")
-    tokens = args.batch * args.seq
+    shape = (args.batch, args.seq) if args.grad_accum == 1 else (args.grad_accum, args.batch, args.seq)
+    ids = torch.randint(0, config.vocab_size, shape, device="cuda")
+    tokens = args.grad_accum * args.batch * args.seq
     rows = []
     for label, prepare in ((f"with {args.feature}", on), (f"without {args.feature}", off)):
         prepare()
-        t = timed_steps(model, opt, ids, args.warmup, args.steps, args.sync_phases)
+        t = timed_steps(model, opt, ids, args.warmup, args.steps, args.sync_phases, args.grad_accum)
         rows.append(dict(variant=label, tokens_per_s=tokens / t.pop("step_s"), **t))
     print(f"\n{args.shape}, {args.layers} layers, seq {args.seq}, micro-batch {args.batch}, bf16 "
           f"({torch.cuda.get_device_name()})")

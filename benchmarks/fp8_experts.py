@@ -87,6 +87,77 @@ def measure(args):
                 gemms=table)
 
 
+def measure_paths(args):
+    """Forward + backward of the experts' two projections per layer and step, as training runs them: bf16
+    grouped_mm (moe_patch's bf16 path), moe_patch's FP8 path (ops/fp8_experts.py: rowwise FP8 forward and
+    input-grad GEMMs, bf16 weight grad) with its weight copies cached (a later micro-batch) and made afresh (the
+    first micro-batch after a step), and TE's GroupedLinear under its blockwise recipe (1x128 activation tiles,
+    128x128 weight blocks; Float8BlockScaling) with is_first_microbatch True / False. ms per layer and step."""
+    import torch
+    import torch.nn.functional as F
+
+    from moe_patch.ops import fp8_experts
+    from moe_patch.shapes import named_config
+
+    config = named_config(args.shape, layers=1)
+    experts = getattr(config, "num_experts", None) or getattr(config, "n_routed_experts")
+    top_k, hidden, width = config.num_experts_per_tok, config.hidden_size, config.moe_intermediate_size
+    rows = args.batch * args.seq * top_k
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    picks = torch.randn(args.batch * args.seq, experts, device=dev, generator=g).topk(top_k, dim=-1).indices
+    counts = torch.bincount(picks.reshape(-1), minlength=experts)
+    offs = counts.cumsum(0).to(torch.int32)
+    projections = [(hidden, 2 * width), (width, hidden)]  # (in, out) of up and down
+    weights = [torch.nn.Parameter(torch.randn(experts, o, i, device=dev, dtype=bf16) * 0.02) for i, o in projections]
+    xs = [torch.randn(rows, i, device=dev, dtype=bf16).requires_grad_() for i, _ in projections]
+    gs = [torch.randn(rows, o, device=dev, dtype=bf16) for _, o in projections]
+    out = {}
+
+    def bf16_step():
+        for x, w, go in zip(xs, weights, gs):
+            F.grouped_mm(x, w.transpose(-2, -1), offs=offs).backward(go)
+
+    caches = [fp8_experts.FP8WeightCache() for _ in weights]
+
+    def fp8_step(fresh):
+        for x, w, go, cache in zip(xs, weights, gs, caches):
+            if fresh:
+                cache.clear()
+            fp8_experts.grouped_linear_fp8(x, w, offs, w, cache, "w", False).backward(go)
+
+    out["bf16 grouped_mm"] = median_cuda_ms(bf16_step, args.repeats)
+    out["fp8 rowwise, weights cached"] = median_cuda_ms(lambda: fp8_step(False), args.repeats)
+    out["fp8 rowwise, weights quantised"] = median_cuda_ms(lambda: fp8_step(True), args.repeats)
+    try:
+        import transformer_engine.pytorch as te
+        from transformer_engine.common import recipe as te_recipe
+
+        splits = counts.tolist()
+        mods = []
+        for i, o in projections:
+            m = te.GroupedLinear(experts, i, o, bias=False, params_dtype=bf16, device="cuda")
+            mods.append(m)
+        for name, recipe in (("te blockwise", te_recipe.Float8BlockScaling()),
+                             ("te current (per-tensor)", te_recipe.Float8CurrentScaling())):
+            for first in (True, False):
+                def te_step():
+                    with te.autocast(enabled=True, recipe=recipe):
+                        for x, m, go in zip(xs, mods, gs):
+                            m(x, splits, is_first_microbatch=first).backward(go)
+                try:
+                    out[f"{name}, is_first_microbatch={first}"] = median_cuda_ms(te_step, args.repeats)
+                except Exception as exc:  # noqa: BLE001 - a recipe this TE / GPU refuses: say so
+                    out[f"{name}, is_first_microbatch={first}"] = f"failed: {type(exc).__name__}: {exc}"[:200]
+    except ImportError as exc:
+        out["te"] = f"not available: {exc}"
+    print(f"\nexperts forward + backward per layer and step ({rows:,} rows, {experts} experts, hidden {hidden}, "
+          f"width {width}); ms")
+    for k, v in out.items():
+        print(f"  {k:<45} {v:.3f}" if isinstance(v, float) else f"  {k:<45} {v}")
+    return out
+
+
 def print_table(r):
     print(f"\n{r['shape']}: {r['rows']:,} routed rows, {r['experts']} experts, hidden {r['hidden']}, expert width "
           f"{r['width']} ({r['gpu']}, copy bandwidth {r['copy_gb_per_s']:.0f} GB/s); ms per layer and step")
@@ -114,6 +185,9 @@ def main():
     parser = argparse.ArgumentParser()
     add_shape_arguments(parser)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--paths", action="store_true",
+                        help="also time whole forward + backward paths: bf16, moe_patch's FP8 (weights cached / "
+                             "quantised), TE GroupedLinear blockwise and per-tensor FP8")
     args = parser.parse_args()
     import torch
 
@@ -121,6 +195,8 @@ def main():
         sys.exit("fp8_experts.py needs a CUDA GPU (Hopper or newer) and torch._scaled_grouped_mm")
     result = measure(args)
     print_table(result)
+    if args.paths:
+        result["paths_ms"] = measure_paths(args)
     write_results(args, [result])
 
 

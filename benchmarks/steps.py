@@ -21,6 +21,9 @@ def add_step_arguments(parser, steps: int, warmup: int) -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-batches per optimizer step (gradient accumulation): each step runs K forward + "
+                             "backward passes on K different micro-batches, then one optimizer step")
     parser.add_argument("--sync-phases", action="store_true",
                         help="synchronise after forward, backward and optimizer (0.1-0.3's method) instead of "
                              "once per step with CUDA events for the split")
@@ -43,9 +46,13 @@ def median_cuda_ms(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def timed_steps(model, opt, ids, warmup: int, steps: int, sync_phases: bool = False) -> dict:
+def timed_steps(model, opt, ids, warmup: int, steps: int, sync_phases: bool = False, grad_accum: int = 1) -> dict:
     """Run warmup + steps training steps on `ids`; medians (ms) over the timed steps, all losses, peak GiB
     (peak 0 off CUDA: the CPU path exists to smoke-test the benchmark scripts, not to time anything).
+
+    grad_accum=K: `ids` is [K, batch, seq]; each step runs forward + backward on each of the K micro-batches
+    (the gradients accumulate), then one optimizer step; fwd / bwd ms are summed over the micro-batches and the
+    step's loss is their mean (as a Trainer logs it).
 
     On CUDA the host synchronises once per step, reading the loss (as a loop that logs it every step), and
     the forward / backward / optimizer split comes from CUDA events: the CPU queues the backward and the
@@ -70,22 +77,30 @@ def timed_steps(model, opt, ids, warmup: int, steps: int, sync_phases: bool = Fa
                 marks[n].record()
             return time.perf_counter()
 
+        micro = [ids] if grad_accum == 1 else list(ids)
+        if cuda and grad_accum > 1:
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(2 * grad_accum + 2)]
         walls = [mark(0)]
-        loss = model(input_ids=ids, labels=ids).loss
-        walls.append(mark(1))
-        loss.backward()
-        walls.append(mark(2))
+        step_loss = 0.0
+        for k, batch in enumerate(micro):
+            loss = model(input_ids=batch, labels=batch).loss
+            walls.append(mark(2 * k + 1))
+            loss.backward()
+            walls.append(mark(2 * k + 2))
+            step_loss = step_loss + loss.detach() / len(micro)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        walls.append(mark(3))
-        losses.append(loss.item())  # the step's host synchronisation
+        walls.append(mark(2 * len(micro) + 1))
+        losses.append(float(step_loss))  # the step's host synchronisation
         end = time.perf_counter()
         if i < warmup:
             continue
+        n_marks = 2 * len(micro) + 2
         if cuda and not sync_phases:
-            phases = [marks[n].elapsed_time(marks[n + 1]) / 1e3 for n in range(3)]
+            spans = [marks[n].elapsed_time(marks[n + 1]) / 1e3 for n in range(n_marks - 1)]
         else:
-            phases = [walls[n + 1] - walls[n] for n in range(3)]
+            spans = [walls[n + 1] - walls[n] for n in range(n_marks - 1)]
+        phases = [sum(spans[0:-1:2]), sum(spans[1:-1:2]), spans[-1]]  # forwards, backwards, optimizer
         for out, value in zip((fwd, bwd, step), phases):
             out.append(value)
         total.append(end - walls[0])

@@ -11,6 +11,9 @@ For a family with Mamba2 mixers (MAMBA_FAMILIES) where mamba-ssm is installed, s
 mamba-ssm and causal-conv1d hidden from Transformers, so the table shows both stock rows: what a pip install of
 those libraries gives stock by itself, and what moe_patch adds. The "scan" column says which scan stock ran.
 
+--grad-accum K: K micro-batches (each --batch x --seq, different random tokens) per optimizer step, for
+every variant; tokens/s counts all K.
+
 Random weights, bf16, fused AdamW, the same random tokens for every variant. Prints tokens/s, TFLOP/s
 (6 x active parameters per token + causal attention), peak GiB and fwd / bwd / optimizer ms (medians).
 Variants: stock | stock-nomamba (stock, mamba-ssm / causal-conv1d not importable) | stock-best (BEST_ATTENTION's implementation) | patched (moe_patch.apply, backend auto) | patched-torch (backend="torch") |
@@ -22,7 +25,10 @@ patched-torchrouter (backend auto, but the routers on moe_patch's torch router i
 patched-ligernorm / patched-tenorm (backend auto, but RMSNorm on Liger's / TE's kernel) |
 patched-compiledce (backend auto, but the chunked loss's softmax-gradient step torch.compile'd instead of
 Liger's kernel) |
-patched-fp8-delayed / patched-fp8-current (backend auto, linear layers on TE in FP8 with that recipe) |
+patched-fp8-delayed / patched-fp8-current (backend auto, fp8=<recipe>: linear layers on TE in FP8 with that
+recipe, the experts' forward and input-gradient grouped GEMMs in FP8 rowwise, every weight quantised once per
+optimizer step) | patched-fp8-current-percall (the same, but TE's linear layers quantise their weight at every
+forward: what deriving is_first_microbatch saves) |
 patched-eager (MOE_PATCH_COMPILE=0: moe_patch's compiled helpers, the loss' gradient scaling and, where
 Liger's kernel is not used, its softmax-gradient step, run eagerly).
 """
@@ -117,7 +123,11 @@ def child(args) -> dict:
                    "patched-ligerloss": {"loss": "liger"}, "patched-telinear": {"linear": "te"},
                    "patched-torchrouter": {"router": "torch"}, "patched-ligernorm": {"rmsnorm": "liger"},
                    "patched-tenorm": {"rmsnorm": "te"}}.get(args.child, "auto")
-        fp8 = args.child.split("patched-fp8-")[1] if args.child.startswith("patched-fp8-") else None
+        fp8 = args.child.split("patched-fp8-")[1].split("-")[0] if args.child.startswith("patched-fp8-") else None
+        if args.child.endswith("-percall"):
+            from moe_patch.ops.te import TELinear
+
+            TELinear.reuse_fp8_weights = False
         moe_patch.apply(model, backend=backend, loss=args.child != "patched-noloss", fp8=fp8)
         if args.child == "patched-compiledce":
             model.forward.step = "compiled"
@@ -129,11 +139,14 @@ def child(args) -> dict:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     g = torch.Generator(device="cuda").manual_seed(1)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
-    t = timed_steps(model, opt, ids, args.warmup, args.steps, args.sync_phases)
+    shape = (args.batch, args.seq) if args.grad_accum == 1 else (args.grad_accum, args.batch, args.seq)
+    ids = torch.randint(0, config.vocab_size, shape, device="cuda", generator=g)
+    t = timed_steps(model, opt, ids, args.warmup, args.steps, args.sync_phases, args.grad_accum)
     total = t.pop("step_s")
-    tokens = args.batch * args.seq
+    tokens = args.grad_accum * args.batch * args.seq
+    info["grad_accum"] = args.grad_accum
     if args.profile:  # one more step under the profiler: where the GPU time goes
+        ids = ids if args.grad_accum == 1 else ids[0]
         trace = f"{args.trace}.{args.child}.json" if args.trace else None
         print(profile_step(model, opt, ids, args.profile, trace), file=sys.stderr)
     flops = (6 * active_params(model, config) + attention_flops_per_token(config, args.seq)) * tokens
@@ -149,7 +162,8 @@ def child(args) -> dict:
 def main():
     parser = argparse.ArgumentParser()
     add_step_arguments(parser, steps=10, warmup=3)
-    parser.add_argument("--variants", default="stock,patched")
+    parser.add_argument("--variants", default="stock,patched",
+                        help="comma list; VARIANT@MB runs that variant at micro-batch MB instead of --batch")
     parser.add_argument("--png", default=None)
     parser.add_argument("--profile", type=int, default=0, help="print the top-N GPU kernels of one step")
     parser.add_argument("--trace", default=None,
@@ -164,7 +178,9 @@ def main():
     if args.shapes:
         sweep(args)
         return
-    results = [run_child(variant, []) for variant in args.variants.split(",")]
+    # VARIANT@MB runs that variant at micro-batch MB (each system at its largest fitting micro-batch)
+    results = [run_child(v.split("@")[0], ["--batch", v.split("@")[1]] if "@" in v else [])
+               for v in args.variants.split(",")]
     if args.profile:
         for r in results:
             print(f"--- {r['variant']}: GPU kernels of one step\n" + r.pop("stderr", ""))
@@ -260,21 +276,22 @@ def sweep_chart(results, path):
 def print_table(results, args):
     ok = [r for r in results if "error" not in r]
     base = next((r for r in ok if r["variant"] == "stock"), None)
-    print(f"\n{args.shape}, {args.layers} layers, seq {args.seq}, micro-batch {args.batch}, bf16, fused AdamW"
+    print(f"\n{args.shape}, {args.layers} layers, seq {args.seq}, micro-batch {args.batch}, grad-accum "
+          f"{args.grad_accum}, bf16 master weights, fused AdamW"
           f" ({ok[0]['gpu'] if ok else '?'})")
-    head = f"{'variant':<14} {'tokens/s':>9} {'TFLOP/s':>8} {'peak GiB':>9} {'fwd ms':>7} {'bwd ms':>7} " \
+    head = f"{'variant':<27} {'mb':>3} {'tokens/s':>9} {'TFLOP/s':>8} {'peak GiB':>9} {'fwd ms':>7} {'bwd ms':>7} " \
            f"{'optim ms':>8} {'speed-up':>8} {'memory':>7}"
     print(head + "\n" + "-" * len(head))
     for r in ok:
         up = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         mem = r["peak_gib"] / base["peak_gib"] if base else float("nan")
-        print(f"{r['variant']:<14} {r['tokens_per_s']:>9,.0f} {r['tflops']:>8.0f} {r['peak_gib']:>9.1f} "
+        print(f"{r['variant']:<27} {r['batch']:>3} {r['tokens_per_s']:>9,.0f} {r['tflops']:>8.0f} {r['peak_gib']:>9.1f} "
               f"{r['fwd_ms']:>7.1f} {r['bwd_ms']:>7.1f} {r['optim_ms']:>8.1f} {up:>7.2f}x {mem:>6.2f}x")
     for r in ok:
-        print(f"{r['variant']:<14} loss " + " ".join(f"{x:.4f}" for x in r["losses"][:8]))
+        print(f"{r['variant']:<27} loss " + " ".join(f"{x:.4f}" for x in r["losses"][:8]))
     for r in results:
         if "error" in r:
-            print(f"{r['variant']:<14} FAILED (see stderr)")
+            print(f"{r['variant']:<27} FAILED (see stderr)")
 
 
 def chart(results, path):

@@ -111,7 +111,10 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     Every kind flag defaults to True, skip to (), backend to "auto"; an argument left out (None) is taken
     from the environment (MOE_PATCH_DISABLE / MOE_PATCH_SKIP / MOE_PATCH_BACKEND) when set there.
     fp8: None, "delayed", "current" or "mxfp8": linear layers run on TransformerEngine under that FP8
-    recipe (needs TE and a GPU that supports the recipe; the HF weights stay the master weights).
+    recipe (needs TE and a GPU that supports the recipe; the HF weights stay the master weights). Under
+    fp8="current" the fused-3D experts' forward and input-gradient grouped GEMMs also run in FP8 e4m3 with
+    rowwise (current) scales, each weight quantised once per change (ops/fp8_experts.py; Hopper, widths
+    divisible by 16, no mesh; elsewhere, and under "delayed" / "mxfp8", bf16 with the reason in the report).
     With a mesh (a DeviceMesh with an "ep" dimension; call apply on every rank): dispatcher="auto" |
     "all_to_all" | "te_ep" | "deepep", max_tokens_per_rank (te_ep's buffer size) and shared_overlap (default
     True: a block's shared expert runs beside the token dispatch where the family allows it), see README.md.
@@ -180,7 +183,7 @@ def _apply(model, mesh, opts, requested, parallel_options):
 
     if mesh is not None:
         parallel_options = shard_mod.validate(model, mesh, **parallel_options)
-    plan = make_plan(model, opts, _supports_sdpa(model))  # plan + choose: nothing changed yet
+    plan = make_plan(model, opts, _supports_sdpa(model), mesh is not None)  # plan + choose: nothing changed yet
     if mesh is not None:
         shard_mod.check_plan(plan, mesh)
     built = swap.build(model, plan)

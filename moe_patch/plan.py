@@ -173,7 +173,7 @@ def _propose_router(module, backend, opts):
     return (lambda m: router.TopKRouter.build(m, spec)), f"TopKRouter({spec['score']})", why_not_te
 
 
-def _propose_experts(module, backend, opts):
+def _propose_experts(module, backend, opts, expert_parallel=False):
     name = type(module).__name__
     if getattr(module, "_is_expert_parallel", False):
         raise PatchError(f"{name} is already sharded by Transformers' own expert parallelism; "
@@ -209,14 +209,36 @@ def _propose_experts(module, backend, opts):
         te_factory = (lambda m: experts.GroupedExperts.build(m, flags, "te", gate))
         why = probe.experts_proven(module, te_factory, ("te", key, gate is not None), device=_device(module))
         if why is None:
-            return te_factory, label, why_gate
+            return _fp8_experts(module, flags, key, opts, expert_parallel, te_factory, label, why_gate,
+                                lambda m: experts.GroupedExperts.build(m, flags, "te", gate, fp8=True))
         why_not_te = f"TE grouped experts not proven equal to {name}: {why}"
     # proven on a small throw-away copy, as the model's own experts module computes it (probe.py)
     factory = (lambda m: experts.GroupedExperts.build(m, flags))
     why = probe.experts_proven(module, factory, ("torch", key), device=_device(module))
     if why is not None:
         return None, "", "; ".join(r for r in (why_not_te, f"GroupedExperts not proven equal to {name}: {why}") if r)
-    return factory, "GroupedExperts(grouped_mm)", why_not_te
+    return _fp8_experts(module, flags, key, opts, expert_parallel, factory, "GroupedExperts(grouped_mm)", why_not_te,
+                        lambda m: experts.GroupedExperts.build(m, flags, fp8=True))
+
+
+def _fp8_experts(module, flags, key, opts, expert_parallel, factory, label, reason, fp8_factory):
+    """Under fp8=: the FP8 grouped GEMMs (ops/fp8_experts.py) where they can run here and are proven against
+    the family's module in bf16 within FP8's bound (fp8_experts.FP8_TOL); else the proven bf16 replacement,
+    with the reason. Without fp8 the bf16 replacement as it is."""
+    if not opts.fp8:
+        return factory, label, reason
+    from .ops import fp8_experts
+
+    up = "gate_up_proj" if flags["has_gate"] else "up_proj"
+    why = fp8_experts.why_not([getattr(module, up), module.down_proj], _device(module), expert_parallel, opts.fp8)
+    if why is None:
+        why = probe.experts_proven(module, fp8_factory, ("fp8", label, key), device=_device(module),
+                                   fp8_tol=fp8_experts.FP8_TOL)
+        if why is None:
+            return fp8_factory, label.replace("grouped_mm)", "fp8 rowwise grouped_mm, weights quantised once per "
+                                                             "change)"), reason
+        why = f"FP8 experts not proven within {fp8_experts.FP8_TOL} of bf16: {why}; bf16"
+    return factory, label, "; ".join(r for r in (reason, why) if r)
 
 
 def _experts_key(module, flags) -> str:
@@ -363,7 +385,7 @@ def _fused_loss_head(model: nn.Module, plan: Plan):
         return getattr(model, "lm_head", None)
 
 
-def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool) -> Plan:
+def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool, expert_parallel: bool = False) -> Plan:
     plan = Plan(supports_sdpa=supports_sdpa)
     _warn_unmatched_skip(model, opts.skip)
     _plan_loss(model, opts, plan)
@@ -399,14 +421,16 @@ def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool) -> Plan:
             row.reason = "lm_head feeds the fused loss, which reads its weight: kept nn.Linear"
             continue
 
-        factory, replacement, reason = PROPOSE[kind](module, backend, opts)
+        propose = PROPOSE[kind]
+        if kind == "experts":
+            factory, replacement, reason = propose(module, backend, opts, expert_parallel)
+        else:
+            factory, replacement, reason = propose(module, backend, opts)
         if factory is None:
             row.reason = reason
             continue
         if kind == "experts":
             claimed.append(path)
-            if opts.fp8:
-                replacement += " [bf16: no FP8 grouped GEMM yet]"
         row.replacement, row.backend = replacement, backend
         fallback_reason = "; ".join(r for r in (fallback_reason, reason) if r)
         row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")

@@ -382,7 +382,7 @@ def _experts_proof_dtypes(module: nn.Module, device) -> list:
     return pairs
 
 
-def experts_proven(module: nn.Module, factory, key, device="cpu") -> str | None:
+def experts_proven(module: nn.Module, factory, key, device="cpu", fp8_tol=None) -> str | None:
     """None if `factory(copy)` computes what the family's own experts module computes, else the reason.
 
     The family's module (as configured: Transformers' experts implementation in use included) and the
@@ -390,17 +390,29 @@ def experts_proven(module: nn.Module, factory, key, device="cpu") -> str | None:
     tokens that hit every expert but one (an empty group), top-k without repeats, in fp32 (relative error
     < 1e-5 outputs, < 1e-4 gradients of the hidden states, the routing weights and every parameter) and, on a
     GPU or for half-precision weights, in bf16 with bf16 and with fp32 routing weights (< 2e-2; see
-    _experts_proof_dtypes). Cached per (class, key, device)."""
-    cache_key = (type(module), "experts", key, str(device))
+    _experts_proof_dtypes). Cached per (class, key, device).
+
+    fp8_tol=(outputs, gradients): the FP8 experts (ops/fp8_experts.py) against the family's module in bf16,
+    bf16 passes only, with those relative-error bounds (FP8's own, fp8_experts.FP8_TOL); the replacement
+    must have taken its FP8 kernels (a silent bf16 run would prove nothing about them)."""
+    cache_key = (type(module), "experts", key, str(device), fp8_tol)
     if cache_key in _CACHE:
         return _CACHE[cache_key]
     reason = None
     try:
-        for dtype, weights_dtype in _experts_proof_dtypes(module, device):
+        pairs = _experts_proof_dtypes(module, device)
+        if fp8_tol is not None:
+            pairs = [pair for pair in pairs if pair[0] == torch.bfloat16]
+            if not pairs:
+                raise RuntimeError("the FP8 proof runs in bf16 on a GPU only")
+        for dtype, weights_dtype in pairs:
             stock = _small_experts_copy(module, device, dtype)
             new = factory(stock)  # adopts the copy's parameters
             try:
-                reason = _compare_experts(stock, new, dtype, weights_dtype, device)
+                reason = _compare_experts(stock, new, dtype, weights_dtype, device, fp8_tol)
+                cache = getattr(new, "_fp8_cache", None)
+                if reason is None and fp8_tol is not None and not (cache and cache.quantisations):
+                    reason = "the FP8 kernels did not run on the proof's input"
             except _StockRaised:
                 if dtype == weights_dtype:
                     raise
@@ -422,7 +434,7 @@ def _hidden_width(module) -> int:
     return down.shape[-1] if getattr(module, "is_transposed", False) else down.shape[-2]
 
 
-def _compare_experts(stock, new, dtype, weights_dtype, device) -> str | None:
+def _compare_experts(stock, new, dtype, weights_dtype, device, fp8_tol=None) -> str | None:
     num = next(iter(_three_d(stock).values())).shape[0]
     top_k = min(2, max(num - 1, 1))
     tokens = 16
@@ -448,8 +460,8 @@ def _compare_experts(stock, new, dtype, weights_dtype, device) -> str | None:
         grads = torch.autograd.grad(out, [x1, w1, *params], gout, allow_unused=True)
         results.append((out.detach(), grads))
     (a, ga), (b, gb) = results
-    tol, grad_tol = TOL[dtype], GRAD_TOL[dtype]
-    tag = f"{dtype}, {weights_dtype} routing weights"
+    tol, grad_tol = fp8_tol or (TOL[dtype], GRAD_TOL[dtype])
+    tag = f"{'fp8 against ' if fp8_tol else ''}{dtype}, {weights_dtype} routing weights"
     if a.shape != b.shape or a.dtype != b.dtype:
         return f"output {tuple(b.shape)} {b.dtype} instead of {tuple(a.shape)} {a.dtype} ({tag})"
     err = rel_err(b, a)

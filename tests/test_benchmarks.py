@@ -129,3 +129,38 @@ def test_kernel_breakdown_of_a_profiled_step():
     assert abs(b["span_ms"] - 0.3) < 1e-9 and abs(b["idle_ms"] - 0.05) < 1e-9  # 150-200 empty
     assert abs(b["exposed_comm_ms"] - 0.11) < 1e-9  # all-gather 100-150 and all of the dispatch
     assert "communication not overlapped by compute 0.1 ms" in format_breakdown(b)
+
+
+def test_timed_steps_gradient_accumulation_is_one_optimizer_step_per_k_micro_batches():
+    """--grad-accum K: K forward + backward passes, then one optimizer step on the summed gradients (the
+    weights afterwards equal a hand-written accumulation's); the step's loss is the micro-batches' mean."""
+    import copy
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from steps import timed_steps
+    from util import build
+
+    model = build("qwen3_moe")
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (3, 2, 16))
+    t = timed_steps(model, torch.optim.SGD(model.parameters(), lr=0.1), ids, warmup=0, steps=1, grad_accum=3)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    losses = []
+    for batch in ids:
+        loss = ref(input_ids=batch, labels=batch).loss
+        loss.backward()
+        losses.append(loss.item())
+    opt.step()
+    assert abs(t["losses"][0] - sum(losses) / 3) < 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    assert 0 < min(t["fwd_ms"], t["bwd_ms"], t["optim_ms"])
+
+
+def test_fp8_loss_corpus_and_comparison():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from fp8_loss import compare, corpus_ids
+
+    ids = corpus_ids(5000)
+    assert len(ids) == 5000 and max(ids) < 256 and len(set(ids)) > 40  # real text, byte tokens
+    r = compare([2.0, 4.0, 1.0], [2.01, 4.0, 1.03])
+    assert r["max_rel_diff_step"] == 2 and abs(r["max_rel_diff"] - 0.03) < 1e-12

@@ -318,3 +318,139 @@ def test_sink_attention_on_flex_attention_matches_eager(dtype, tol, grad_tol):
     assert sink_attention.FALLBACKS == before
     moe_patch.revert(patched)
     assert not any(hasattr(m, sink_attention._MARK) for m in patched.modules())
+
+
+def _fp8_experts_pair():
+    """A tiny qwen3_moe in bf16 and its copy under fp8="current" (experts on the FP8 kernels)."""
+    from moe_patch.backends import capabilities
+
+    if not capabilities().te:
+        pytest.skip("TransformerEngine not installed")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("FP8 experts run on Hopper only")
+    stock = build("qwen3_moe", dtype=torch.bfloat16).cuda()
+    patched = moe_patch.apply(copy.deepcopy(stock), fp8="current")
+    return stock, patched
+
+
+def test_fp8_experts_are_planned_and_within_their_bound():
+    """Each FP8 experts module against the stock module in bf16 on the inputs it sees: outputs and every
+    gradient within FP8_TOL, and not bf16's numbers (the FP8 kernels ran)."""
+    from moe_patch.ops.fp8_experts import FP8_TOL
+
+    stock, patched = _fp8_experts_pair()
+    rows = moe_patch.report(patched).where(kind="experts")
+    assert rows and all("fp8 rowwise" in r.replacement and r.status == "patched" for r in rows), rows
+    ids = torch.randint(0, 256, (2, 64), device="cuda")
+    captured = record_inputs(stock, [r.path for r in rows], input_ids=ids)
+    s_mods, p_mods = dict(stock.named_modules()), dict(patched.named_modules())
+    for r in rows:
+        args, kwargs = captured[r.path]
+        out_s, in_s, par_s = run_module(s_mods[r.path], args, kwargs)
+        out_p, in_p, par_p = run_module(p_mods[r.path], args, kwargs)
+        errs = [rel_err(a, b) for a, b in zip(out_p, out_s)]
+        assert all(1e-3 < e < FP8_TOL[0] for e in errs), (r.path, errs)
+        for a, b in zip(in_p, in_s):
+            assert rel_err(a, b) < FP8_TOL[1], (r.path, "input grad")
+        for name, g in par_s.items():
+            assert rel_err(par_p[name], g) < FP8_TOL[1], (r.path, name)
+
+
+def test_fp8_kernel_matches_its_dequantised_reference():
+    """torch._scaled_grouped_mm with rowwise scales against the same quantised operands in fp32 (an empty
+    group included): only the accumulation order and the bf16 output differ."""
+    from moe_patch.ops.fp8_experts import FP8WeightCache, grouped_linear_fp8, quantize_rowwise
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("FP8 experts run on Hopper only")
+    for transposed in (False, True):
+        w = torch.nn.Parameter(torch.randn(4, 64, 128, device="cuda", dtype=torch.bfloat16) * 0.05)
+        if transposed:
+            w = torch.nn.Parameter(w.detach().transpose(-2, -1).contiguous())
+        counts = torch.tensor([40, 0, 17, 55], device="cuda")
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        x = torch.randn(112, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        out = grouped_linear_fp8(x, w, offs, w, FP8WeightCache(), "w", transposed)
+        w_nk = w.detach().transpose(-2, -1) if transposed else w.detach()
+        deq = lambda t: (lambda d, s: d.float() * s[..., None])(*quantize_rowwise(t.contiguous()))  # noqa: E731
+        xq, wq = deq(x.detach()), deq(w_nk)
+        bounds = [0, 40, 40, 57, 112]
+        ref = torch.cat([xq[a:b] @ wq[e].t() for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
+        assert rel_err(out, ref) < 1e-2
+        g = torch.randn_like(out)
+        out.backward(g)
+        gq, wtq = deq(g), deq(w_nk.transpose(-2, -1))
+        ref_dx = torch.cat([gq[a:b] @ wtq[e].t() for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
+        assert rel_err(x.grad, ref_dx) < 1e-2
+        ref_dw = torch.stack([g[a:b].float().t() @ x.detach()[a:b].float() for a, b in zip(bounds[:-1], bounds[1:])])
+        assert rel_err(w.grad, ref_dw.transpose(-2, -1) if transposed else ref_dw) < 1e-2
+
+
+def test_fp8_weights_quantised_once_per_step_and_never_stale():
+    """Gradient accumulation: one FP8 copy per weight and layout per optimizer step (fused AdamW, which does not
+    bump _version); after the step the patched model computes what a fresh cache computes (bitwise)."""
+    stock, patched = _fp8_experts_pair()
+    experts = [m for m in patched.modules() if getattr(m, "_fp8_cache", None) is not None]
+    assert experts
+    opt = torch.optim.AdamW(patched.parameters(), lr=1e-2, fused=True)
+    ids = torch.randint(0, 256, (2, 64), device="cuda")
+    patched.train()
+    for step in range(2):
+        for _ in range(3):  # three micro-batches
+            patched(input_ids=ids, labels=ids).loss.backward()
+        assert all(m._fp8_cache.quantisations == 4 * (step + 1) for m in experts)  # 2 weights x 2 layouts
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        cached = patched(input_ids=ids).logits
+        for m in experts:
+            m._fp8_cache.clear()
+        fresh = patched(input_ids=ids).logits
+    assert torch.equal(cached, fresh)
+
+
+def test_te_linear_reuses_its_fp8_weight_until_the_step():
+    """TELinear derives is_first_microbatch from the weight's key: the same numbers as quantising at every
+    forward, on the first micro-batch after an optimizer step (a stale copy would give the old weights' numbers)
+    and on the later ones (TE's cached copy)."""
+    from moe_patch.ops.te import TELinear
+
+    stock, patched = _fp8_experts_pair()
+    opt = torch.optim.AdamW(patched.parameters(), lr=1e-2, fused=True)
+    ids = torch.randint(0, 256, (2, 64), device="cuda")
+    patched.train()
+
+    def logits(reuse):
+        TELinear.reuse_fp8_weights = reuse
+        try:
+            logits = patched(input_ids=ids).logits
+        finally:
+            TELinear.reuse_fp8_weights = True
+        logits.float().square().mean().backward()  # a training micro-batch (the fused loss returns no logits)
+        return logits.detach()
+
+    before = None
+    for _ in range(2):
+        for _ in range(2):  # first micro-batch after the step (new copy), then a reused one
+            reused, per_call = logits(True), logits(False)
+            assert torch.equal(reused, per_call)
+        if before is not None:
+            assert not torch.equal(reused, before)  # the step changed the weights
+        before = reused
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_triton_rowwise_quantisation_matches_the_torch_formula():
+    from moe_patch.ops.fp8_experts import _rowwise, quantize_rowwise
+
+    for k in (768, 1536, 2048, 2880):
+        x = (torch.randn(3000, k, device="cuda") * torch.logspace(-3, 3, 3000, device="cuda")[:, None]).bfloat16()
+        x[7] = 0  # an all-zero row
+        data, scale = quantize_rowwise(x)
+        ref_data, ref_scale = _rowwise(x)
+        assert data.dtype == torch.float8_e4m3fn and scale.shape == (3000,)
+        assert torch.allclose(scale, ref_scale, rtol=1e-6, atol=0)
+        mismatch = (data.float() != ref_data.float()).float().mean().item()
+        assert mismatch < 1e-3, (k, mismatch)  # division rounding may move a tie by one e4m3 step
+        assert rel_err(data.float() * scale[:, None], x.float()) < 0.04

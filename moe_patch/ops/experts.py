@@ -160,8 +160,16 @@ _MANAGED = frozenset(FLAG_NAMES) | {"up_name", "num_experts", "num_global_expert
 class GroupedExperts(Replacement):
     kind = "experts"
 
-    def __init__(self, original, flags: dict, backend: str = "torch", fused_gate=None):
+    def __init__(self, original, flags: dict, backend: str = "torch", fused_gate=None, fp8: bool = False):
         super().__init__(original)
+        # fp8: the forward and input-gradient GEMMs in FP8 with each weight quantised once per change
+        # (fp8_experts.py); None keeps every GEMM on the bf16 path. Outside the module tree: no state_dict keys
+        object.__setattr__(self, "_fp8_cache", None)
+        if fp8:
+            from . import fp8_experts
+
+            fp8_experts.install_step_hook()
+            object.__setattr__(self, "_fp8_cache", fp8_experts.FP8WeightCache())
         # a fused kernel proven equal to the family's _apply_gate (te_gate.py), or None; outside the module tree
         object.__setattr__(self, "_fused_gate", fused_gate)
         # the gate's switches the fused kernel was proven with (e.g. GPT-OSS's alpha / limit): a value set on
@@ -197,13 +205,24 @@ class GroupedExperts(Replacement):
             p = _GradTimes.apply(p, self.grad_factor)
         return p
 
+    def _linear(self, x, name: str, offs, bias_rows):
+        weight = self.expert_weight(name)
+        if self._fp8_cache is not None:
+            from . import fp8_experts
+
+            if fp8_experts.runs_fp8(x, weight):
+                out = fp8_experts.grouped_linear_fp8(x, weight, offs, getattr(self, name), self._fp8_cache, name,
+                                                     self.is_transposed)
+                return out + bias_rows if bias_rows is not None else out
+        return grouped_linear(x, weight, offs, bias_rows, self.is_transposed)
+
     def compute(self, d: Dispatched):
         """Grouped expert MLP over rows already grouped by local expert."""
         x = d.x
         offs = torch.cumsum(d.counts, 0).to(torch.int32)
         expert_ids = d.expert_ids() if self.has_bias else None
         bias = (lambda name: self.expert_weight(name + "_bias")[expert_ids]) if self.has_bias else (lambda name: None)
-        h = grouped_linear(x, self.expert_weight(self.up_name), offs, bias(self.up_name), self.is_transposed)
+        h = self._linear(x, self.up_name, offs, bias(self.up_name))
         # TE's fused SwiGLU where it was proven to be the family's gate, else the family's own gate (or
         # activation) on its original module
         # (the family's code runs on this module: its attributes, adopted from the original, are the ones a user
@@ -220,7 +239,7 @@ class GroupedExperts(Replacement):
                 and d.weights.dtype == h.dtype)
         if fold:
             h = weigh_rows(h, d.weights)
-        out = grouped_linear(h, self.expert_weight("down_proj"), offs, bias("down_proj"), self.is_transposed)
+        out = self._linear(h, "down_proj", offs, bias("down_proj"))
         if self.has_post_expert_norm:
             out = self.post_expert_norm(out)
         if d.weights is not None and not fold:
@@ -241,5 +260,6 @@ class GroupedExperts(Replacement):
     def extra_repr(self) -> str:
         flags = ", ".join(n for n in FLAG_NAMES if getattr(self, n))
         gate = ", fused gate" if self._fused_gate is not None else ""
+        gate += ", fp8 rowwise" if self._fp8_cache is not None else ""
         return (f"{super().extra_repr()}, experts={self.num_experts}/{self.num_global_experts}, "
                 f"dispatcher={self.dispatcher.name}{gate}, {flags or 'no flags'}")

@@ -42,18 +42,26 @@ def _inner(make):
 class _TEModule(Replacement):
     fp8_recipe = None
 
-    def _run(self, x):
+    def _run(self, x, **kwargs):
         inner = self._moe_patch_te
         current_params_into(inner, self)  # e.g. FSDP2's unsharded parameters of this forward
         # FP8 GEMMs need the row count divisible by 16 (decoding one token, logits_to_keep=1): run bf16 then
         if self.fp8_recipe is None or (x.numel() // x.shape[-1]) % 16:
             return inner(x)
         with te.autocast(enabled=True, recipe=self.fp8_recipe):
-            return inner(x)
+            return inner(x, **kwargs)
 
 
 class TELinear(_TEModule):
+    """te.Linear on the HF weight. Under FP8 the weight's FP8 copy is made once per weight change, not once per
+    forward: TE's `is_first_microbatch` is derived here (True when the weight's key changed since the last
+    FP8 forward: a new Parameter object or storage, a bumped `_version`, a torch optimizer step, a switch of
+    grad mode; fp8_experts.FP8WeightCache.key), so the micro-batches of gradient accumulation reuse TE's
+    cached copy without the user passing anything. reuse_fp8_weights=False (class attribute) quantises at
+    every forward as before (the benchmark's comparison)."""
+
     kind = "linear"
+    reuse_fp8_weights = True
 
     def __init__(self, original, fp8_recipe=None):
         super().__init__(original)
@@ -64,10 +72,22 @@ class TELinear(_TEModule):
         if b is not None:
             inner.bias = b
         object.__setattr__(self, "_moe_patch_te", inner)
+        object.__setattr__(self, "_moe_patch_weight_key", None)  # the weight's key at the last FP8 forward
         self.fp8_recipe = fp8_recipe
+        if fp8_recipe is not None:
+            from .fp8_experts import install_step_hook
+
+            install_step_hook()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x)
+        if self.fp8_recipe is None or not self.reuse_fp8_weights or (x.numel() // x.shape[-1]) % 16:
+            return self._run(x)
+        from .fp8_experts import FP8WeightCache
+
+        key = (id(self.weight), FP8WeightCache.key(self.weight), torch.is_grad_enabled())
+        first = key != self._moe_patch_weight_key
+        object.__setattr__(self, "_moe_patch_weight_key", key)
+        return self._run(x, is_first_microbatch=first)
 
 
 class TERMSNorm(_TEModule):
