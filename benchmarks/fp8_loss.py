@@ -1,6 +1,6 @@
 """FP8 against bf16 training loss on real text (one GPU): the same model, the same initial weights, the same
-batches, trained N steps by moe_patch in bf16 and by moe_patch under fp8= (TE's FP8 linear layers, FP8
-experts), the loss of every step logged, and the largest relative difference reported.
+batches, trained N steps by moe_patch in bf16 and by moe_patch under fp8= (TE's FP8 linear layers; with
+--fp8-experts the FP8 experts too), the loss of every step logged, and the largest relative difference reported.
 
     python benchmarks/fp8_loss.py --shape qwen3-30b-a3b --layers 8 --seq 4096 --batch 1 --steps 300 \
         --fp8 current --json fp8_loss.json
@@ -88,7 +88,11 @@ def main():
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--fp8", default="current", help="the fp8= recipe of moe_patch.apply")
     parser.add_argument("--log-every", type=int, default=1)
+    parser.add_argument("--fp8-experts", action="store_true",
+                        help="the experts' grouped GEMMs in FP8 too (MOE_PATCH_FP8_EXPERTS=1; opt-in, see README)")
     args = parser.parse_args()
+    if args.fp8_experts:
+        os.environ["MOE_PATCH_FP8_EXPERTS"] = "1"
     import torch
 
     if not torch.cuda.is_available():

@@ -26,9 +26,10 @@ patched-ligernorm / patched-tenorm (backend auto, but RMSNorm on Liger's / TE's 
 patched-compiledce (backend auto, but the chunked loss's softmax-gradient step torch.compile'd instead of
 Liger's kernel) |
 patched-fp8-delayed / patched-fp8-current (backend auto, fp8=<recipe>: linear layers on TE in FP8 with that
-recipe, the experts' forward and input-gradient grouped GEMMs in FP8 rowwise, every weight quantised once per
-optimizer step) | patched-fp8-current-percall (the same, but TE's linear layers quantise their weight at every
-forward: what deriving is_first_microbatch saves) |
+recipe, every weight quantised once per optimizer step; experts bf16) | patched-fp8-current-experts (the same
+with MOE_PATCH_FP8_EXPERTS=1: the experts' forward and input-gradient grouped GEMMs in FP8 rowwise too) |
+patched-fp8-current-percall (fp8="current", but TE's linear layers quantise their weight at every forward: what
+deriving is_first_microbatch saves) |
 patched-eager (MOE_PATCH_COMPILE=0: moe_patch's compiled helpers, the loss' gradient scaling and, where
 Liger's kernel is not used, its softmax-gradient step, run eagerly).
 """
@@ -124,6 +125,8 @@ def child(args) -> dict:
                    "patched-torchrouter": {"router": "torch"}, "patched-ligernorm": {"rmsnorm": "liger"},
                    "patched-tenorm": {"rmsnorm": "te"}}.get(args.child, "auto")
         fp8 = args.child.split("patched-fp8-")[1].split("-")[0] if args.child.startswith("patched-fp8-") else None
+        if args.child.endswith("-experts"):
+            os.environ["MOE_PATCH_FP8_EXPERTS"] = "1"
         if args.child.endswith("-percall"):
             from moe_patch.ops.te import TELinear
 

@@ -8,6 +8,7 @@ MOE_PATCH_SKIP=lm_head,model.layers.0.*   module-path globs to leave alone
 MOE_PATCH_BACKEND=auto|torch|te|liger     or per kind: loss=torch,experts=te
 MOE_PATCH_QUIET=1                 auto-patching does not print its one line per patched model
 MOE_PATCH_COMPILE=0               keep the small torch.compile'd helpers eager (ops/compiled.py)
+MOE_PATCH_FP8_EXPERTS=1           under fp8="current" the experts' grouped GEMMs run FP8 too (opt-in: slower on H200)
 
 This module imports neither torch nor Transformers: the start-up hook reads it in every Python process.
 """
@@ -30,6 +31,7 @@ VARIABLES = {
     "MOE_PATCH_QUIET": "1: auto-patching prints nothing on success",
     "MOE_PATCH_COMPILE": "0: keep the small torch.compile'd helpers eager",
     "MOE_PATCH_EP": "expert-parallel size when auto-patching under torchrun",
+    "MOE_PATCH_FP8_EXPERTS": "1: under fp8='current' the experts' GEMMs run FP8 too (measured slower on H200)",
 }
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("", "0", "false", "no", "off")

@@ -321,7 +321,8 @@ def test_sink_attention_on_flex_attention_matches_eager(dtype, tol, grad_tol):
 
 
 def _fp8_experts_pair():
-    """A tiny qwen3_moe in bf16 and its copy under fp8="current" (experts on the FP8 kernels)."""
+    """A tiny qwen3_moe in bf16 and its copy under fp8="current" with MOE_PATCH_FP8_EXPERTS=1 (experts on the FP8
+    kernels; without the variable they stay bf16, with the reason)."""
     from moe_patch.backends import capabilities
 
     if not capabilities().te:
@@ -329,7 +330,11 @@ def _fp8_experts_pair():
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("FP8 experts run on Hopper only")
     stock = build("qwen3_moe", dtype=torch.bfloat16).cuda()
-    patched = moe_patch.apply(copy.deepcopy(stock), fp8="current")
+    default = moe_patch.plan_report(copy.deepcopy(stock), fp8="current").where(kind="experts")
+    assert default and all("opt-in (MOE_PATCH_FP8_EXPERTS=1)" in r.reason for r in default), default  # bf16 unless asked
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOE_PATCH_FP8_EXPERTS", "1")
+        patched = moe_patch.apply(copy.deepcopy(stock), fp8="current")
     return stock, patched
 
 
