@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import backends, config, swap
-from .errors import PatchError, UnsupportedModelError
+from .errors import MeshError, PatchError, UnsupportedModelError
 from .plan import Options, make_plan
 from .records import Record, Report
 
@@ -119,7 +119,18 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     """
     given = dict(attention=attention, rmsnorm=rmsnorm, linear=linear, experts=experts, router=router, loss=loss,
                  skip=skip, backend=backend)
-    _check_arguments(given, mesh, parallel_options)
+    from .parallel import distributed_config
+
+    hf_config = distributed_config.config(model)  # from_pretrained(distributed_config=DistributedConfig(ep_size>1))
+    _check_arguments(given, mesh if hf_config is None else hf_config, parallel_options)
+    if hf_config is not None:
+        existing = getattr(model, RECORD, None)
+        if mesh is not None:
+            raise MeshError(f"the model was loaded with DistributedConfig(ep_size={hf_config.ep_size}): its mesh "
+                            "comes from that config; call apply(model) without mesh=")
+        if existing is None:
+            return distributed_config.apply(model, hf_config, **given, fp8=fp8, **parallel_options)
+        mesh = existing.mesh  # patched already (e.g. by MOE_PATCH=1): the same options are a no-op
     flags = config.resolve(given)
     skip = flags["skip"]
     if isinstance(skip, str):
@@ -136,8 +147,13 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
             return model  # idempotent: patched with these options, then compiled
         raise PatchError(f"model was compiled after apply() with other options ({_changes(record.options, opts)}): "
                          "revert and apply on the model itself, then torch.compile it again")
-    _unwrap_check(model)
     existing = getattr(model, RECORD, None)
+    if hf_config is not None:
+        if _same(existing, opts, mesh, requested):
+            return model
+        raise PatchError(f"model is already patched with expert parallelism from its DistributedConfig and apply() "
+                         f"asks for other options ({_changes(existing.options, opts)}): its experts are sharded")
+    _unwrap_check(model)
     if existing is not None:
         if _same(existing, opts, mesh, requested):
             return model  # idempotent

@@ -63,7 +63,13 @@ def _expert_counts(model):
 def check(model) -> int | None:
     """The EP size asked for by MOE_PATCH_EP, checked against the world size and every experts module of
     `model`; raises MeshError (one line) before anything is changed."""
+    from . import distributed_config
+
     ep = ep_size()
+    cfg = distributed_config.config(model)
+    if cfg is not None:  # from_pretrained(distributed_config=...): the config's mesh (distributed_config.py)
+        distributed_config.check_environment(cfg)
+        return None
     if ep is None:
         return None
     world = _world()
