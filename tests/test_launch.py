@@ -20,9 +20,9 @@ def _env(**extra):
     return env
 
 
-def run(out, *args, nproc=1, **env):
-    prefix = [sys.executable, SCRIPT] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), SCRIPT]
+def run(out, *args, nproc=1, script=SCRIPT, **env):
+    prefix = [sys.executable, script] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script]
     result = subprocess.run([*prefix, str(out), *map(str, args)], capture_output=True, text=True, env=_env(**env),
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]

@@ -28,6 +28,7 @@ moe_patch.report(model) says which config it came from.
 """
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -174,6 +175,7 @@ def apply(model, cfg, **flags):
 
     check(model, cfg)
     undistribute(model)
+    gc.collect()  # FSDP2's states reference each other: free their sharded parameters now, not at some later GC
     _TAKING_OVER.add(id(model))
     try:
         device_mesh = mesh(cfg)
