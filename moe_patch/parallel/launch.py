@@ -20,7 +20,8 @@ LOCAL_RANK), then:
    fully_shard_moe shards the model with the policy accelerate's own FullyShardedDataParallelPlugin reads
    from that config (reshard_after_forward, mixed precision); accelerate then finds an FSDP2 module and leaves
    it as it is. Left to itself it would shard the expert blocks as if every rank held the same experts.
-   This FSDP2 path needs GPUs (accelerate runs FSDP on GPUs only) and has not run yet: unverified.
+   This FSDP2 path needs GPUs (accelerate runs FSDP on GPUs only) and has not run yet: unverified. On CPU
+   accelerate turns an FSDP config into DDP, and so does moe_patch (tested: tests/test_launch.py).
 
 MOE_PATCH_EP unset (or 1 in a single process): plain `moe_patch.apply(model)`.
 """
@@ -88,8 +89,12 @@ def check(model) -> int | None:
 
 
 def _accelerate_fsdp2() -> bool:
+    """Whether accelerate will shard with FSDP2: an FSDP config of version 2, on an accelerator. On CPU (no GPU, or
+    `use_cpu: true`) accelerate ignores the FSDP config and wraps the model in DDP, so moe_patch does the DDP
+    composition there (sharding with FSDP2 first made accelerate's DDP fail on the mixed DTensor parameters)."""
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" or not torch.cuda.is_available()
     return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-            and os.environ.get("FSDP_VERSION", "1").strip() == "2")
+            and os.environ.get("FSDP_VERSION", "1").strip() == "2" and not on_cpu)
 
 
 def _fsdp2_kwargs() -> dict:
