@@ -60,6 +60,14 @@ def main():
                 check("\n" not in str(exc) and f"MOE_PATCH_EP={ep + 1}" in str(exc), f"error: {exc}")
         del os.environ["MOE_PATCH_EP"]
         check(not moe_patch.is_patched(model) and type(model).__name__.startswith("FSDP"), "changed by a bad size")
+        try:  # fails after Transformers' distribution was undone: it is put back (the rest below runs on that)
+            moe_patch.apply(model, dispatcher="no_such_dispatcher")
+            check(False, "a bad dispatcher was accepted")
+        except moe_patch.PatchError as exc:
+            check("no_such_dispatcher" in str(exc), f"error: {exc}")
+        experts = model.model.layers[0].mlp.experts
+        check(not moe_patch.is_patched(model) and type(model).__name__.startswith("FSDP")
+              and "forward" in experts.__dict__ and experts.num_experts == 8 // ep, "Transformers' EP not put back")
         check(moe_patch.apply(model) is model, "apply() did not return the model")
     check(moe_patch.is_patched(model), "moe_patch did not take the model")
     check(moe_patch.apply(model) is model, "second apply() not a no-op")
