@@ -34,3 +34,24 @@ def test_moe_patch_env_takes_distributed_config_models(tmp_path):
     """MOE_PATCH=1, no moe_patch call in the script: the model from_pretrained returns is moe_patch's."""
     result = _run(tmp_path, "auto", 2, MOE_PATCH="1")
     assert result.stderr.count("moe_patch: patched") == 2, result.stderr[-3000:]  # one line per rank
+
+
+@pytest.mark.distributed
+def test_trainer_with_distributed_config_model(tmp_path):
+    """An unmodified Trainer script whose model comes from from_pretrained(distributed_config=
+    DistributedConfig(ep_size=2, fsdp_size=2)), under MOE_PATCH=1 torchrun: losses and gradient norms (Trainer's
+    max_grad_norm clipping active) equal to the stock single-process run on the concatenated batch, and its
+    saved model equal to stock's. Trainer itself checkpoints such models without optimizer state
+    (save_only_model=True), so there is no resume to test."""
+    sys.path.insert(0, HERE)
+    from test_launch import rel, run, same_run, weights
+
+    ref, _, _ = run(tmp_path / "stock", "--batch", 4, "--steps", 4)
+    steps, experts, result = run(tmp_path / "ep", "--batch", 2, "--steps", 4, "--save-steps", 2,
+                                 "--distributed-config", 2, nproc=2, MOE_PATCH="1")
+    assert experts == 4 and result.stderr.count("moe_patch: patched FSDP") == 2, result.stderr[-3000:]
+    same_run(steps, ref, 1e-5, 1e-4)
+    expected, final = weights(tmp_path / "stock" / "final"), weights(tmp_path / "ep" / "final")
+    assert final.keys() == expected.keys()
+    for name, value in expected.items():
+        assert rel(final[name], value) < 1e-4, name
