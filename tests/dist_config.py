@@ -48,7 +48,8 @@ def main():
     dist.barrier()
     with auto.suspended():  # the reference: stock, one process, whole batch
         stock = AutoModelForCausalLM.from_pretrained(ckpt)
-    model = AutoModelForCausalLM.from_pretrained(ckpt, distributed_config=DistributedConfig(ep_size=ep, fsdp_size=world))
+    model = AutoModelForCausalLM.from_pretrained(
+        ckpt, distributed_config=DistributedConfig(ep_size=ep, fsdp_size=world))
     if mode == "apply":
         check(not moe_patch.is_patched(model) and type(model).__name__.startswith("FSDP"), "not Transformers' FSDP2")
         os.environ["MOE_PATCH_EP"] = str(ep + 1)  # the launcher's setting disagrees with the config: one line
