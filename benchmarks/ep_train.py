@@ -12,7 +12,9 @@ tokens. Prints one table per GPU count: tokens/s per GPU, peak memory, fwd / bwd
 over --steps, slowest rank), and for moe_patch the busiest expert against the mean (load balance); the
 JSON also keeps rank 0's losses, comparable between variants.
 hf_ep loads a saved copy of the random model with DistributedConfig(ep_size=N, fsdp_size=N)
-(Transformers' expert parallelism only exists through from_pretrained).
+(Transformers' expert parallelism only exists through from_pretrained); hf_ep+<dispatcher> (e.g. hf_ep+auto,
+hf_ep+te_ep) loads it the same way and calls moe_patch.apply(model): moe_patch's expert parallelism and FSDP2
+in place of Transformers' (moe_patch/parallel/distributed_config.py).
 """
 from __future__ import annotations
 
@@ -47,12 +49,15 @@ def build(args, mesh, world, device, dtype):
 
     torch.manual_seed(0)
     config = config_for(args)
-    if args.variant == "hf_ep":
+    if args.variant.startswith("hf_ep"):
         from transformers.distributed import DistributedConfig
 
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             args.checkpoint, dtype=dtype,
-            distributed_config=DistributedConfig(ep_size=ep_size(args, world), fsdp_size=world)), config
+            distributed_config=DistributedConfig(ep_size=ep_size(args, world), fsdp_size=world))
+        if args.variant != "hf_ep":  # hf_ep+<dispatcher>: the same model, then moe_patch.apply(model)
+            moe_patch.apply(model, backend=args.backend, dispatcher=args.variant.partition("+")[2])
+        return model, config
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if args.variant == "stock_fsdp":
@@ -129,11 +134,12 @@ def child(args):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     ep = ep_size(args, world)
-    if ep == world or args.variant in ("stock_fsdp", "hf_ep"):
+    if ep == world or args.variant == "stock_fsdp" or args.variant.startswith("hf_ep"):
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))
     else:
         mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp_shard", "ep"))
     model, config = build(args, mesh, world, device, _dtype(args))
+    model.train()  # as a training script does (from_pretrained returns eval mode: stock loss, logits built)
     if args.routing == "balanced":
         balance_routing(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
@@ -198,7 +204,8 @@ def main():
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", default="stock_fsdp,hf_ep,all_to_all,te_ep",
-                        help="stock_fsdp, hf_ep, or a moe_patch dispatcher: " + ", ".join(MOE_PATCH_VARIANTS))
+                        help="stock_fsdp, hf_ep, a moe_patch dispatcher (" + ", ".join(MOE_PATCH_VARIANTS) + "), or "
+                        "hf_ep+<dispatcher>: a DistributedConfig(ep_size) model taken over by moe_patch.apply")
     parser.add_argument("--gpus", default="2", help="comma-separated GPU counts")
     parser.add_argument("--ep", type=int, default=0,
                         help="expert-parallel size (default: every GPU); smaller: a (dp_shard, ep) mesh")
@@ -223,7 +230,7 @@ def main():
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         variants = args.variants.split(",")
-        if "hf_ep" in variants:
+        if any(v.startswith("hf_ep") for v in variants):
             subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", "save",
                             "--checkpoint", os.path.join(tmp, "model")], check=True)
         for gpus in map(int, args.gpus.split(",")):
@@ -256,15 +263,17 @@ def print_tables(results, args):
         base = next((r for r in rows if r["variant"] == "stock_fsdp" and "error" not in r), None)
         gpu = next((r["gpu"] for r in rows if "gpu" in r), "?")
         print(f"\n{gpus} x {gpu}")
-        print(f"{'variant':<12} {'tokens/s/GPU':>13} {'vs FSDP2':>9} {'peak GiB':>9} {'fwd ms':>7} {'bwd ms':>7} "
-              f"{'optim ms':>8}  busiest expert / mean")
+        hf = next((r for r in rows if r["variant"] == "hf_ep" and "error" not in r), None)
+        print(f"{'variant':<16} {'tokens/s/GPU':>13} {'vs FSDP2':>9} {'vs hf_ep':>9} {'peak GiB':>9} {'fwd ms':>7} "
+              f"{'bwd ms':>7} {'optim ms':>8}  busiest expert / mean")
         for r in rows:
             if "error" in r:
-                print(f"{r['variant']:<12} failed: {r['error']}")
+                print(f"{r['variant']:<16} failed: {r['error']}")
                 continue
             speed = f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.2f}x" if base else "-"
             balance = max(r.get("busiest_expert_over_mean", [0]) or [0])
-            print(f"{r['variant']:<12} {r['tokens_per_s_per_gpu']:>13,.0f} {speed:>9} {r['peak_gib']:>9.1f} "
+            vs_hf = f"{r['tokens_per_s_per_gpu'] / hf['tokens_per_s_per_gpu']:.2f}x" if hf else "-"
+            print(f"{r['variant']:<16} {r['tokens_per_s_per_gpu']:>13,.0f} {speed:>9} {vs_hf:>9} {r['peak_gib']:>9.1f} "
                   f"{r['fwd_ms']:>7.1f} {r['bwd_ms']:>7.1f} {r['optim_ms']:>8.1f}  {balance or '-'}")
 
 

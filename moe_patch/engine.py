@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import backends, config, swap
-from .errors import PatchError, UnsupportedModelError
+from .errors import MeshError, PatchError, UnsupportedModelError
 from .plan import Options, make_plan
 from .records import Record, Report
 
@@ -111,10 +111,11 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     Every kind flag defaults to True, skip to (), backend to "auto"; an argument left out (None) is taken
     from the environment (MOE_PATCH_DISABLE / MOE_PATCH_SKIP / MOE_PATCH_BACKEND) when set there.
     fp8: None, "delayed", "current" or "mxfp8": linear layers run on TransformerEngine under that FP8
-    recipe (needs TE and a GPU that supports the recipe; the HF weights stay the master weights). Under
-    fp8="current" the fused-3D experts' forward and input-gradient grouped GEMMs also run in FP8 e4m3 with
-    rowwise (current) scales, each weight quantised once per change (ops/fp8_experts.py; Hopper, widths
-    divisible by 16, no mesh; elsewhere, and under "delayed" / "mxfp8", bf16 with the reason in the report).
+    recipe (needs TE and a GPU that supports the recipe; the HF weights stay the master weights). With
+    MOE_PATCH_FP8_EXPERTS=1 (opt-in: measured slower than bf16 on an H200), fp8="current" also runs the
+    fused-3D experts' forward and input-gradient grouped GEMMs in FP8 e4m3 with rowwise (current) scales, each
+    weight quantised once per change (ops/fp8_experts.py; Hopper, widths divisible by 16, no mesh); otherwise
+    the experts stay bf16, with the reason in the report.
     With a mesh (a DeviceMesh with an "ep" dimension; call apply on every rank): dispatcher="auto" |
     "all_to_all" | "te_ep" | "deepep", max_tokens_per_rank (te_ep's buffer size) and shared_overlap (default
     True: a block's shared expert runs beside the token dispatch where the family allows it), see README.md.
@@ -122,7 +123,18 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     """
     given = dict(attention=attention, rmsnorm=rmsnorm, linear=linear, experts=experts, router=router, loss=loss,
                  mamba=mamba, skip=skip, backend=backend)
-    _check_arguments(given, mesh, parallel_options)
+    from .parallel import distributed_config
+
+    hf_config = distributed_config.config(model)  # from_pretrained(distributed_config=DistributedConfig(ep_size>1))
+    _check_arguments(given, mesh if hf_config is None else hf_config, parallel_options)
+    if hf_config is not None:
+        existing = getattr(model, RECORD, None)
+        if mesh is not None:
+            raise MeshError(f"the model was loaded with DistributedConfig(ep_size={hf_config.ep_size}): its mesh "
+                            "comes from that config; call apply(model) without mesh=")
+        if existing is None:
+            return distributed_config.apply(model, hf_config, **given, fp8=fp8, **parallel_options)
+        mesh = existing.mesh  # patched already (e.g. by MOE_PATCH=1): the same options are a no-op
     flags = config.resolve(given)
     skip = flags["skip"]
     if isinstance(skip, str):
@@ -139,8 +151,13 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
             return model  # idempotent: patched with these options, then compiled
         raise PatchError(f"model was compiled after apply() with other options ({_changes(record.options, opts)}): "
                          "revert and apply on the model itself, then torch.compile it again")
-    _unwrap_check(model)
     existing = getattr(model, RECORD, None)
+    if hf_config is not None:
+        if _same(existing, opts, mesh, requested):
+            return model
+        raise PatchError(f"model is already patched with expert parallelism from its DistributedConfig and apply() "
+                         f"asks for other options ({_changes(existing.options, opts)}): its experts are sharded")
+    _unwrap_check(model)
     if existing is not None:
         if _same(existing, opts, mesh, requested):
             return model  # idempotent

@@ -20,9 +20,11 @@ def _env(**extra):
     return env
 
 
-def run(out, *args, nproc=1, **env):
-    prefix = [sys.executable, SCRIPT] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), SCRIPT]
+def run(out, *args, nproc=1, script=SCRIPT, launcher=None, **env):
+    prefix = [sys.executable, script] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script]
+    if launcher is not None:
+        prefix = [*launcher, script]
     result = subprocess.run([*prefix, str(out), *map(str, args)], capture_output=True, text=True, env=_env(**env),
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -96,6 +98,40 @@ def test_trainer_under_torchrun_expert_parallel(stock, tmp_path, nproc):
     resumed_final = weights(resumed_out / "final")
     for name, value in final.items():
         assert rel(resumed_final[name], value) < 1e-6, name
+
+
+ACCELERATE_FSDP2 = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+mixed_precision: 'no'
+use_cpu: true
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: FULL_STATE_DICT
+"""
+
+
+@pytest.mark.distributed
+def test_trainer_under_accelerate_launch_fsdp2_config_on_cpu(stock, tmp_path):
+    """`MOE_PATCH=1 MOE_PATCH_EP=2 accelerate launch --config_file fsdp2.yaml train.py` with the unmodified Trainer
+    script. On CPU accelerate runs an FSDP config as DDP (FSDP needs an accelerator there), and moe_patch follows
+    it (it sharded with FSDP2 and accelerate's DDP then failed): equal to the stock run, its checkpoint resumes
+    exactly. The FSDP2 composition itself needs GPUs (not run here)."""
+    _, ref = stock
+    config = tmp_path / "fsdp2.yaml"
+    config.write_text(ACCELERATE_FSDP2)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    steps, experts, _ = run(tmp_path / "a", "--batch", 2, "--steps", 4, "--save-steps", 2, launcher=launcher,
+                            MOE_PATCH="1", MOE_PATCH_EP="2")
+    assert experts == 4
+    same_run(steps, ref, 1e-5, 1e-4)
+    resumed, _, _ = run(tmp_path / "b", "--batch", 2, "--steps", 4, "--resume", tmp_path / "a" / "checkpoint-2",
+                        launcher=launcher, MOE_PATCH="1", MOE_PATCH_EP="2")
+    same_run(resumed, steps, 1e-6, 1e-6)
 
 
 def test_trainer_resume_one_process_exact(stock, tmp_path):

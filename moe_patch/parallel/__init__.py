@@ -8,5 +8,7 @@ fsdp.py      fully_shard_moe: FSDP2 around an expert-parallel model
 clip.py      global-norm gradient clipping (torch's clip_grad_norm_ made exact; by hand: bare, DDP, FSDP2)
 trainer.py   Trainer's own save / optimizer-state / resume paths under expert parallelism
 launch.py    MOE_PATCH_EP=N under torchrun / accelerate launch: check, mesh, apply, compose with DDP / FSDP2
+distributed_config.py  from_pretrained(distributed_config=DistributedConfig(ep_size=N)) models: Transformers'
+             distribution undone, moe_patch's expert parallelism + FSDP2 on the config's mesh
 checkpoint.py  model + optimizer state for torch.distributed.checkpoint (resuming EP training)
 """

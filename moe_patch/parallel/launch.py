@@ -20,12 +20,14 @@ LOCAL_RANK), then:
    fully_shard_moe shards the model with the policy accelerate's own FullyShardedDataParallelPlugin reads
    from that config (reshard_after_forward, mixed precision); accelerate then finds an FSDP2 module and leaves
    it as it is. Left to itself it would shard the expert blocks as if every rank held the same experts.
-   This FSDP2 path needs GPUs (accelerate runs FSDP on GPUs only) and has not run yet: unverified.
+   This FSDP2 path needs GPUs (accelerate runs FSDP on GPUs only) and has not run yet: unverified. On CPU
+   accelerate turns an FSDP config into DDP, and so does moe_patch (tested: tests/test_launch.py).
 
 MOE_PATCH_EP unset (or 1 in a single process): plain `moe_patch.apply(model)`.
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -63,7 +65,13 @@ def _expert_counts(model):
 def check(model) -> int | None:
     """The EP size asked for by MOE_PATCH_EP, checked against the world size and every experts module of
     `model`; raises MeshError (one line) before anything is changed."""
+    from . import distributed_config
+
     ep = ep_size()
+    cfg = distributed_config.config(model)
+    if cfg is not None:  # from_pretrained(distributed_config=...): the config's mesh (distributed_config.py)
+        distributed_config.check_environment(cfg)
+        return None
     if ep is None:
         return None
     world = _world()
@@ -82,8 +90,12 @@ def check(model) -> int | None:
 
 
 def _accelerate_fsdp2() -> bool:
+    """Whether accelerate will shard with FSDP2: an FSDP config of version 2, on an accelerator. On CPU (no GPU, or
+    `use_cpu: true`) accelerate ignores the FSDP config and wraps the model in DDP, so moe_patch does the DDP
+    composition there (sharding with FSDP2 first made accelerate's DDP fail on the mixed DTensor parameters)."""
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" or not torch.cuda.is_available()
     return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-            and os.environ.get("FSDP_VERSION", "1").strip() == "2")
+            and os.environ.get("FSDP_VERSION", "1").strip() == "2" and not on_cpu)
 
 
 def _fsdp2_kwargs() -> dict:
@@ -108,6 +120,10 @@ def mesh(ep: int):
         if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group()  # the launcher's env:// rendezvous; gloo for CPU tensors, NCCL for CUDA ones
+        # created here, so torn down here: Trainer / accelerate scripts never call destroy_process_group(), and a
+        # gloo group left to the interpreter's exit aborted now and then after all the work was done
+        # ("terminate called without an active exception", SIGABRT; about 1 run in 6-10 of the CPU tests)
+        atexit.register(_destroy_process_group)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     world = dist.get_world_size()
     dp = "dp_shard" if _accelerate_fsdp2() else "dp"  # fully_shard_moe's name for the FSDP2 dimension
@@ -118,6 +134,11 @@ def mesh(ep: int):
         else:
             _MESHES[key] = init_device_mesh(device, (world // ep, ep), mesh_dim_names=(dp, "ep"))
     return _MESHES[key]
+
+
+def _destroy_process_group():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # finalises te_ep first where it ran (te_ep.py)
 
 
 def _average_over_dp(model, dp_group, dp_size):
