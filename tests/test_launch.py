@@ -134,6 +134,25 @@ def test_trainer_under_accelerate_launch_fsdp2_config_on_cpu(stock, tmp_path):
     same_run(resumed, steps, 1e-6, 1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.distributed
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_trainer_under_accelerate_launch_fsdp2_on_two_gpus(tmp_path):
+    """The same unmodified Trainer script under `accelerate launch` with the FSDP2 config on 2 GPUs (NCCL), fp32:
+    equal to the stock single-GPU run on the concatenated batch, and its checkpoint resumes exactly."""
+    ref, _, _ = run(tmp_path / "stock", "--batch", 4, "--steps", 4, "--cuda")
+    config = tmp_path / "fsdp2.yaml"
+    config.write_text(ACCELERATE_FSDP2.replace("use_cpu: true", "use_cpu: false"))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    steps, experts, _ = run(tmp_path / "a", "--batch", 2, "--steps", 4, "--save-steps", 2, "--cuda",
+                            launcher=launcher, MOE_PATCH="1", MOE_PATCH_EP="2")
+    assert experts == 4
+    same_run(steps, ref, 1e-5, 1e-4)
+    resumed, _, _ = run(tmp_path / "b", "--batch", 2, "--steps", 4, "--resume", tmp_path / "a" / "checkpoint-2",
+                        "--cuda", launcher=launcher, MOE_PATCH="1", MOE_PATCH_EP="2")
+    same_run(resumed, steps, 1e-6, 1e-6)
+
+
 def test_trainer_resume_one_process_exact(stock, tmp_path):
     """Stock Trainer's resume does not restore fused experts (the checkpoint holds them per expert); with
     moe_patch active (MOE_PATCH=1) it continues exactly as the uninterrupted run."""

@@ -33,6 +33,7 @@ def main():
     parser.add_argument("--save-steps", type=int, default=0)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--model", default="qwen3_moe")
+    parser.add_argument("--cuda", action="store_true", help="train on the GPU (the default is use_cpu=True)")
     parser.add_argument("--distributed-config", type=int, default=0, metavar="EP",
                         help="load the model with from_pretrained(distributed_config=DistributedConfig(ep_size=EP, "
                              "fsdp_size=WORLD_SIZE)) (Trainer then saves the model only)")
@@ -51,7 +52,7 @@ def main():
             ep_size=args.distributed_config, fsdp_size=int(os.environ["WORLD_SIZE"])))
     training = TrainingArguments(
         output_dir=args.out, per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-2,
-        lr_scheduler_type="linear", max_grad_norm=0.5, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+        lr_scheduler_type="linear", max_grad_norm=0.5, logging_steps=1, report_to=[], use_cpu=not args.cuda, seed=0,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         dataloader_num_workers=0, disable_tqdm=True, save_only_model=bool(args.distributed_config))
     trainer = Trainer(model=model, args=training, train_dataset=Data())
