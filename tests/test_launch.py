@@ -140,7 +140,8 @@ def test_trainer_under_accelerate_launch_fsdp2_config_on_cpu(stock, tmp_path):
 def test_trainer_under_accelerate_launch_fsdp2_on_two_gpus(tmp_path):
     """The same unmodified Trainer script under `accelerate launch` with the FSDP2 config on 2 GPUs (NCCL), fp32:
     equal to the stock single-GPU run on the concatenated batch, and its checkpoint resumes exactly."""
-    ref, _, _ = run(tmp_path / "stock", "--batch", 4, "--steps", 4, "--cuda")
+    # one GPU visible: a plain `python` Trainer run sees every GPU and splits its batch over them (DataParallel)
+    ref, _, _ = run(tmp_path / "stock", "--batch", 4, "--steps", 4, "--cuda", CUDA_VISIBLE_DEVICES="0")
     config = tmp_path / "fsdp2.yaml"
     config.write_text(ACCELERATE_FSDP2.replace("use_cpu: true", "use_cpu: false"))
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
