@@ -20,7 +20,8 @@ LOCAL_RANK), then:
    fully_shard_moe shards the model with the policy accelerate's own FullyShardedDataParallelPlugin reads
    from that config (reshard_after_forward, mixed precision); accelerate then finds an FSDP2 module and leaves
    it as it is. Left to itself it would shard the expert blocks as if every rank held the same experts.
-   This FSDP2 path needs GPUs (accelerate runs FSDP on GPUs only) and has not run yet: unverified. On CPU
+   This FSDP2 path needs GPUs (accelerate runs FSDP on GPUs only): tested on 2 GPUs (tests/test_launch.py,
+   gpu marker), equal to the stock single-GPU run, exact resume. On CPU
    accelerate turns an FSDP config into DDP, and so does moe_patch (tested: tests/test_launch.py).
 
 MOE_PATCH_EP unset (or 1 in a single process): plain `moe_patch.apply(model)`.
