@@ -4,6 +4,7 @@ the stock single-process model on the concatenated batch; save_pretrained writes
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -16,7 +17,15 @@ def _run(out, mode, nproc, **env):
     environ.update(OMP_NUM_THREADS="1", **env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), SCRIPT,
            str(out), mode, "2"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=environ, timeout=600)
+    from test_launch import TEARDOWN_ABORT
+
+    for attempt in range(3):  # repeated only for the abort at exit after the work (see test_launch.py)
+        if (out / "ok").exists():
+            (out / "ok").unlink()
+        result = subprocess.run(cmd, capture_output=True, text=True, env=environ, timeout=600)
+        if attempt == 2 or result.returncode == 0 or not ((out / "ok").exists() and TEARDOWN_ABORT in result.stderr):
+            break
+        warnings.warn(f"launch aborted at exit after its work ({TEARDOWN_ABORT!r}); repeated", RuntimeWarning)
     assert result.returncode == 0 and (out / "ok").exists(), result.stdout[-3000:] + result.stderr[-6000:]
     return result
 

@@ -53,3 +53,22 @@ def test_sft_trainer_expert_parallel_with_router_aux_loss(tmp_path):
     assert all(s.get("aux_loss", 0) > 0 for s in ref.values())
     steps, _, _ = run(tmp_path / "ep", "--batch", 2, "--steps", 4, nproc=2, MOE_PATCH="1", MOE_PATCH_EP="2")
     same_run(steps, ref, 1e-5, 1e-4)
+
+
+@pytest.mark.distributed
+def test_sft_trainer_under_accelerate_launch(tmp_path):
+    """The unmodified SFT script under `MOE_PATCH=1 MOE_PATCH_EP=2 accelerate launch` (the FSDP2 config; on CPU
+    accelerate and moe_patch run it as DDP): equal to stock on one process, its checkpoint resuming exactly."""
+    from test_launch import ACCELERATE_FSDP2
+
+    ref, _, _ = run(tmp_path / "stock", "--batch", 4, "--steps", 4, "--aux-coef", 0)
+    config = tmp_path / "fsdp2.yaml"
+    config.write_text(ACCELERATE_FSDP2)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    steps, experts, _ = run(tmp_path / "a", "--batch", 2, "--steps", 4, "--save-steps", 2, "--aux-coef", 0,
+                            launcher=launcher, MOE_PATCH="1", MOE_PATCH_EP="2")
+    assert experts == 4
+    same_run(steps, ref, 1e-5, 1e-4)
+    resumed, _, _ = run(tmp_path / "b", "--batch", 2, "--steps", 4, "--resume", tmp_path / "a" / "checkpoint-2",
+                        "--aux-coef", 0, launcher=launcher, MOE_PATCH="1", MOE_PATCH_EP="2")
+    same_run(resumed, steps, 1e-6, 1e-6)
