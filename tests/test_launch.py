@@ -23,7 +23,7 @@ def _env(**extra):
 
 
 # A gloo process that has finished its work (history and final model written) aborts now and then at interpreter
-# exit with this C++ message (a std::thread left joinable: 1 of 28 accelerate launches under MOE_PATCH_EP on a CPU
+# exit with this C++ message (a std::thread left joinable: 1 of 52 accelerate launches under MOE_PATCH_EP on a CPU
 # machine, not seen in 9 stock launches; destroying the process group at exit did not remove it; cause not found,
 # see CHANGELOG). Such a launch is repeated, at most twice, with a warning, so that the numbers are still checked
 # and the abort stays visible in the test report; any other failure fails at once.
