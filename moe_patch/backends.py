@@ -175,9 +175,10 @@ def check_fp8(fp8, backend, linear_enabled: bool) -> None:
         raise PatchError("fp8 runs the linear layers on TransformerEngine: it needs linear=True")
     if for_kind(backend, "linear") not in ("auto", "te"):
         raise PatchError(f"fp8 needs the te backend for linear layers, got {for_kind(backend, 'linear')!r}")
-    why = unavailable("te", torch.device("cuda"))
-    if why is None and not torch.cuda.is_available():
-        why = "no CUDA device"
+    # no GPU first: installing TE would not help there
+    why = None if torch.cuda.is_available() else "FP8 needs a CUDA GPU (none found here)"
+    if why is None:
+        why = unavailable("te", torch.device("cuda"))
     if why is None:
         from .ops.te import fp8_unavailable
 

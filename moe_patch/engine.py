@@ -24,6 +24,13 @@ def _unwrap_check(model) -> None:
         raise UnsupportedModelError(f"model is wrapped by {name}: patch model.module before wrapping it")
     if name.startswith("FSDP") or name == "FullyShardedDataParallel" or any(
             type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        dist_cfg = getattr(getattr(model, "config", None), "distributed_config", None)
+        if dist_cfg is not None:  # from_pretrained(distributed_config=...) wrapped it: the user cannot patch before
+            raise UnsupportedModelError(
+                f"model was sharded at load by DistributedConfig(ep_size={getattr(dist_cfg, 'ep_size', None)}, "
+                f"fsdp_size={getattr(dist_cfg, 'fsdp_size', None)}): moe_patch takes over such models only with "
+                "ep_size > 1; without expert parallelism load the model without distributed_config, apply(), then "
+                "shard it (moe_patch.parallel.fully_shard_moe or fully_shard)")
         raise UnsupportedModelError("model is wrapped by FSDP: patch it before fully_shard / FSDP wrapping")
     if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
         raise UnsupportedModelError("model is a PEFT model: patch the base model before get_peft_model(); "
@@ -101,6 +108,7 @@ def plan_report(model, **flags) -> Report:
         flags["skip"] = (flags["skip"],)
     opts = Options(**flags)
     backends.check_backend_name(opts.backend)
+    backends.check_fp8(opts.fp8, opts.backend, opts.linear)  # what apply() would refuse, refused here too
     return Report(make_plan(model, opts, _supports_sdpa(model)).rows)
 
 

@@ -81,7 +81,7 @@ def _warn_unmatched_skip(model: nn.Module, skip) -> None:
     """A skip glob that matches no module path is most likely a typo ('model.layer.*'): say so once."""
     if callable(skip):
         return
-    paths = [p for p, _ in model.named_modules()]
+    paths = [p for p, _ in model.named_modules() if p]  # the root's path '' is never matched (_skipped_by_user)
     for pattern in skip:
         if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
             warnings.warn(f"moe_patch: skip pattern {pattern!r} matches no module of {type(model).__name__} "

@@ -65,3 +65,32 @@ def test_a_skip_glob_matching_no_module_warns_once(pattern):
         moe_patch.apply(model, skip=[pattern, "model.layers.0.*"])
     assert len([w for w in record if "matches no module" in str(w.message)]) == 1  # the matching glob is quiet
     assert moe_patch.report(model).where(path="model.layers.0.mlp.experts")[0].status == "skipped"
+
+
+def test_an_empty_skip_glob_warns():
+    with pytest.warns(UserWarning, match=r"skip pattern '' matches no module"):
+        moe_patch.plan_report(build("qwen3_moe"), skip=[""])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
+def test_plan_report_refuses_fp8_like_apply_on_cpu():
+    model = build("qwen3_moe")
+    for call in (moe_patch.plan_report, moe_patch.apply):
+        with pytest.raises(moe_patch.BackendUnavailableError, match=r"fp8='current' cannot be used: FP8 needs a CUDA "
+                                                                    r"GPU"):
+            call(model, fp8="current")
+    assert not moe_patch.is_patched(model)
+
+
+def test_a_distributed_config_model_without_expert_parallelism_is_refused_with_what_to_do():
+    """from_pretrained(distributed_config=DistributedConfig(ep_size=1, fsdp_size=2)) wraps the model in FSDP2 (its
+    class becomes FSDP<class>): the user cannot 'patch before wrapping', so the message says what to do."""
+    from types import SimpleNamespace
+
+    model = build("qwen3_moe")
+    model.config.distributed_config = SimpleNamespace(ep_size=1, fsdp_size=2)
+    model.__class__ = type("FSDP" + type(model).__name__, (type(model),), {})
+    with pytest.raises(moe_patch.UnsupportedModelError, match=r"DistributedConfig\(ep_size=1, fsdp_size=2\): moe_patch "
+                                                              r"takes over such models only with ep_size > 1") as info:
+        moe_patch.apply(model)
+    assert "\n" not in str(info.value) and not moe_patch.is_patched(model)
