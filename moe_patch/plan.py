@@ -7,6 +7,8 @@ The Actions carry what swap.py needs; building them can fail, mutating the model
 from __future__ import annotations
 
 import fnmatch
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -77,6 +79,16 @@ def _device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel (as seen from the caller of this function) of the first frame outside
+    moe_patch: the user's apply() / plan_report() line, however deep the call came from."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _warn_unmatched_skip(model: nn.Module, skip) -> None:
     """A skip glob that matches no module path is most likely a typo ('model.layer.*'): say so once."""
     if callable(skip):
@@ -85,7 +97,7 @@ def _warn_unmatched_skip(model: nn.Module, skip) -> None:
     for pattern in skip:
         if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
             warnings.warn(f"moe_patch: skip pattern {pattern!r} matches no module of {type(model).__name__} "
-                          "(globs match module paths such as 'model.layers.0.mlp')", UserWarning, stacklevel=3)
+                          "(globs match module paths such as 'model.layers.0.mlp')", UserWarning, stacklevel=_user_stacklevel())
 
 
 def _skipped_by_user(path: str, module: nn.Module, skip) -> str | None:
