@@ -191,8 +191,18 @@ def cmd_report(args) -> int:
     from .preview import PACKAGES, header, preview
     from .records import Report
 
-    backend = parse_backend(args.backend, "--backend")
-    disabled = parse_kinds(_split(args.disable), "--disable")
+    from .config import from_environment
+
+    # flags left out take MOE_PATCH_DISABLE / MOE_PATCH_SKIP / MOE_PATCH_BACKEND, as apply() and MOE_PATCH=1 do,
+    # so the report shows what a run in this shell would do (a bad value there is the same one-line error)
+    env = from_environment()
+    backend = parse_backend(args.backend, "--backend") if args.backend is not None else env.get("backend", "auto")
+    disabled = (parse_kinds(_split(args.disable), "--disable") if args.disable is not None
+                else [k for k, v in env.items() if v is False])
+    skip = tuple(_split(args.skip)) if args.skip is not None else env.get("skip", ())
+    from_env = [f"{var}={os.environ[var].strip()}" for var, flag in (("MOE_PATCH_DISABLE", args.disable),
+                ("MOE_PATCH_SKIP", args.skip), ("MOE_PATCH_BACKEND", args.backend))
+                if flag is None and os.environ.get(var, "").strip()]
     with_ = set(_split(args.with_))
     for name in with_:
         if name not in PACKAGES:
@@ -205,10 +215,12 @@ def cmd_report(args) -> int:
     device = {"auto": here, "gpu": "cuda"}.get(args.device, args.device)
     caps_here = engine.backends.capabilities()
     previewing = device != here or any(not getattr(caps_here, PACKAGES[p]) for p in with_)
-    opts = dict(backend=backend, skip=tuple(_split(args.skip)), **{k: False for k in disabled})
+    opts = dict(backend=backend, skip=skip, **{k: False for k in disabled})
     # a preview plans here with this machine's own choice (every torch path proven here), then re-chooses
     rows = engine.plan_report(model, **dict(opts, backend="auto") if previewing else opts)
     print(f"{type(model).__name__} ({config.model_type}) from {what}: planned on the meta device, nothing changed")
+    if from_env:
+        print(f"from the environment: {' '.join(from_env)} (a flag given here overrides it)")
     if previewing:
         try:
             rows = Report(preview(rows, Options(**opts), device, with_))
@@ -277,6 +289,13 @@ def env_text() -> str:
             rows.append((name, f"yes: {version}" + ("" if caps.cuda else " (used only on a CUDA GPU)")))
         else:
             rows.append((name, f"installed ({version}) but unusable: {why}" if installed else f"no: {why}"))
+    from .ops import mamba_ssd
+
+    kernel, why = mamba_ssd.load_kernel()
+    version = _version("mamba_ssm") or _version("mamba-ssm") or "version unknown"
+    rows.append(("mamba_ssm", (f"yes: {version}, Triton SSD scan (kind mamba)" + ("" if caps.cuda else
+                                                                                   " (used only on a CUDA GPU)"))
+                 if kernel is not None else f"no: {why}"))
     rows.append(("deep_ep", "yes (dispatcher='deepep', unverified)" if caps.deep_ep else
                  "no: not installed (build DeepEP yourself for dispatcher='deepep')"))
     width = max(len(k) for k, _ in rows)
@@ -402,10 +421,11 @@ def _parser():
         fn=cmd_env)
     rep = sub.add_parser("report", help="plan a model on the meta device and print what apply() would do")
     rep.add_argument("target", help="model type (qwen3_moe), model folder, config file, or Hub id (org/name)")
-    rep.add_argument("--backend", default="auto", help="auto | torch | te | liger, or per kind: loss=torch,experts=te")
-    rep.add_argument("--disable", default="", help="comma-separated kinds to leave alone "
-                                                   "(attention, rmsnorm, linear, experts, router, loss, mamba)")
-    rep.add_argument("--skip", default="", help="comma-separated module-path globs to leave alone")
+    rep.add_argument("--backend", help="auto | torch | te | liger, or per kind: loss=torch,experts=te "
+                                        "(default: MOE_PATCH_BACKEND, else auto)")
+    rep.add_argument("--disable", help="comma-separated kinds to leave alone (attention, rmsnorm, linear, experts, "
+                                       "router, loss, mamba; default: MOE_PATCH_DISABLE)")
+    rep.add_argument("--skip", help="comma-separated module-path globs to leave alone (default: MOE_PATCH_SKIP)")
     rep.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "gpu"),
                      help="plan for this device (auto: this machine's; gpu: cuda); cuda on a CPU machine is a preview")
     rep.add_argument("--with", dest="with_", default="", metavar="te,liger",

@@ -46,6 +46,25 @@ def test_report_reads_that_very_config_file(configs):
     assert "router=False" in folder.stdout and "GroupedExperts" in folder.stdout
 
 
+def test_report_follows_the_environment_unless_a_flag_says_otherwise(configs):
+    """MOE_PATCH_DISABLE / MOE_PATCH_SKIP / MOE_PATCH_BACKEND shape the report as they shape MOE_PATCH=1; a flag
+    given on the command line overrides its variable; a bad value there is the same one-line error."""
+    path = str(configs / "mixtral.json")
+    env = dict(MOE_PATCH_DISABLE="router", MOE_PATCH_SKIP="model.layers.0.*")
+    out = cli("report", path, **env)
+    assert out.returncode == 0, out.stderr
+    assert "from the environment: MOE_PATCH_DISABLE=router MOE_PATCH_SKIP=model.layers.0.*" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if line.startswith("model.layers.")]
+    assert all("router=False" in r for r in rows if " router " in r) and any(" router " in r for r in rows)
+    assert all("skipped" in r for r in rows if r.startswith("model.layers.0."))
+    assert any("patched" in r for r in rows if r.startswith("model.layers.1."))
+    flags = cli("report", path, "--disable", "", "--skip", "", **env)
+    assert flags.returncode == 0 and "from the environment" not in flags.stdout
+    assert "router=False" not in flags.stdout and "matched skip pattern" not in flags.stdout
+    one_line_error(cli("report", path, MOE_PATCH_DISABLE="routr"), "MOE_PATCH_DISABLE: unknown kind 'routr'",
+                   "(did you mean 'router'?)")
+
+
 def test_report_reads_a_hub_config_through_the_huggingface_cache(tmp_path):
     snapshot = tmp_path / "models--someorg--tiny-moe" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
@@ -102,7 +121,8 @@ def test_env_and_version():
     out = cli("env", MOE_PATCH_DISABLE="router", MOE_PATCH_DISABLED="x")
     assert out.returncode == 0, out.stderr
     assert f"moe_patch           {moe_patch.__version__}" in out.stdout
-    for name in ("start-up hook", "grouped_mm", "transformer_engine", "liger_kernel", "torch", "transformers"):
+    for name in ("start-up hook", "grouped_mm", "transformer_engine", "liger_kernel", "mamba_ssm", "torch",
+                 "transformers"):
         assert f"\n{name} " in out.stdout, name
     assert "MOE_PATCH_DISABLE   'router'" in out.stdout
     assert "MOE_PATCH_DISABLED  'x'  <- not a moe_patch variable: ignored (did you mean 'MOE_PATCH_DISABLE'?)" \
