@@ -117,12 +117,21 @@ def _three_d_params(module):
     return {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
 
 
+def _per_expert_modules(module) -> bool:
+    """An MoE block whose `experts` is an nn.ModuleList / nn.ModuleDict of one module per expert (Switch
+    Transformers, NLLB-MoE, ...): not Transformers' fused 3-D layout, so no grouped GEMM here."""
+    held = module._modules.get("experts")
+    return isinstance(held, (nn.ModuleList, nn.ModuleDict)) and len(held) > 1
+
+
 def kind_of(module: nn.Module) -> str | None:
     cls = type(module)
     if cls.__name__ in tables().mamba:
         return "mamba"
     if hasattr(module, "has_gate") and hasattr(module, "is_transposed") or cls.__name__ in tables().experts:
         return "experts"
+    if _per_expert_modules(module):
+        return "experts"  # an MoE block of the older layout: reported (it stays stock), not silently absent
     params3d = _three_d_params(module)
     if len(params3d) >= 2 and len({p.shape[0] for p in params3d.values()}) == 1:
         return "experts"  # fused 3D experts found structurally, whatever the class is called
@@ -192,6 +201,9 @@ def _propose_experts(module, backend, opts, expert_parallel=False):
                          "build the model without DistributedConfig(ep_size=...) and pass mesh= instead")
     if name in tables().skip:
         return None, "", tables().skip[name]
+    if _per_expert_modules(module):
+        return None, "", (f"{len(module.experts)} experts as separate modules ({type(module.experts).__name__}), "
+                          "not Transformers' fused 3-D expert weights: no grouped GEMM, the block stays stock")
     flags = tables().experts.get(name)
     if flags is None and hasattr(module, "has_gate"):
         flags = {f: getattr(module, f, False) for f in experts.FLAG_NAMES}

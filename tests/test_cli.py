@@ -147,3 +147,11 @@ def test_stdlib_text_is_real_text():
 
     text = stdlib_text()
     assert len(text) > 20_000 and text.count(" the ") > 100
+
+
+def test_report_names_experts_it_leaves_stock():
+    """An MoE block with one module per expert (Switch Transformers) is reported with its reason, not absent."""
+    out = cli("report", "switch_transformers")
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if " experts " in line and "SparseMLP" in line]
+    assert rows and all("skipped" in r and "experts as separate modules" in r for r in rows), out.stdout[-2000:]
