@@ -164,6 +164,7 @@ def child(args) -> dict:
 
         info["gated_norm_calls"] = gated_rmsnorm.CALLS["kernel"]  # the mixers' gated norms on mamba-ssm's kernel
         info["mamba_fallbacks"].update({f"gated norm: {k}": v for k, v in gated_rmsnorm.FALLBACKS.items()})
+        info["proof_errors"] = {str(k): v for k, v in {**mamba_ssd.ERRORS, **gated_rmsnorm.ERRORS}.items()}
     return dict(variant=args.child, tokens_per_s=tokens / total, tflops=flops / total / 1e12,
                 gpu=torch.cuda.get_device_name(), torch=torch.__version__, **t, **info)
 

@@ -323,6 +323,24 @@ def test_gated_norm_swapped_equal_and_reverted(cpu_norm_kernel):
     assert model.model.layers[0].mixer.norm is norm and norm.weight is new.weight
 
 
+def test_gated_norm_bf16_model_proves_its_two_cases(cpu_norm_kernel):
+    """A bf16 model: its mixer hands the norm bf16 (mamba-ssm's scan) or float32 (the family's scan, as here on
+    CPU) scan outputs with bf16 gate and weight; both cases are proven and run the kernel."""
+    cpu_norm_kernel(_stand_in_rmsnorm_fn())
+    model = _model(torch.bfloat16)
+    stock = copy.deepcopy(model)
+    moe_patch.apply(model)
+    row = _norm_row(model)
+    assert row.status == "patched" and row.reason == "", row
+    assert model.model.layers[0].mixer.norm._moe_patch_gated["cases"] == {
+        (torch.bfloat16,) * 3, (torch.float32, torch.bfloat16, torch.bfloat16)}
+    ids = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(0))
+    calls = gated_rmsnorm.CALLS["kernel"]
+    loss = model(input_ids=ids, labels=ids).loss
+    assert gated_rmsnorm.CALLS["kernel"] == calls + 1
+    assert rel_err(loss.float(), stock(input_ids=ids, labels=ids).loss.float()) < 2e-2
+
+
 def test_gated_norm_unproven_calls_run_the_family_norm(cpu_norm_kernel):
     cpu_norm_kernel(_stand_in_rmsnorm_fn())
     model = _model()
@@ -372,9 +390,11 @@ def test_gpu_gated_norm_proof_at_nemotron_3_nano_widths():
     with torch.device("cuda"):
         norm = NemotronHMamba2Mixer(config, layer_idx=0).norm.to(torch.bfloat16)
     result = gated_rmsnorm.prove(norm, False, torch.device("cuda"))
+    result.update(gated_rmsnorm.prove(copy.deepcopy(norm).float(), False, torch.device("cuda")))
     for key, errors in gated_rmsnorm.ERRORS.items():
         print(key, {k: f"{v:.1e}" for k, v in errors.items()})
     print({gated_rmsnorm.case_name(k): v for k, v in result.items()})
+    assert len(result) == len(gated_rmsnorm.CASES)
     assert all(why is None for why in result.values()), result  # float32 cases too: the kernel is float32 inside
     wrong = gated_rmsnorm.prove(norm, True, torch.device("cuda"))
     assert all(why for why in wrong.values()), wrong

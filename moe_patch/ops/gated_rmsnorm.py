@@ -20,7 +20,9 @@ Which semantics a class has (`norm_before_gate`) is declared per family in patch
 never assumed: a stand-in copy of the family's module at the model's widths (group size included), fresh random
 weights, random input and gate, runs its own forward in float32 against the kernel, for each dtype case the
 mixer produces (CASES): the output, and the gradients of the input, the gate and the weight, each within the
-tolerance of its own dtype (probe.TOL / GRAD_TOL: 1e-5 / 1e-4 for float32, 2e-2 for bfloat16).
+tolerance of its own dtype (probe.TOL / GRAD_TOL: 1e-5 / 1e-4 for float32, 2e-2 for bfloat16). Only the cases
+with the module's own weight dtype are proven (the others cannot occur without changing the weights, which
+moves the call outside the proof and back to the family's forward).
 
 At call time the replacement runs the kernel only for what was proven (a gate given, CUDA tensors, a proven
 (input, gate, weight) dtype case, the proven group size), else the family's own forward, counting the reason in
@@ -160,14 +162,15 @@ def _stand_in(module: nn.Module) -> nn.Module:
 
 
 def prove(module, norm_before_gate: bool, device) -> dict:
-    """{case: reason or None} for each (input, gate, weight) dtype case in CASES: whether GatedRMSNorm with
-    `norm_before_gate` on `device` equals the family's own forward in float32 on the same values (see the module
-    docstring). Cached per (class, width, group size, eps, semantics, device)."""
+    """{case: reason or None} for each (input, gate, weight) dtype case in CASES with the module's weight dtype:
+    whether GatedRMSNorm with `norm_before_gate` on `device` equals the family's own forward in float32 on the
+    same values (see the module docstring). Cached per (class, width, group size, eps, semantics, device, weight
+    dtype)."""
     from .. import probe
 
     eps = next(getattr(module, a) for a in ("variance_epsilon", "eps") if isinstance(getattr(module, a, None), float))
     width = module.weight.shape[0]
-    key = (type(module), width, module.group_size, eps, bool(norm_before_gate), str(device))
+    key = (type(module), width, module.group_size, eps, bool(norm_before_gate), str(device), module.weight.dtype)
     if key in _PROOFS:
         return _PROOFS[key]
     g = torch.Generator().manual_seed(1)
@@ -175,7 +178,7 @@ def prove(module, norm_before_gate: bool, device) -> dict:
     w = torch.randn(2, 37, width, generator=g)
     ref = _stand_in(module)
     result = {}
-    for case in CASES:
+    for case in (c for c in CASES if c[2] == module.weight.dtype):
         try:
             xd, gd, wd = case
             mine = copy.deepcopy(ref).to(device, wd)
