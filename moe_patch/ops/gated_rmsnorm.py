@@ -37,6 +37,7 @@ from torch import nn
 
 from . import mamba_ssd
 from .base import Replacement
+from .rmsnorm import eps_of
 
 NAME = "rmsnorm_fn (mamba-ssm Triton gated RMSNorm)"
 KERNEL_MODULE = "mamba_ssm.ops.triton.layernorm_gated"
@@ -124,8 +125,7 @@ class GatedRMSNorm(Replacement):
         if why is None:
             kernel, _ = load_kernel()
             CALLS["kernel"] += 1
-            eps = next(getattr(self, a) for a in ("variance_epsilon", "eps") if isinstance(getattr(self, a, None), float))
-            return kernel(hidden_states, self.weight, None, z=gate, eps=eps, group_size=self.group_size,
+            return kernel(hidden_states, self.weight, None, z=gate, eps=eps_of(self), group_size=self.group_size,
                           norm_before_gate=self._moe_patch_gated["norm_before_gate"])
         if self._moe_patch_gated["strict"]:
             raise RuntimeError(f"proof call not routed to the kernel: {why}")
@@ -144,8 +144,8 @@ def why_not(module, device) -> str | None:
     for attr in ("weight", "group_size"):
         if getattr(module, attr, None) is None:
             return f"norm has no {attr}"
-    if not any(isinstance(getattr(module, a, None), float) for a in ("variance_epsilon", "eps")):
-        return "no float eps attribute (variance_epsilon / eps) found"
+    if eps_of(module) is None:
+        return "no float eps attribute (variance_epsilon / eps / epsilon) found"
     if torch.device(device).type not in KERNEL_DEVICES:
         return NOT_ON_CPU
     return load_kernel()[1] or None
@@ -168,7 +168,7 @@ def prove(module, norm_before_gate: bool, device) -> dict:
     dtype)."""
     from .. import probe
 
-    eps = next(getattr(module, a) for a in ("variance_epsilon", "eps") if isinstance(getattr(module, a, None), float))
+    eps = eps_of(module)
     width = module.weight.shape[0]
     key = (type(module), width, module.group_size, eps, bool(norm_before_gate), str(device), module.weight.dtype)
     if key in _PROOFS:
