@@ -398,3 +398,15 @@ def test_gpu_gated_norm_proof_at_nemotron_3_nano_widths():
     assert all(why is None for why in result.values()), result  # float32 cases too: the kernel is float32 inside
     wrong = gated_rmsnorm.prove(norm, True, torch.device("cuda"))
     assert all(why for why in wrong.values()), wrong
+
+
+def test_gated_norm_preview_for_a_gpu_from_a_cpu():
+    """`moe-patch report --device cuda` on a CPU machine: the row says what the GPU's apply() will decide."""
+    from moe_patch.plan import Options
+    from moe_patch.preview import preview
+
+    rows = list(moe_patch.plan_report(_model()))
+    gpu = {r.path: r for r in preview(rows, Options(), "cuda", set())}
+    assert gpu["model.layers.0.mixer.norm"].reason == gated_rmsnorm.ON_GPU_PREVIEW
+    cpu = {r.path: r for r in preview(rows, Options(), "cpu", set())}
+    assert cpu["model.layers.0.mixer.norm"].reason == gated_rmsnorm.NOT_ON_CPU
