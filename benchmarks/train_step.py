@@ -138,7 +138,9 @@ def child(args) -> dict:
         info["attention_rows"] = sorted({f"{r.status}: {r.replacement or r.reason}"
                                          for r in moe_patch.report(model).where(kind="attention")})
         info["mamba_rows"] = sorted({f"{r.status}: {r.replacement} {r.reason}".strip()
-                                     for r in moe_patch.report(model).where(kind="mamba")})
+                                     for r in moe_patch.report(model).where(kind="mamba")} |
+                                    {f"{r.status}: {r.replacement} {r.reason}".strip()  # the mixers' gated norms
+                                     for r in moe_patch.report(model).where(kind="rmsnorm") if "Gated" in r.original})
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -158,6 +160,11 @@ def child(args) -> dict:
 
         info["scan"] = f"mamba-ssm ({mamba_ssd.CALLS['kernel']} calls)" if mamba_ssd.CALLS["kernel"] else info["scan"]
         info["mamba_fallbacks"] = dict(mamba_ssd.FALLBACKS)  # scan calls that ran the family's own scan, by reason
+        from moe_patch.ops import gated_rmsnorm
+
+        info["gated_norm_calls"] = gated_rmsnorm.CALLS["kernel"]  # the mixers' gated norms on mamba-ssm's kernel
+        info["mamba_fallbacks"].update({f"gated norm: {k}": v for k, v in gated_rmsnorm.FALLBACKS.items()})
+        info["proof_errors"] = {str(k): v for k, v in {**mamba_ssd.ERRORS, **gated_rmsnorm.ERRORS}.items()}
     return dict(variant=args.child, tokens_per_s=tokens / total, tflops=flops / total / 1e12,
                 gpu=torch.cuda.get_device_name(), torch=torch.__version__, **t, **info)
 
@@ -259,7 +266,8 @@ def print_sweep(results, args):
         print(f"{r['shape']:<22} {r['variant']:<13} loss " + " ".join(f"{x:.4f}" for x in r["losses"][:8]) + diff)
     for r in ok:
         if r.get("mamba_rows"):
-            print(f"{r['shape']:<22} mamba: " + "; ".join(r["mamba_rows"])[:400]
+            print(f"{r['shape']:<22} mamba: " + "; ".join(r["mamba_rows"])[:600]
+                  + (f"; gated norm kernel calls {r['gated_norm_calls']}" if "gated_norm_calls" in r else "")
                   + (f"; fallbacks {r['mamba_fallbacks']}" if r.get("mamba_fallbacks") else ""))
     for r in ok:
         if r.get("attention_rows"):

@@ -19,7 +19,7 @@ from torch import nn
 from . import backends, probe
 from .errors import PatchError
 from .families import tables
-from .ops import attention, experts, loss, mamba_ssd, rmsnorm, router, sink_attention
+from .ops import attention, experts, gated_rmsnorm, loss, mamba_ssd, rmsnorm, router, sink_attention
 from .ops.base import Replacement
 
 
@@ -370,6 +370,30 @@ def _plan_mamba(module, row, plan) -> None:
     plan.actions.append(Action(row, module, install=mamba_ssd.installer(fn_name, ok)))
 
 
+def _plan_gated_rmsnorm(module, row, plan) -> None:
+    """A Mamba2 mixer's gated, grouped RMSNorm (patches/ GATED_RMSNORM): the module swapped for GatedRMSNorm,
+    which runs mamba-ssm's Triton kernel for the dtype cases proven on this device against the family's own
+    forward (ops/gated_rmsnorm.py), else that forward. No backend choice: one kernel, or the family's norm."""
+    spec = tables().gated_rmsnorm[type(module).__name__]
+    device = _device(module)
+    why = gated_rmsnorm.why_not(module, device)
+    if why:
+        row.reason = why
+        return
+    proven = gated_rmsnorm.prove(module, spec["norm_before_gate"], device)
+    own = module.weight.dtype
+    ok = [case for case, why in proven.items() if why is None]
+    if not any(case[2] == own for case in ok):
+        row.reason = f"{gated_rmsnorm.NAME} not proven equal to {type(module).__name__} with {own} weights: " + \
+            "; ".join(why for case, why in proven.items() if case[2] == own)
+        return
+    others = [f"{gated_rmsnorm.case_name(c)} calls run the family's norm: {why}" for c, why in proven.items() if why]
+    row.replacement = f"GatedRMSNorm(mamba-ssm rmsnorm_fn, group {module.group_size})"
+    row.backend, row.status, row.reason = "mamba_ssm", "patched", "; ".join(others)
+    plan.actions.append(Action(row, module, factory=lambda m: gated_rmsnorm.GatedRMSNorm.build(
+        m, spec["norm_before_gate"], ok)))
+
+
 def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
     if sink_attention.has_sinks(module):
         _plan_sink_attention(module, row, plan)
@@ -433,6 +457,9 @@ def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool, expert_paral
             continue
         if kind == "mamba":  # mamba-ssm's kernel or the family's own scan: no backend choice
             _plan_mamba(module, row, plan)
+            continue
+        if kind == "rmsnorm" and cls_name in tables().gated_rmsnorm:  # likewise: mamba-ssm's kernel or stock
+            _plan_gated_rmsnorm(module, row, plan)
             continue
         backend, fallback_reason = backends.choose(backends.for_kind(opts.backend, kind), kind, _device(module))
 

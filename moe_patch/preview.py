@@ -15,7 +15,7 @@ import re
 import torch
 
 from . import backends
-from .ops import attention, compiled, mamba_ssd
+from .ops import attention, compiled, gated_rmsnorm, mamba_ssd
 from .plan import Options, Row
 
 PACKAGES = {"te": "te", "liger": "liger"}  # --with NAME -> the Capabilities field it turns on
@@ -77,6 +77,14 @@ def preview(rows, opts: Options, device: str, with_: set) -> list[Row]:
         out.append(row)
         if row.kind == "mamba" and target.type == "cuda" and row.reason == mamba_ssd.NOT_ON_CPU:
             row.reason = mamba_ssd.ON_GPU_PREVIEW  # planned here on a CPU: the GPU's own apply() decides
+            continue
+        if row.kind == "rmsnorm" and row.reason == gated_rmsnorm.NOT_ON_CPU:
+            if target.type == "cuda":
+                row.reason = gated_rmsnorm.ON_GPU_PREVIEW  # likewise
+            continue
+        if row.kind == "rmsnorm" and row.backend == "mamba_ssm":  # proven on this machine's GPU
+            if target.type != "cuda":
+                row.replacement, row.backend, row.status, row.reason = "", "", "skipped", gated_rmsnorm.NOT_ON_CPU
             continue
         if row.status == "skipped" and row.kind != "linear" or row.reason.endswith("=False") or \
                 row.reason.startswith("matched skip pattern") or row.reason.startswith("skip callable"):

@@ -8,6 +8,9 @@ Each file may define:
   SKIP         {class name: reason}                     -- known not to be replaceable, and why
   MAMBA        {Mamba2 mixer class name: name of the module-level chunk-scan function it calls}
                                                         -- routed to mamba-ssm's Triton SSD kernel; proven
+  GATED_RMSNORM {gated norm class name: {"norm_before_gate": bool}}
+                                                        -- on mamba-ssm's Triton gated RMSNorm (kind rmsnorm);
+                                                           the semantics declared here are proven, not assumed
 Experts decorated with `@use_experts_implementation` and attention modules that dispatch through
 `ALL_ATTENTION_FUNCTIONS` need no entry: they are found structurally.
 """

@@ -6,4 +6,3 @@ _SIGMOID_GROUPED = dict(score="sigmoid", order="score_topk", renorm="norm_topk_p
 RMSNORM = {"DeepseekV3RMSNorm": "scale", "Glm4MoeRMSNorm": "scale", "NemotronHRMSNorm": "scale"}
 ROUTER = {"DeepseekV3TopkRouter": _SIGMOID_GROUPED, "Glm4MoeTopkRouter": _SIGMOID_GROUPED,
           "NemotronHTopkRouter": _SIGMOID_GROUPED}
-SKIP = {"NemotronHRMSNormGated": "gated, grouped norm of the Mamba2 mixer (takes the gate as a second input)"}
