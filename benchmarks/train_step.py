@@ -137,6 +137,8 @@ def child(args) -> dict:
         info["report"] = moe_patch.report(model).summary()
         info["attention_rows"] = sorted({f"{r.status}: {r.replacement or r.reason}"
                                          for r in moe_patch.report(model).where(kind="attention")})
+        info["experts_rows"] = sorted({f"{r.status}: {r.replacement or ''} {r.reason}".strip()
+                                       for r in moe_patch.report(model).where(kind="experts")})
         info["mamba_rows"] = sorted({f"{r.status}: {r.replacement} {r.reason}".strip()
                                      for r in moe_patch.report(model).where(kind="mamba")})
     model.train()
@@ -264,6 +266,8 @@ def print_sweep(results, args):
     for r in ok:
         if r.get("attention_rows"):
             print(f"{r['shape']:<22} attention: " + "; ".join(r["attention_rows"])[:300])
+        if r.get("experts_rows"):
+            print(f"{r['shape']:<22} experts: " + "; ".join(r["experts_rows"])[:300])
 
 
 def sweep_chart(results, path):
