@@ -184,8 +184,12 @@ def main():
         sweep(args)
         return
     # VARIANT@MB runs that variant at micro-batch MB (each system at its largest fitting micro-batch)
-    results = [run_child(v.split("@")[0], ["--batch", v.split("@")[1]] if "@" in v else [])
-               for v in args.variants.split(",")]
+    results = []
+    for v in args.variants.split(","):
+        results.append(run_child(v.split("@")[0], ["--batch", v.split("@")[1]] if "@" in v else []))
+        print(json.dumps({k: results[-1].get(k) for k in ("variant", "tokens_per_s", "peak_gib", "error")}), flush=True)
+        write_results(args, [{k: x for k, x in r.items() if k != "stderr"} for r in results])  # a run cut short
+        # keeps what it measured
     if args.profile:
         for r in results:
             print(f"--- {r['variant']}: GPU kernels of one step\n" + r.pop("stderr", ""))
