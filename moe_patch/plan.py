@@ -225,14 +225,16 @@ def _propose_experts(module, backend, opts, expert_parallel=False):
                                 lambda m: experts.GroupedExperts.build(m, flags, "te", gate, fp8=True))
         why_not_te = f"TE grouped experts not proven equal to {name}: {why}"
     # proven on a small throw-away copy, as the model's own experts module computes it (probe.py)
-    gate, _ = _compiled_gate(module, flags) if flags["has_gate"] else (None, "")
+    gate, why_gate = _compiled_gate(module, flags) if flags["has_gate"] else (None, "")
+    if _device(module).type != "cuda":
+        why_gate = ""  # nothing to compile off a GPU: not a fallback
     factory = (lambda m: experts.GroupedExperts.build(m, flags, fused_gate=gate))
     why = probe.experts_proven(module, factory, ("torch", key, _gate_label(gate)), device=_device(module))
     if why is not None:
         return None, "", "; ".join(r for r in (why_not_te, f"GroupedExperts not proven equal to {name}: {why}") if r)
     return _fp8_experts(module, flags, key, opts, expert_parallel, factory, f"GroupedExperts({_gate_label(gate)}"
-                        "grouped_mm)", why_not_te, lambda m: experts.GroupedExperts.build(m, flags, fused_gate=gate,
-                                                                                          fp8=True))
+                        "grouped_mm)", "; ".join(r for r in (why_not_te, why_gate) if r),
+                        lambda m: experts.GroupedExperts.build(m, flags, fused_gate=gate, fp8=True))
 
 
 def _gate_width(module, flags) -> int:

@@ -62,7 +62,7 @@ def test_proof_accepts_the_family_gate_and_rejects_another():
     assert why is not None and "not the family's gate" in why
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", ["te", "torch"])
 @pytest.mark.gpu
 @needs_gpu
