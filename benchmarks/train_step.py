@@ -131,7 +131,11 @@ def child(args) -> dict:
             from moe_patch.ops.te import TELinear
 
             TELinear.reuse_fp8_weights = False
+        import time
+
+        start = time.perf_counter()
         moe_patch.apply(model, backend=backend, loss=args.child != "patched-noloss", fp8=fp8)
+        info["apply_s"] = time.perf_counter() - start  # the plan-time proofs (and their compiles) included
         if args.child == "patched-compiledce":
             model.forward.step = "compiled"
         info["report"] = moe_patch.report(model).summary()
