@@ -304,6 +304,10 @@ def print_table(results, args):
               f"{r['fwd_ms']:>7.1f} {r['bwd_ms']:>7.1f} {r['optim_ms']:>8.1f} {up:>7.2f}x {mem:>6.2f}x")
     for r in ok:
         print(f"{r['variant']:<27} loss " + " ".join(f"{x:.4f}" for x in r["losses"][:8]))
+    for r in ok:
+        if r.get("experts_rows"):
+            print(f"{r['variant']:<27} experts: " + "; ".join(r["experts_rows"])[:300]
+                  + (f" (apply() {r['apply_s']:.0f} s)" if "apply_s" in r else ""))
     for r in results:
         if "error" in r:
             print(f"{r['variant']:<27} FAILED (see stderr)")
