@@ -62,6 +62,17 @@ def test_proof_accepts_the_family_gate_and_rejects_another():
     assert why is not None and "not the family's gate" in why
 
 
+def test_gate_pickles_and_copies():
+    """A patched model is saved whole with torch.save: the gate (kept on the experts module) must pickle."""
+    import pickle
+
+    experts = _gpt_oss_experts()
+    gate = cg.CompiledGate(cg._owner(experts))
+    x, b = torch.randn(7, 2 * 96), torch.randn(7, 2 * 96)
+    for clone in (pickle.loads(pickle.dumps(gate)), copy.deepcopy(gate)):
+        assert torch.equal(clone(x, b), experts._apply_gate(x + b)) and torch.equal(clone(x), experts._apply_gate(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", ["te", "torch"])
 @pytest.mark.gpu

@@ -17,6 +17,7 @@ onehot(expert_ids)^T @ grad (float32 accumulation), instead of the indexing back
 from __future__ import annotations
 
 import copy
+import types
 
 import torch
 import torch.nn.functional as F
@@ -85,12 +86,24 @@ class CompiledGate:
         def gate_with_bias(h, bias_rows):
             return owner._apply_gate(h + bias_rows)
 
-        self._gate, self._gate_with_bias = gate, gate_with_bias
+        # dynamo keeps at most 8 compiled variants per code object, then runs it uncompiled: each gate gets its own
+        # code objects, so that gates of other families (or models) in the process do not use up this one's
+        tag = f"{type(owner).__name__}_{id(self):x}"
+        self._gate, self._gate_with_bias = (_own_code(fn, f"{fn.__name__}_{tag}") for fn in (gate, gate_with_bias))
+
+    def __reduce__(self):  # torch.save(model) / pickle: rebuilt from its owner (the closures do not pickle)
+        return CompiledGate, (self.owner,)
 
     def __call__(self, h: torch.Tensor, bias_rows: torch.Tensor | None = None) -> torch.Tensor:
         if bias_rows is None:
             return compiled.run(self._gate, h)
         return compiled.run(self._gate_with_bias, h, bias_rows)
+
+
+def _own_code(fn, name: str):
+    """fn with a code object of its own (same body, globals and closure)."""
+    code = fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 def _owner(module):
