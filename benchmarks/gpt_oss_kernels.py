@@ -5,7 +5,10 @@ sliding-window layers) and the experts' elementwise work (bias adds and the clam
     python benchmarks/gpt_oss_kernels.py --batch 2 --seq 4096 --json gpt_oss_kernels.json
 
 Each attention variant is also compared with the family's own eager attention in float32 on the same bf16
-values (output and the q / k / v / sinks gradients, relative error). Times are CUDA-event medians.
+values (output and the q / k / v / sinks gradients, relative error). Times are CUDA-event medians of single calls:
+host-side launch work (TE's Python, flex's BlockMask lookup) is inside them wherever it exceeds the GPU work, as it
+does for the 128-token window; a training step overlaps it. --no-flex skips flex_attention's compile (tens of
+seconds), --no-experts the experts' variants (whose compiled one also compiles).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from steps import median_cuda_ms
 
 
 def rel(a, b):
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
