@@ -228,13 +228,14 @@ def _propose_experts(module, backend, opts, expert_parallel=False):
     gate, why_gate = _compiled_gate(module, flags) if flags["has_gate"] else (None, "")
     if _device(module).type != "cuda":
         why_gate = ""  # nothing to compile off a GPU: not a fallback
-    factory = (lambda m: experts.GroupedExperts.build(m, flags, fused_gate=gate))
+    extra = {"fused_gate": gate} if gate is not None else {}
+    factory = (lambda m: experts.GroupedExperts.build(m, flags, **extra))
     why = probe.experts_proven(module, factory, ("torch", key, _gate_label(gate)), device=_device(module))
     if why is not None:
         return None, "", "; ".join(r for r in (why_not_te, f"GroupedExperts not proven equal to {name}: {why}") if r)
     return _fp8_experts(module, flags, key, opts, expert_parallel, factory, f"GroupedExperts({_gate_label(gate)}"
                         "grouped_mm)", "; ".join(r for r in (why_not_te, why_gate) if r),
-                        lambda m: experts.GroupedExperts.build(m, flags, fused_gate=gate, fp8=True))
+                        lambda m: experts.GroupedExperts.build(m, flags, fp8=True, **extra))
 
 
 def _gate_width(module, flags) -> int:
