@@ -225,24 +225,46 @@ def _propose_experts(module, backend, opts, expert_parallel=False):
         if flags["has_gate"]:
             from .ops.te_gate import fused_swiglu  # lazy: only reached with TE usable on a GPU
 
-            gate_up = module.gate_up_proj  # [E, 2 x width, hidden], or [E, hidden, 2 x width] when transposed
-            gate, why_gate = fused_swiglu(module, gate_up.shape[-1 if flags["is_transposed"] else -2],
-                                          _device(module))
-        label = "GroupedExperts(te permute, te swiglu, grouped_mm)" if gate is not None else \
-            "GroupedExperts(te permute, grouped_mm)"
+            gate, why_gate = fused_swiglu(module, _gate_width(module, flags), _device(module))
+            if gate is None:  # the family's own gate compiled, where TE's SwiGLU is not it (GPT-OSS)
+                gate, why_compiled = _compiled_gate(module, flags)
+                why_gate = "" if gate is not None else "; ".join(r for r in (why_gate, why_compiled) if r)
+        label = f"GroupedExperts(te permute, {_gate_label(gate)}grouped_mm)"
         te_factory = (lambda m: experts.GroupedExperts.build(m, flags, "te", gate))
-        why = probe.experts_proven(module, te_factory, ("te", key, gate is not None), device=_device(module))
+        why = probe.experts_proven(module, te_factory, ("te", key, _gate_label(gate)), device=_device(module))
         if why is None:
             return _fp8_experts(module, flags, key, opts, expert_parallel, te_factory, label, why_gate,
                                 lambda m: experts.GroupedExperts.build(m, flags, "te", gate, fp8=True))
         why_not_te = f"TE grouped experts not proven equal to {name}: {why}"
     # proven on a small throw-away copy, as the model's own experts module computes it (probe.py)
-    factory = (lambda m: experts.GroupedExperts.build(m, flags))
-    why = probe.experts_proven(module, factory, ("torch", key), device=_device(module))
+    gate, why_gate = _compiled_gate(module, flags) if flags["has_gate"] else (None, "")
+    if _device(module).type != "cuda":
+        why_gate = ""  # nothing to compile off a GPU: not a fallback
+    extra = {"fused_gate": gate} if gate is not None else {}
+    factory = (lambda m: experts.GroupedExperts.build(m, flags, **extra))
+    why = probe.experts_proven(module, factory, ("torch", key, _gate_label(gate)), device=_device(module))
     if why is not None:
         return None, "", "; ".join(r for r in (why_not_te, f"GroupedExperts not proven equal to {name}: {why}") if r)
-    return _fp8_experts(module, flags, key, opts, expert_parallel, factory, "GroupedExperts(grouped_mm)", why_not_te,
-                        lambda m: experts.GroupedExperts.build(m, flags, fp8=True))
+    return _fp8_experts(module, flags, key, opts, expert_parallel, factory, f"GroupedExperts({_gate_label(gate)}"
+                        "grouped_mm)", "; ".join(r for r in (why_not_te, why_gate) if r),
+                        lambda m: experts.GroupedExperts.build(m, flags, fp8=True, **extra))
+
+
+def _gate_width(module, flags) -> int:
+    gate_up = module.gate_up_proj  # [E, 2 x width, hidden], or [E, hidden, 2 x width] when transposed
+    return gate_up.shape[-1 if flags["is_transposed"] else -2]
+
+
+def _gate_label(gate) -> str:
+    return "" if gate is None else f"{getattr(gate, 'label', 'te swiglu')}, "
+
+
+def _compiled_gate(module, flags):
+    """The family's own _apply_gate compiled (with the bias add where the experts have biases), where proven on
+    this GPU (ops/compiled_gate.py); (None, why) elsewhere."""
+    from .ops.compiled_gate import compiled_gate
+
+    return compiled_gate(module, _gate_width(module, flags), _device(module), bool(flags["has_bias"]))
 
 
 def _fp8_experts(module, flags, key, opts, expert_parallel, factory, label, reason, fp8_factory):

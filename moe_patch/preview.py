@@ -54,7 +54,8 @@ def _label(row: Row, backend: str, target: torch.device, caps) -> tuple[str, str
             return f"TorchRMSNorm({variant}{', compiled' if gpu and compiled.enabled() else ''})", ""
         return {"liger": "LigerRMSNorm", "te": "TERMSNorm"}[backend] + f"({variant})", ""
     if row.kind == "experts" and backend == "te":
-        return "GroupedExperts(te permute, te swiglu, grouped_mm)", _proven_there("te swiglu", "the family's gate")
+        return "GroupedExperts(te permute, te swiglu, grouped_mm)", _proven_there(
+            "te swiglu", "the family's gate, compiled where proven (GPT-OSS)")
     if row.kind == "router" and backend == "te":
         return f"TERouter({_variant(row.replacement)}, fused)", _proven_there("TE's fused router", row.replacement)
     if row.kind == "loss":
