@@ -115,3 +115,31 @@ def test_gpt_oss_experts_on_the_compiled_gate(dtype, backend):
             assert rel_err(p.grad, grads[name].grad) < grad_tol, (limit, name)
     moe_patch.revert(patched)
     assert type(patched.get_submodule(row.path)) is type(ref)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_fused_gate_kept_across_train_and_eval(family):
+    """from_pretrained returns eval mode: a model patched then and put in train() keeps its fused gate (the mode
+    is not one of the gate's switches); a real switch changed after apply() still sends the rows to the family's
+    gate. The fused gate here is a recording stand-in for TE's SwiGLU / the compiled gate (GPU only)."""
+    model = build(family).eval()
+    moe_patch.apply(model, attention=False, loss=False)
+    experts = moe_patch.report(model).where(kind="experts")[0]
+    module = model.get_submodule(experts.path)
+    calls = []
+
+    def recording_gate(h, *bias):
+        calls.append(h.shape)
+        return module._apply_gate(h + bias[0]) if bias else module._apply_gate(h)
+
+    object.__setattr__(module, "_fused_gate", recording_gate)
+    object.__setattr__(module, "_gate_proven", module._gate_switches())  # as if proven at apply(), in eval mode
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(input_ids=ids)
+    assert calls, "train() after apply() switched the fused gate off"
+    if family == "gpt_oss":  # GPT-OSS's clamp limit is a gate switch: changed, the family's gate runs
+        calls.clear()
+        module.limit = module.limit / 2
+        model(input_ids=ids)
+        assert not calls

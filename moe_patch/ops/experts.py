@@ -154,8 +154,11 @@ def scatter_weighted(out, order, weights, num_tokens, top_k, hidden_dtype):
     return slots.view(num_tokens, top_k, out.shape[-1]).sum(dim=1).to(hidden_dtype)
 
 
-# attributes GroupedExperts sets and changes itself (sharding sets the local expert count)
-_MANAGED = frozenset(FLAG_NAMES) | {"up_name", "num_experts", "num_global_experts", "grad_factor"}
+# attributes GroupedExperts sets and changes itself (sharding sets the local expert count), and nn.Module's
+# `training`: from_pretrained returns eval mode, so a model patched right after loading is put in train() before
+# it trains; that must not switch the fused gate off (te_gate proves TE's SwiGLU in both modes; the compiled gate
+# runs the family's own _apply_gate, which torch.compile re-traces for the mode)
+_MANAGED = frozenset(FLAG_NAMES) | {"up_name", "num_experts", "num_global_experts", "grad_factor", "training"}
 
 
 class GroupedExperts(Replacement):

@@ -9,6 +9,8 @@ it is used; a family whose gate differs (GPT-OSS's clamped, interleaved one) kee
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .. import probe
@@ -29,12 +31,15 @@ def fused_swiglu(module, width: int, device: torch.device):
 
 
 def _probe(module, width, device):
+    was_training = module.training
     try:
         import transformer_engine.pytorch as te
 
         op = te.ops.SwiGLU()
         g = torch.Generator(device=device).manual_seed(0)
-        for dtype in (torch.float32, torch.bfloat16):
+        # in training and in eval mode: the fused gate is kept across model.train() / eval() (GroupedExperts'
+        # switches leave `training` out), so a family gate that depended on the mode must fail here
+        for dtype, module.training in itertools.product((torch.float32, torch.bfloat16), (True, False)):
             x = (torch.randn(64, width, device=device, generator=g) * 2).to(dtype)
             w = torch.randn(64, width // 2, device=device, generator=g).to(dtype)
             x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -51,4 +56,6 @@ def _probe(module, width, device):
                 return None, f"TE SwiGLU gradient differs from the family's gate (rel. error {err:.1e}, {dtype})"
     except Exception as exc:  # a probe never takes the program down: the family's gate stays
         return None, f"TE SwiGLU probe failed: {type(exc).__name__}: {exc}"
+    finally:
+        module.training = was_training
     return op, ""
