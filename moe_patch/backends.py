@@ -17,7 +17,7 @@ from .errors import BackendUnavailableError, PatchError
 from .ops import compiled
 
 BACKENDS = ("auto", "torch", "te", "liger")
-KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss")
+KINDS = config.BACKEND_KINDS
 
 # Which kinds each backend implements today. torch implements every kind (for "linear" that means
 # keeping nn.Linear, which already is cuBLAS on GPU). te: experts with TE's fused permute / unpermute,

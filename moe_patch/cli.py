@@ -193,14 +193,15 @@ def cmd_report(args) -> int:
 
     from .config import from_environment
 
-    # flags left out take MOE_PATCH_DISABLE / MOE_PATCH_SKIP / MOE_PATCH_BACKEND, as apply() and MOE_PATCH=1 do,
-    # so the report shows what a run in this shell would do (a bad value there is the same one-line error)
+    # the environment counts as it does for apply() and MOE_PATCH=1, so the report shows what a run in this shell
+    # would do (a bad value there is the same one-line error): --backend / --skip replace MOE_PATCH_BACKEND /
+    # MOE_PATCH_SKIP, and --disable adds kinds to MOE_PATCH_DISABLE's, as apply(router=False) does
     env = from_environment()
     backend = parse_backend(args.backend, "--backend") if args.backend is not None else env.get("backend", "auto")
-    disabled = (parse_kinds(_split(args.disable), "--disable") if args.disable is not None
-                else [k for k, v in env.items() if v is False])
+    disabled = sorted({k for k, v in env.items() if v is False} | set(parse_kinds(_split(args.disable or ""),
+                                                                                  "--disable")))
     skip = tuple(_split(args.skip)) if args.skip is not None else env.get("skip", ())
-    from_env = [f"{var}={os.environ[var].strip()}" for var, flag in (("MOE_PATCH_DISABLE", args.disable),
+    from_env = [f"{var}={os.environ[var].strip()}" for var, flag in (("MOE_PATCH_DISABLE", None),
                 ("MOE_PATCH_SKIP", args.skip), ("MOE_PATCH_BACKEND", args.backend))
                 if flag is None and os.environ.get(var, "").strip()]
     with_ = set(_split(args.with_))
@@ -220,7 +221,8 @@ def cmd_report(args) -> int:
     rows = engine.plan_report(model, **dict(opts, backend="auto") if previewing else opts)
     print(f"{type(model).__name__} ({config.model_type}) from {what}: planned on the meta device, nothing changed")
     if from_env:
-        print(f"from the environment: {' '.join(from_env)} (a flag given here overrides it)")
+        print(f"from the environment: {' '.join(from_env)} (--backend / --skip replace their variable, "
+              "--disable adds to MOE_PATCH_DISABLE)")
     if previewing:
         try:
             rows = Report(preview(rows, Options(**opts), device, with_))
@@ -424,7 +426,7 @@ def _parser():
     rep.add_argument("--backend", help="auto | torch | te | liger, or per kind: loss=torch,experts=te "
                                         "(default: MOE_PATCH_BACKEND, else auto)")
     rep.add_argument("--disable", help="comma-separated kinds to leave alone (attention, rmsnorm, linear, experts, "
-                                       "router, loss, mamba; default: MOE_PATCH_DISABLE)")
+                                       "router, loss, mamba), besides MOE_PATCH_DISABLE's")
     rep.add_argument("--skip", help="comma-separated module-path globs to leave alone (default: MOE_PATCH_SKIP)")
     rep.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "gpu"),
                      help="plan for this device (auto: this machine's; gpu: cuda); cuda on a CPU machine is a preview")

@@ -20,6 +20,8 @@ import os
 from .errors import PatchError
 
 KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss", "mamba")
+# the kinds with a backend choice (mamba runs mamba-ssm's kernel or the family's scan: nothing to choose)
+BACKEND_KINDS = tuple(k for k in KINDS if k != "mamba")
 BACKENDS = ("auto", "torch", "te", "liger")
 DEFAULTS = dict(attention=True, rmsnorm=True, linear=True, experts=True, router=True, loss=True, mamba=True, skip=(),
                 backend="auto")
@@ -27,7 +29,7 @@ VARIABLES = {
     "MOE_PATCH": "1: patch every model Transformers builds in this process (the start-up hook)",
     "MOE_PATCH_DISABLE": f"comma-separated kinds to leave alone ({', '.join(KINDS)})",
     "MOE_PATCH_SKIP": "comma-separated module-path globs to leave alone (lm_head, model.layers.0.*)",
-    "MOE_PATCH_BACKEND": f"{' | '.join(BACKENDS)}, or per kind: loss=torch,experts=te",
+    "MOE_PATCH_BACKEND": f"{' | '.join(BACKENDS)}, or per kind ({', '.join(BACKEND_KINDS)}): loss=torch,experts=te",
     "MOE_PATCH_QUIET": "1: auto-patching prints nothing on success",
     "MOE_PATCH_COMPILE": "0: keep the small torch.compile'd helpers eager",
     "MOE_PATCH_EP": "expert-parallel size when auto-patching under torchrun",
@@ -105,8 +107,8 @@ def parse_backend(value: str, source: str = "MOE_PATCH_BACKEND"):
     for item in value.split(","):
         kind, _, name = item.partition("=")
         kind, name = kind.strip(), name.strip()
-        if kind not in KINDS:
-            raise PatchError(f"{source}: in {item!r}, " + unknown("kind", kind, KINDS))
+        if kind not in BACKEND_KINDS:
+            raise PatchError(f"{source}: in {item!r}, " + unknown("kind", kind, BACKEND_KINDS))
         if name not in BACKENDS:
             raise PatchError(f"{source}: in {item!r}, " + unknown("backend", name, BACKENDS))
         per_kind[kind] = name

@@ -202,7 +202,8 @@ def _propose_experts(module, backend, opts, expert_parallel=False):
     if name in tables().skip:
         return None, "", tables().skip[name]
     if _per_expert_modules(module):
-        return None, "", (f"{len(module.experts)} experts as separate modules ({type(module.experts).__name__}), "
+        count = getattr(module.experts, "num_experts", None) or len(module.experts)  # NLLB's also holds a Dropout
+        return None, "", (f"{count} experts as separate modules ({type(module.experts).__name__}), "
                           "not Transformers' fused 3-D expert weights: no grouped GEMM, the block stays stock")
     flags = tables().experts.get(name)
     if flags is None and hasattr(module, "has_gate"):

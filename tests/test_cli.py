@@ -47,8 +47,9 @@ def test_report_reads_that_very_config_file(configs):
 
 
 def test_report_follows_the_environment_unless_a_flag_says_otherwise(configs):
-    """MOE_PATCH_DISABLE / MOE_PATCH_SKIP / MOE_PATCH_BACKEND shape the report as they shape MOE_PATCH=1; a flag
-    given on the command line overrides its variable; a bad value there is the same one-line error."""
+    """MOE_PATCH_DISABLE / MOE_PATCH_SKIP / MOE_PATCH_BACKEND shape the report as they shape MOE_PATCH=1: --skip
+    replaces its variable, --disable adds kinds as apply()'s flags do; a bad value there is the same one-line
+    error."""
     path = str(configs / "mixtral.json")
     env = dict(MOE_PATCH_DISABLE="router", MOE_PATCH_SKIP="model.layers.0.*")
     out = cli("report", path, **env)
@@ -58,9 +59,12 @@ def test_report_follows_the_environment_unless_a_flag_says_otherwise(configs):
     assert all("router=False" in r for r in rows if " router " in r) and any(" router " in r for r in rows)
     assert all("skipped" in r for r in rows if r.startswith("model.layers.0."))
     assert any("patched" in r for r in rows if r.startswith("model.layers.1."))
-    flags = cli("report", path, "--disable", "", "--skip", "", **env)
-    assert flags.returncode == 0 and "from the environment" not in flags.stdout
-    assert "router=False" not in flags.stdout and "matched skip pattern" not in flags.stdout
+    flags = cli("report", path, "--disable", "experts", "--skip", "", **env)  # --disable adds, as apply() does
+    assert flags.returncode == 0 and "from the environment: MOE_PATCH_DISABLE=router (" in flags.stdout
+    assert "router=False" in flags.stdout and "experts=False" in flags.stdout
+    assert "matched skip pattern" not in flags.stdout
+    one_line_error(cli("report", path, MOE_PATCH_BACKEND="mamba=torch"),  # no backend choice for mamba
+                   "MOE_PATCH_BACKEND: in 'mamba=torch', unknown kind 'mamba'")
     one_line_error(cli("report", path, MOE_PATCH_DISABLE="routr"), "MOE_PATCH_DISABLE: unknown kind 'routr'",
                    "(did you mean 'router'?)")
 
