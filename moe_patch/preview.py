@@ -15,7 +15,7 @@ import re
 import torch
 
 from . import backends
-from .ops import attention, compiled, gated_rmsnorm, mamba_ssd
+from .ops import attention, compiled, gated_rmsnorm, mamba_ssd, sink_attention
 from .plan import Options, Row
 
 PACKAGES = {"te": "te", "liger": "liger"}  # --with NAME -> the Capabilities field it turns on
@@ -78,6 +78,9 @@ def preview(rows, opts: Options, device: str, with_: set) -> list[Row]:
         out.append(row)
         if row.kind == "mamba" and target.type == "cuda" and row.reason == mamba_ssd.NOT_ON_CPU:
             row.reason = mamba_ssd.ON_GPU_PREVIEW  # planned here on a CPU: the GPU's own apply() decides
+            continue
+        if row.kind == "attention" and target.type == "cuda" and row.reason.endswith(sink_attention.NOT_ON_CPU):
+            row.reason = sink_attention.ON_GPU_PREVIEW  # planned on a CPU: the GPU's own apply() proves it
             continue
         if row.kind == "rmsnorm" and row.reason == gated_rmsnorm.NOT_ON_CPU:
             if target.type == "cuda":

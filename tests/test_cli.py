@@ -159,3 +159,15 @@ def test_report_names_experts_it_leaves_stock():
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if " experts " in line and "SparseMLP" in line]
     assert rows and all("skipped" in r and "experts as separate modules" in r for r in rows), out.stdout[-2000:]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a preview only where there is no GPU")
+def test_gpu_preview_of_sink_attention_says_what_the_gpu_does():
+    """From a CPU, `--device cuda` previews GPT-OSS's attention as the GPU's apply() would try it (flex_attention
+    with the sinks), not with the CPU's reason (no flex backward on CPU)."""
+    out = cli("report", "gpt_oss", "--device", "cuda")
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if " attention " in line and "GptOssAttention" in line]
+    assert rows and all("on a GPU: flex_attention with the learned sinks" in r for r in rows), rows[:2]
+    here = cli("report", "gpt_oss")
+    assert "flex_attention has no backward on CPU" in here.stdout
