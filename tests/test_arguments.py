@@ -95,3 +95,19 @@ def test_a_distributed_config_model_without_expert_parallelism_is_refused_with_w
                                                               r"takes over such models only with ep_size > 1") as info:
         moe_patch.apply(model)
     assert "\n" not in str(info.value) and not moe_patch.is_patched(model)
+
+
+def test_plan_report_follows_the_environment_like_apply(monkeypatch):
+    """plan_report shows what apply() would do in this process: MOE_PATCH_DISABLE / SKIP count for flags left
+    out; a flag given overrides its own kind only, as apply()'s do."""
+    monkeypatch.setenv("MOE_PATCH_DISABLE", "router")
+    monkeypatch.setenv("MOE_PATCH_SKIP", "model.layers.0.*")
+    planned = moe_patch.plan_report(build("qwen3_moe"))
+    applied = moe_patch.report(moe_patch.apply(build("qwen3_moe")))
+    assert [(r.path, r.status, r.reason) for r in planned] == [(r.path, r.status, r.reason) for r in applied]
+    assert all(r.reason == "router=False" for r in planned.where(kind="router"))
+    assert all(r.status == "skipped" for r in planned if r.path.startswith("model.layers.0."))
+    mixed = moe_patch.plan_report(build("qwen3_moe"), router=True, experts=False)
+    assert all(r.status == "patched" for r in mixed.where(kind="router") if not r.path.startswith("model.layers.0."))
+    reasons = {r.reason for r in mixed.where(kind="experts")}
+    assert reasons == {"experts=False"}, reasons  # the kind flag is checked before the skip globs
