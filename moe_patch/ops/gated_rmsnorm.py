@@ -60,20 +60,7 @@ _PROOFS: dict = {}
 def load_kernel():
     """(rmsnorm_fn, "") or (None, why not). Cached."""
     if "result" not in _KERNEL:
-        import importlib.util
-
-        try:
-            found = importlib.util.find_spec(mamba_ssd.PACKAGE) is not None
-        except (ImportError, ValueError):  # blocked (sys.modules entry None) or a broken install
-            found = False
-        if not found:
-            _KERNEL["result"] = (None, "mamba-ssm is not installed (pip install 'moe_patch[mamba]'; its Triton "
-                                       "kernels need no CUDA build: MAMBA_SKIP_CUDA_BUILD=TRUE)")
-        else:
-            try:
-                _KERNEL["result"] = (getattr(mamba_ssd.load_bare(mamba_ssd.PACKAGE, KERNEL_MODULE), KERNEL_NAME), "")
-            except (ImportError, AttributeError) as exc:
-                _KERNEL["result"] = (None, f"mamba-ssm's Triton gated RMSNorm could not be imported: {exc}")
+        _KERNEL["result"] = mamba_ssd.load_function(KERNEL_MODULE, KERNEL_NAME, "Triton gated RMSNorm")
     return _KERNEL["result"]
 
 

@@ -95,22 +95,26 @@ def load_bare(package: str, submodule: str):
             del sys.modules[package]
 
 
+def load_function(submodule: str, name: str, what: str):
+    """(`name` from mamba-ssm's `submodule`, "") or (None, why not), without `import mamba_ssm` (load_bare).
+    `what` names it in the reason. Not cached: each caller caches its own (load_kernel here, gated_rmsnorm's)."""
+    try:
+        found = importlib.util.find_spec(PACKAGE) is not None
+    except (ImportError, ValueError):  # blocked (sys.modules entry None) or a broken install
+        found = False
+    if not found:
+        return None, ("mamba-ssm is not installed (pip install 'moe_patch[mamba]'; its Triton kernels need no CUDA "
+                      "build: MAMBA_SKIP_CUDA_BUILD=TRUE)")
+    try:
+        return getattr(load_bare(PACKAGE, submodule), name), ""
+    except (ImportError, AttributeError) as exc:
+        return None, f"mamba-ssm's {what} could not be imported: {exc}"
+
+
 def load_kernel():
     """(mamba_chunk_scan_combined, "") or (None, why not). Cached."""
     if "result" not in _KERNEL:
-        try:
-            found = importlib.util.find_spec(PACKAGE) is not None
-        except (ImportError, ValueError):  # blocked (sys.modules entry None) or a broken install
-            found = False
-        if not found:
-            _KERNEL["result"] = (None, "mamba-ssm is not installed (pip install 'moe_patch[mamba]'; its Triton "
-                                       "kernels need no CUDA build: MAMBA_SKIP_CUDA_BUILD=TRUE)")
-        else:
-            try:
-                fn = getattr(load_bare(PACKAGE, KERNEL_MODULE), KERNEL_NAME)
-                _KERNEL["result"] = (fn, "")
-            except (ImportError, AttributeError) as exc:
-                _KERNEL["result"] = (None, f"mamba-ssm's Triton SSD kernels could not be imported: {exc}")
+        _KERNEL["result"] = load_function(KERNEL_MODULE, KERNEL_NAME, "Triton SSD kernels")
     return _KERNEL["result"]
 
 
