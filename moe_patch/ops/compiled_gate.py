@@ -60,11 +60,12 @@ def add_bias_and_weigh(out: torch.Tensor, bias_rows: torch.Tensor, weights: torc
     return compiled.run(_add_weigh, out, bias_rows, weights)
 
 
-def switches(module) -> tuple:
-    """The module's plain attributes (bool / int / float / str): what a family's gate reads besides its input
-    (GPT-OSS: alpha, limit). The same as GroupedExperts._gate_switches."""
+def switches(module, leave_out=frozenset({"training"})) -> tuple:
+    """The module's plain attributes (bool / int / float / str) but `leave_out`: what a family's gate reads
+    besides its input (GPT-OSS: alpha, limit). nn.Module's `training` is not one (no family gate reads it; see
+    experts._MANAGED). GroupedExperts._gate_switches is this with its own attributes left out too."""
     return tuple((k, v) for k, v in vars(module).items()
-                 if isinstance(v, (bool, int, float, str)) and not k.startswith("_"))
+                 if isinstance(v, (bool, int, float, str)) and not k.startswith("_") and k not in leave_out)
 
 
 class CompiledGate:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import compiled
 from .base import Replacement
-from .compiled_gate import add_bias_and_weigh, expert_rows
+from .compiled_gate import add_bias_and_weigh, expert_rows, switches
 
 FLAG_NAMES = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
 
@@ -194,8 +194,7 @@ class GroupedExperts(Replacement):
             self.dispatcher = LocalDispatcher()
 
     def _gate_switches(self) -> tuple:
-        return tuple((k, v) for k, v in vars(self).items()
-                     if isinstance(v, (bool, int, float, str)) and not k.startswith("_") and k not in _MANAGED)
+        return switches(self, _MANAGED)
 
     def expert_weight(self, name: str) -> torch.Tensor:
         """A stacked expert parameter as the plain local tensor the kernels take (under
