@@ -354,9 +354,10 @@ def _plan_loss(model, opts, plan) -> None:
     plan.actions.append(Action(row, model, loss_backend=backend, loss_step=step))
 
 
-def _plan_sink_attention(module, row, plan) -> None:
+def _plan_sink_attention(model, module, row, backend, fallback_reason, plan) -> None:
     """Attention with learned sinks (GPT-OSS, ...): flex_attention + sink rescale where proven on this device
-    against the family's own eager function (ops/sink_attention.py); the implementation name stays."""
+    against the family's own eager function (ops/sink_attention.py), and Liger's RoPE where proven (as for SDPA
+    attention); the implementation name stays."""
     impl = getattr(module.config, "_attn_implementation", None)
     if impl != "eager":
         row.reason = f"model uses {impl!r} attention (chosen by the user); kept"
@@ -367,8 +368,38 @@ def _plan_sink_attention(module, row, plan) -> None:
         return
     window = getattr(module, "sliding_window", None)
     row.replacement = f"{sink_attention.NAME}[{f'window {window}' if window else 'causal'}]"
-    row.backend, row.status = "torch", "patched"
-    plan.actions.append(Action(row, module, install=sink_attention.install))
+    row.backend = "torch"
+    rope_label, fallback_reason = _plan_rope(model, module, backend, row, fallback_reason)
+    row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")
+    install = sink_attention.install
+    if rope_label:
+        from .ops import rope  # lazy: Liger only where it runs
+
+        install = _installs(sink_attention.install, rope.install)
+    plan.actions.append(Action(row, module, install=install))
+
+
+def _installs(*installs):
+    """One Action.install running each of `installs` on the module, their handles together."""
+    def install(module) -> list:
+        return [h for each in installs for h in each(module)]
+
+    return install
+
+
+def _plan_rope(model, module, backend, row, fallback_reason) -> tuple[str | None, str]:
+    """(Liger RoPE label or None, fallback reason): with the liger backend, the family's RoPE calls in this
+    attention module go to Liger's kernel where ops/rope.py proves it the family's function (row.replacement
+    and row.backend say so); where it does not, the reason joins fallback_reason."""
+    if backend != "liger":
+        return None, fallback_reason
+    from .ops import rope  # lazy: only reached with Liger usable on a GPU
+
+    rope_label, why = rope.prove(model, module)
+    if rope_label:
+        row.replacement, row.backend = f"{row.replacement} + {rope_label}", "liger"
+        return rope_label, fallback_reason
+    return None, "; ".join(r for r in (fallback_reason, why) if r)
 
 
 def _plan_mamba(module, row, plan) -> None:
@@ -419,7 +450,7 @@ def _plan_gated_rmsnorm(module, row, plan) -> None:
 
 def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
     if sink_attention.has_sinks(module):
-        _plan_sink_attention(module, row, plan)
+        _plan_sink_attention(model, module, row, backend, fallback_reason, plan)
         return
     impl = getattr(module.config, "_attn_implementation", None)
     if impl != "sdpa" or not plan.supports_sdpa:
@@ -433,15 +464,7 @@ def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
         return
     device = _device(module)
     row.replacement, row.backend = f"{attention.describe(device)} (kernel priority set by the module)", "torch"
-    rope_label = None
-    if backend == "liger":  # SDPA plus Liger's fused RoPE, where it is the family's RoPE
-        from .ops import rope  # lazy: only reached with Liger usable on a GPU
-
-        rope_label, why = rope.prove(model, module)
-        if rope_label:
-            row.replacement, row.backend = f"{row.replacement} + {rope_label}", "liger"
-        else:
-            fallback_reason = "; ".join(r for r in (fallback_reason, why) if r)
+    rope_label, fallback_reason = _plan_rope(model, module, backend, row, fallback_reason)  # SDPA + Liger RoPE
     row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")
     plan.actions.append(Action(row, module, attention_impl=impl, rope=rope_label is not None))
 

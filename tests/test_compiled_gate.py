@@ -30,15 +30,19 @@ def test_expert_rows_gradient_is_the_indexing_gradient(experts, rows):
     assert rel_err(b2.grad, b1.grad) < 1e-12 if rows else torch.equal(b2.grad, torch.zeros_like(bias))
 
 
-def test_add_bias_and_weigh_is_the_family_arithmetic():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_add_bias_and_weigh_is_the_family_arithmetic(dtype):
+    """(out + bias[ids]) * weights[:, None] with every gradient, bias' included, as autograd gives the family's
+    eager arithmetic (CPU: the same functions run eagerly, the backward through torch.func.vjp)."""
     g = torch.Generator().manual_seed(1)
-    out, bias, w = torch.randn(30, 16, generator=g), torch.randn(30, 16, generator=g), torch.rand(30, generator=g)
-    ins1 = [t.clone().requires_grad_() for t in (out, bias, w)]
-    ins2 = [t.clone().requires_grad_() for t in (out, bias, w)]
-    ref = (ins1[0] + ins1[1]) * ins1[2][:, None]
-    new = cg.add_bias_and_weigh(*ins2)
-    assert rel_err(new, ref) < 1e-6
-    probe = torch.randn(ref.shape, generator=g)
+    out, bias, w = torch.randn(30, 16, generator=g), torch.randn(4, 16, generator=g), torch.rand(30, generator=g)
+    ids = torch.randint(0, 4, (30,), generator=g)
+    ins1 = [t.to(dtype).requires_grad_() for t in (out, bias, w)]
+    ins2 = [t.to(dtype).requires_grad_() for t in (out, bias, w)]
+    ref = (ins1[0] + ins1[1][ids]) * ins1[2][:, None]
+    new = cg.add_bias_and_weigh(ins2[0], ins2[1], ids, ins2[2])
+    assert new.dtype == ref.dtype and rel_err(new, ref) < 1e-6
+    probe = torch.randn(ref.shape, generator=g).to(dtype)
     (ref * probe).sum().backward(), (new * probe).sum().backward()
     for a, b in zip(ins2, ins1):
         assert rel_err(a.grad, b.grad) < 1e-6
@@ -68,9 +72,10 @@ def test_gate_pickles_and_copies():
 
     experts = _gpt_oss_experts()
     gate = cg.CompiledGate(cg._owner(experts))
-    x, b = torch.randn(7, 2 * 96), torch.randn(7, 2 * 96)
+    x, b, ids = torch.randn(7, 2 * 96), torch.randn(3, 2 * 96), torch.tensor([0, 2, 2, 1, 0, 1, 2])
     for clone in (pickle.loads(pickle.dumps(gate)), copy.deepcopy(gate)):
-        assert torch.equal(clone(x, b), experts._apply_gate(x + b)) and torch.equal(clone(x), experts._apply_gate(x))
+        assert torch.equal(clone(x, b, ids), experts._apply_gate(x + b[ids]))
+        assert torch.equal(clone(x), experts._apply_gate(x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -128,9 +133,9 @@ def test_fused_gate_kept_across_train_and_eval(family):
     module = model.get_submodule(experts.path)
     calls = []
 
-    def recording_gate(h, *bias):
+    def recording_gate(h, bias=None, expert_ids=None):
         calls.append(h.shape)
-        return module._apply_gate(h + bias[0]) if bias else module._apply_gate(h)
+        return module._apply_gate(h + bias[expert_ids]) if bias is not None else module._apply_gate(h)
 
     object.__setattr__(module, "_fused_gate", recording_gate)
     object.__setattr__(module, "_gate_proven", module._gate_switches())  # as if proven at apply(), in eval mode

@@ -285,6 +285,10 @@ def test_sink_attention_on_flex_attention_matches_eager(dtype, tol, grad_tol):
     rows = moe_patch.report(patched).where(kind="attention")
     assert len(rows) == 2 and all(r.status == "patched" and r.replacement.startswith(sink_attention.NAME)
                                   for r in rows), [(r.status, r.reason) for r in rows]
+    # with Liger, the RoPE calls of these modules run its kernel too (proven at apply(); covered by the checks below)
+    from moe_patch.backends import capabilities
+
+    assert all(("liger rope" in r.replacement) == bool(capabilities().liger) for r in rows), rows
     assert patched.config._attn_implementation == "eager"
     ids = torch.randint(0, 256, (2, 77), device="cuda")  # beyond the window (8), not a multiple of flex's block
     captured = record_inputs(patched, [r.path for r in rows], input_ids=ids)  # the mask the model builds in dtype

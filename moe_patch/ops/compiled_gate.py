@@ -17,7 +17,6 @@ onehot(expert_ids)^T @ grad (float32 accumulation), instead of the indexing back
 from __future__ import annotations
 
 import copy
-import types
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,13 @@ from . import compiled
 
 NAME = "compiled gate"
 _CACHE: dict = {}
+
+
+def per_expert_sum(grad: torch.Tensor, expert_ids: torch.Tensor, experts: int) -> torch.Tensor:
+    """grad [S, N], expert_ids [S] int64 (< experts) -> [experts, N], each expert's rows summed: one GEMM,
+    onehot(expert_ids)^T @ grad (float32 accumulation), in grad's dtype: the gradient of bias[expert_ids]."""
+    onehot = F.one_hot(expert_ids, experts).to(grad.dtype)  # [S, E], exact 0 / 1 in any float dtype
+    return onehot.t() @ grad
 
 
 class _ExpertRows(torch.autograd.Function):
@@ -40,8 +46,7 @@ class _ExpertRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (expert_ids,) = ctx.saved_tensors
-        onehot = F.one_hot(expert_ids, ctx.experts).to(grad.dtype)  # [S, E], exact 0 / 1 in any float dtype
-        return onehot.t() @ grad, None
+        return per_expert_sum(grad, expert_ids, ctx.experts), None
 
 
 def expert_rows(bias: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
@@ -49,15 +54,38 @@ def expert_rows(bias: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
     return _ExpertRows.apply(bias, expert_ids)
 
 
-def _add_weigh(out, bias_rows, weights):
-    return (out + bias_rows) * weights.unsqueeze(-1)
+def _add_weigh(out, bias, expert_ids, weights):
+    return (out + bias[expert_ids]) * weights.unsqueeze(-1)
 
 
-def add_bias_and_weigh(out: torch.Tensor, bias_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """(out + bias_rows) * weights[:, None], as a biased family adds its down-projection's bias and then weighs
-    the row (GPT-OSS: `out = h @ W + b; out * routing_weights`); one compiled kernel each way on CUDA.
-    out, bias_rows [S, H]; weights [S]; result in the promoted dtype."""
-    return compiled.run(_add_weigh, out, bias_rows, weights)
+def _add_weigh_grad(out, bias, expert_ids, weights, grad):
+    return torch.func.vjp(lambda o, w: _add_weigh(o, bias, expert_ids, w), out, weights)[1](grad)
+
+
+class _AddBiasAndWeigh(torch.autograd.Function):
+    """_add_weigh forward, its vector-Jacobian product backward, each compiled on its own (compiled.run); the
+    bias' gradient is the per-expert sum of the output's (per_expert_sum)."""
+
+    @staticmethod
+    def forward(ctx, out, bias, expert_ids, weights):
+        ctx.save_for_backward(out, bias, expert_ids, weights)
+        return compiled.run(_add_weigh, out, bias, expert_ids, weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, bias, expert_ids, weights = ctx.saved_tensors
+        d_out, d_weights = compiled.run(_add_weigh_grad, out, bias, expert_ids, weights, grad.contiguous())
+        d_bias = per_expert_sum(d_out, expert_ids, bias.shape[0]).to(bias.dtype) if ctx.needs_input_grad[1] else None
+        return d_out, d_bias, None, d_weights
+
+
+def add_bias_and_weigh(out: torch.Tensor, bias: torch.Tensor, expert_ids: torch.Tensor,
+                       weights: torch.Tensor) -> torch.Tensor:
+    """(out + bias[expert_ids]) * weights[:, None], as a biased family adds its down-projection's bias and then
+    weighs the row (GPT-OSS: `out = h @ W + b; out * routing_weights`); one compiled kernel each way on CUDA, the
+    bias rows never written out. out [S, H]; bias [E, H]; expert_ids [S] int64; weights [S]; result in the
+    promoted dtype."""
+    return _AddBiasAndWeigh.apply(out, bias, expert_ids, weights)
 
 
 def switches(module, leave_out=frozenset({"training"})) -> tuple:
@@ -69,7 +97,15 @@ def switches(module, leave_out=frozenset({"training"})) -> tuple:
 
 
 class CompiledGate:
-    """gate(h, bias_rows=None) = owner._apply_gate(h + bias_rows), compiled on CUDA (compiled.run).
+    """gate(h, bias=None, expert_ids=None) = owner._apply_gate(h + bias[expert_ids]) (or owner._apply_gate(h)),
+    the forward and the backward each one compiled kernel on CUDA (compiled.run).
+
+    h [S, 2 x width] (the up-projection's rows, grouped by expert), bias [E, 2 x width] (one row per local expert),
+    expert_ids [S] int64 -> [S, width] in the promoted dtype. The forward is the family's own function; the backward
+    is its vector-Jacobian product (torch.func.vjp of the same function), recomputing h + bias[expert_ids] instead
+    of keeping it; the bias' gradient sums each expert's rows in one GEMM, as expert_rows does. The two directions
+    are compiled separately (not one function under autograd): under AOTAutograd the bias rows and the biased input
+    were written in the forward and read back in the backward, extra passes over [S, 2 x width] every step.
 
     owner: a shallow copy of the family's experts module without its parameters (the gate reads the switches
     and, in some families, an activation child), one per (class, switches), so every layer with the same switches
@@ -84,27 +120,53 @@ class CompiledGate:
         def gate(h):
             return owner._apply_gate(h)
 
-        def gate_with_bias(h, bias_rows):
-            return owner._apply_gate(h + bias_rows)
+        def gate_grad(h, grad):
+            return torch.func.vjp(owner._apply_gate, h)[1](grad)[0]
+
+        def gate_with_bias(h, bias, expert_ids):
+            return owner._apply_gate(h + bias[expert_ids])
+
+        def gate_with_bias_grad(h, bias, expert_ids, grad):
+            return torch.func.vjp(owner._apply_gate, h + bias[expert_ids])[1](grad)[0]
 
         # dynamo keeps at most 8 compiled variants per code object, then runs it uncompiled: each gate gets its own
         # code objects, so that gates of other families (or models) in the process do not use up this one's
         tag = f"{type(owner).__name__}_{id(self):x}"
-        self._gate, self._gate_with_bias = (_own_code(fn, f"{fn.__name__}_{tag}") for fn in (gate, gate_with_bias))
+        self._fns = tuple(compiled.own_code(fn, f"{fn.__name__}_{tag}")
+                          for fn in (gate, gate_grad, gate_with_bias, gate_with_bias_grad))
 
     def __reduce__(self):  # torch.save(model) / pickle: rebuilt from its owner (the closures do not pickle)
         return CompiledGate, (self.owner,)
 
-    def __call__(self, h: torch.Tensor, bias_rows: torch.Tensor | None = None) -> torch.Tensor:
-        if bias_rows is None:
-            return compiled.run(self._gate, h)
-        return compiled.run(self._gate_with_bias, h, bias_rows)
+    def __call__(self, h: torch.Tensor, bias: torch.Tensor | None = None,
+                 expert_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if bias is None:
+            return _Gate.apply(self._fns[0], self._fns[1], h)
+        return _Gate.apply(self._fns[2], self._fns[3], h, bias, expert_ids)
 
 
-def _own_code(fn, name: str):
-    """fn with a code object of its own (same body, globals and closure)."""
-    code = fn.__code__.replace(co_name=name)
-    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+class _Gate(torch.autograd.Function):
+    """forward_fn(*inputs), with backward_fn(*inputs, grad) the gradient with respect to the first input, h. With
+    inputs (h, bias, expert_ids) that is also the bias rows' gradient, summed per expert in one GEMM:
+    onehot(expert_ids)^T @ grad."""
+
+    @staticmethod
+    def forward(ctx, forward_fn, backward_fn, *inputs):
+        ctx.backward_fn = backward_fn
+        ctx.save_for_backward(*inputs)
+        return compiled.run(forward_fn, *inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = ctx.saved_tensors
+        d_h = compiled.run(ctx.backward_fn, *inputs, grad.contiguous())
+        if len(inputs) == 1:
+            return None, None, d_h
+        bias, expert_ids = inputs[1:]
+        d_bias = None
+        if ctx.needs_input_grad[3]:
+            d_bias = per_expert_sum(d_h, expert_ids, bias.shape[0]).to(bias.dtype)
+        return None, None, d_h, d_bias, None
 
 
 def _owner(module):
@@ -131,9 +193,9 @@ def compiled_gate(module, width: int, device: torch.device, has_bias: bool):
 
 
 def prove(module, gate, width: int, device, has_bias: bool) -> str | None:
-    """None if gate(h, b) equals module._apply_gate(h + b) (eager) on random [rows, width] inputs at a trained
-    scale (beyond GPT-OSS's clamp limit), float32 (rel. error < 1e-5 output, < 1e-4 input gradients) and bfloat16
-    (< 2e-2), with the bias rows' gradient through expert_rows; else the reason."""
+    """None if gate(h, bias, ids) equals module._apply_gate(h + bias[ids]) (eager, autograd) on random [rows, width]
+    inputs at a trained scale (beyond GPT-OSS's clamp limit), float32 (rel. error < 1e-5 output, < 1e-4 input and
+    bias gradients) and bfloat16 (< 2e-2); else the reason."""
     from .. import probe
 
     try:
@@ -147,7 +209,7 @@ def prove(module, gate, width: int, device, has_bias: bool) -> str | None:
             x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
             b1, b2 = bias.clone().requires_grad_(), bias.clone().requires_grad_()
             ref = module._apply_gate(x1 + b1[ids] if has_bias else x1)
-            out = gate(x2, expert_rows(b2, ids)) if has_bias else gate(x2)
+            out = gate(x2, b2, ids) if has_bias else gate(x2)
             if ref.shape != out.shape or ref.dtype != out.dtype:
                 return f"{NAME} output {tuple(out.shape)} {out.dtype} differs from the family's gate"
             err = probe.rel_err(out, ref)

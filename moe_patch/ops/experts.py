@@ -232,8 +232,9 @@ class GroupedExperts(Replacement):
         # its original module (the family's code runs on this module: its attributes, adopted from the original,
         # are the ones a user reads and sets after apply())
         fused = self.has_gate and self._fused_gate is not None and self._gate_switches() == self._gate_proven
-        if fused and getattr(self._fused_gate, "takes_bias", False):  # the bias add inside the gate's kernel
-            h = self._fused_gate(self._linear(x, self.up_name, offs, None), bias(self.up_name))
+        if fused and getattr(self._fused_gate, "takes_bias", False):  # the bias add inside the gate's kernels
+            h = self._fused_gate(self._linear(x, self.up_name, offs, None), self.expert_weight(self.up_name + "_bias"),
+                                 expert_ids)
         else:
             h = self._linear(x, self.up_name, offs, bias(self.up_name))
             if self.has_gate:
@@ -249,7 +250,8 @@ class GroupedExperts(Replacement):
             h = weigh_rows(h, d.weights)
         if self.has_bias and d.weights is not None and not self.has_post_expert_norm:
             # bias add and row weighting in one compiled kernel each way (compiled_gate.add_bias_and_weigh)
-            return add_bias_and_weigh(self._linear(h, "down_proj", offs, None), bias("down_proj"), d.weights)
+            return add_bias_and_weigh(self._linear(h, "down_proj", offs, None), self.expert_weight("down_proj_bias"),
+                                      expert_ids, d.weights)
         out = self._linear(h, "down_proj", offs, bias("down_proj"))
         if self.has_post_expert_norm:
             out = self.post_expert_norm(out)

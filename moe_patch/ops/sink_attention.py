@@ -257,7 +257,8 @@ def _stand_in(module, device, dtype, generator):
 
 NOT_ON_CPU = "flex_attention has no backward on CPU: the family's eager attention stays"
 ON_GPU_PREVIEW = ("on a GPU: flex_attention with the learned sinks (causal, or this layer's sliding window) where "
-                  "apply() proves it equal to the family's eager attention there, else eager stays")
+                  "apply() proves it equal to the family's eager attention there, else eager stays; with Liger, "
+                  "the RoPE on Liger's kernel where proven the family's")
 
 
 def prove(module, device) -> str | None:
