@@ -161,6 +161,44 @@ def test_report_names_experts_it_leaves_stock():
     assert rows and all("skipped" in r and "experts as separate modules" in r for r in rows), out.stdout[-2000:]
 
 
+# experts in a layout of their own, per family: (the row's module class, a weight the reason names)
+OWN_LAYOUT = {"jetmoe": ("JetMoeMoE", "input_linear.weight [8, 192, 64]"), "dbrx": ("DbrxExperts", "mlp.w1 [768, 64]"),
+              "longcat_flash": ("LongcatFlashMoE", "experts.gate_up_proj"), "doge": ("DogeCDMoE", "down_embed.weight [16, 64]")}
+
+
+@pytest.mark.parametrize("family", sorted(OWN_LAYOUT))
+def test_report_names_experts_of_a_layout_of_their_own(family):
+    """An MoE block whose experts are in no layout known here (DBRX, JetMoE, Longcat-Flash, Doge) gets one experts
+    row per block, left stock with the reason; nothing inside it is reported twice."""
+    import matrix
+    from moe_patch.cli import _build_on_meta
+
+    config = matrix.tiny_config(family)
+    if family == "doge":  # Doge's default configuration is dense
+        config.is_moe, config.num_experts, config.num_experts_per_tok = True, 16, 2
+    model = _build_on_meta(config)
+    rows = [r for r in moe_patch.plan_report(model) if r.kind == "experts"]
+    cls, weight = OWN_LAYOUT[family]
+    blocks = [p for p, m in model.named_modules() if type(m).__name__ == cls]
+    assert blocks and [r.path for r in rows if r.original == cls] == blocks, rows
+    assert all(r.status == "skipped" and weight in r.reason and "the block stays stock" in r.reason
+               for r in rows if r.original == cls), rows
+    if family == "jetmoe":  # its mixture-of-attention experts too, and never the projections inside either block
+        assert {r.original for r in rows} == {"JetMoeMoE", "JetMoeMoA"}, rows
+
+
+def test_report_after_apply_names_experts_of_a_layout_of_their_own():
+    """report(model) on an applied model carries those rows, and the experts' weights are the stock objects."""
+    import matrix
+
+    model = matrix.build("jetmoe")
+    weights = {n: p for n, p in model.named_parameters() if "input_linear" in n or "output_linear" in n}
+    moe_patch.apply(model)
+    rows = [r for r in moe_patch.report(model) if r.kind == "experts"]
+    assert rows and all(r.status == "skipped" and "layout of their own" in r.reason for r in rows), rows
+    assert all(dict(model.named_parameters())[n] is p for n, p in weights.items())
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a preview only where there is no GPU")
 def test_gpu_preview_of_sink_attention_says_what_the_gpu_does():
     """From a CPU, `--device cuda` previews GPT-OSS's attention as the GPU's apply() would try it (flex_attention
