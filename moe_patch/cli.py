@@ -430,8 +430,8 @@ def _parser():
     rep.add_argument("--skip", help="comma-separated module-path globs to leave alone (default: MOE_PATCH_SKIP)")
     rep.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "gpu"),
                      help="plan for this device (auto: this machine's; gpu: cuda); cuda on a CPU machine is a preview")
-    rep.add_argument("--with", dest="with_", default="", metavar="te,liger",
-                     help="preview as if these packages were installed (te, liger)")
+    rep.add_argument("--with", dest="with_", default="", metavar="te,liger,mamba",
+                     help="preview as if these packages were installed (te, liger, mamba: mamba-ssm)")
     rep.add_argument("--all", action="store_true", help="also list every nn.Linear")
     rep.set_defaults(fn=cmd_report)
     demo = sub.add_parser("demo", help="train a tiny MoE on real text, stock and patched side by side")

@@ -200,6 +200,28 @@ def test_report_after_apply_names_experts_of_a_layout_of_their_own():
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a preview only where there is no GPU")
+def test_gpu_preview_with_mamba_ssm():
+    """`--with mamba` previews Nemotron-H's Mamba2 mixers and gated norms as a GPU with mamba-ssm tries them;
+    without it (and without mamba-ssm here) the preview says the GPU keeps the family's scan, and why."""
+    from moe_patch.backends import capabilities
+    from moe_patch.ops import gated_rmsnorm, mamba_ssd
+
+    def rows(*extra):
+        out = cli("report", "nemotron_h", "--device", "cuda", *extra)
+        assert out.returncode == 0, out.stderr
+        return out.stdout, {line.split()[0]: " ".join(line.split()) for line in out.stdout.splitlines()
+                            if line.startswith("model.layers.0.mixer")}
+
+    text, with_mamba = rows("--with", "mamba")
+    assert "PREVIEW for cuda with mamba" in text
+    assert with_mamba["model.layers.0.mixer"].endswith(mamba_ssd.ON_GPU_PREVIEW), with_mamba
+    assert with_mamba["model.layers.0.mixer.norm"].endswith(gated_rmsnorm.ON_GPU_PREVIEW), with_mamba
+    if not capabilities().mamba_ssm:
+        _, bare = rows()
+        assert all("mamba-ssm is not installed" in row for row in bare.values()) and len(bare) == 2, bare
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a preview only where there is no GPU")
 def test_gpu_preview_of_sink_attention_says_what_the_gpu_does():
     """From a CPU, `--device cuda` previews GPT-OSS's attention as the GPU's apply() would try it (flex_attention
     with the sinks), not with the CPU's reason (no flex backward on CPU)."""
