@@ -276,7 +276,18 @@ def env_text() -> str:
                         f"torch built for CUDA {torch.version.cuda} finds no GPU")),
         ("start-up hook", auto.hook_state()),
     ]
+    from .ops import compiled
+    from .parallel import launch
+
+    # each variable read by the very function moe_patch reads it with: a value it refuses is shown, not raised
+    readers = {**config.READERS, "MOE_PATCH_COMPILE": compiled.enabled, "MOE_PATCH_EP": launch.ep_size}
     for name, value, note in config.in_force():
+        if not note and name in readers:
+            try:
+                read = readers[name]()
+                note = "accepted" + (f" ({'on' if read else 'off'})" if isinstance(read, bool) else "")
+            except PatchError as exc:
+                note = f"refused: {_first_line(exc)}"
         rows.append((name, f"{value!r}" + (f"  <- {note}" if note else "")))
     if not config.in_force():
         rows.append(("MOE_PATCH_*", "none set"))

@@ -90,15 +90,32 @@ def parse_kinds(items, source: str) -> list[str]:
     return list(items)
 
 
+def _disable() -> dict:
+    return {kind: False for kind in parse_kinds(_list("MOE_PATCH_DISABLE"), "MOE_PATCH_DISABLE")}
+
+
+def _skip() -> dict:
+    skip = _list("MOE_PATCH_SKIP")
+    return {"skip": tuple(skip)} if skip else {}
+
+
+def _backend() -> dict:
+    backend = os.environ.get("MOE_PATCH_BACKEND", "")
+    return {"backend": parse_backend(backend)} if _items(backend) else {}
+
+
+# the variables that set apply()'s options, each with the function reading it (PatchError on a bad value)
+OPTION_VARIABLES = {"MOE_PATCH_DISABLE": _disable, "MOE_PATCH_SKIP": _skip, "MOE_PATCH_BACKEND": _backend}
+# every variable read here, likewise (`moe-patch env` runs these to say whether a value set is accepted)
+READERS = {"MOE_PATCH": enabled, "MOE_PATCH_QUIET": quiet,
+           "MOE_PATCH_FP8_EXPERTS": lambda: flag("MOE_PATCH_FP8_EXPERTS"), **OPTION_VARIABLES}
+
+
 def from_environment() -> dict:
     """Only the options the environment sets; unknown values raise PatchError naming the variable."""
-    out = {kind: False for kind in parse_kinds(_list("MOE_PATCH_DISABLE"), "MOE_PATCH_DISABLE")}
-    skip = _list("MOE_PATCH_SKIP")
-    if skip:
-        out["skip"] = tuple(skip)
-    backend = os.environ.get("MOE_PATCH_BACKEND", "")
-    if _items(backend):
-        out["backend"] = parse_backend(backend)
+    out = {}
+    for read in OPTION_VARIABLES.values():
+        out.update(read())
     return out
 
 

@@ -136,6 +136,23 @@ def test_env_and_version():
     assert "qwen3_moe" in cli("demo", "--help").stdout
 
 
+def test_env_says_whether_each_variable_is_accepted():
+    """`moe-patch env` reads each MOE_PATCH_* variable set as moe_patch would, says whether it is accepted (a
+    refused one with the one-line error the run would stop on) and exits 0 either way."""
+    out = cli("env", MOE_PATCH_BACKEND="attention=tourch,", MOE_PATCH_DISABLE="router, ", MOE_PATCH_EP="0",
+              MOE_PATCH_QUIET="1", MOE_PATCH_COMPILE="0", MOE_PATCH_SKIP="lm_head", MOE_PATCH_FP8_EXPERTS="maybe")
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("MOE_PATCH")}
+    assert rows["MOE_PATCH_BACKEND"].endswith("<- refused: MOE_PATCH_BACKEND: in 'attention=tourch', unknown "
+                                              "backend 'tourch' (did you mean 'torch'?); valid: auto, torch, te, liger")
+    assert rows["MOE_PATCH_EP"].endswith("<- refused: MOE_PATCH_EP='0': expected a positive integer (the "
+                                         "expert-parallel size)")
+    assert "<- refused: MOE_PATCH_FP8_EXPERTS='maybe' is not understood" in rows["MOE_PATCH_FP8_EXPERTS"]
+    assert rows["MOE_PATCH_DISABLE"].endswith("'router, '  <- accepted")
+    assert rows["MOE_PATCH_SKIP"].endswith("<- accepted")
+    assert rows["MOE_PATCH_QUIET"].endswith("<- accepted (on)") and rows["MOE_PATCH_COMPILE"].endswith("(off)")
+
+
 def test_demo_trains_on_real_text_and_the_losses_match():
     out = cli("demo", "--steps", "3")
     assert out.returncode == 0, out.stderr
@@ -162,8 +179,9 @@ def test_report_names_experts_it_leaves_stock():
 
 
 # experts in a layout of their own, per family: (the row's module class, a weight the reason names)
-OWN_LAYOUT = {"jetmoe": ("JetMoeMoE", "input_linear.weight [8, 192, 64]"), "dbrx": ("DbrxExperts", "mlp.w1 [768, 64]"),
-              "longcat_flash": ("LongcatFlashMoE", "experts.gate_up_proj"), "doge": ("DogeCDMoE", "down_embed.weight [16, 64]")}
+OWN_LAYOUT = {"jetmoe": ("JetMoeMoE", "input_linear.weight [8, 192, 64]"),
+              "dbrx": ("DbrxExperts", "mlp.w1 [768, 64]"), "longcat_flash": ("LongcatFlashMoE", "experts.gate_up_proj"),
+              "doge": ("DogeCDMoE", "down_embed.weight [16, 64]")}
 
 
 @pytest.mark.parametrize("family", sorted(OWN_LAYOUT))
