@@ -64,6 +64,7 @@ class Capabilities:
     te: bool
     liger: bool
     deep_ep: bool
+    mamba_ssm: bool = False  # mamba-ssm's Triton kernels (ops/mamba_ssd.py; kind mamba, gated norms)
 
     def rows(self):
         return [
@@ -75,6 +76,7 @@ class Capabilities:
             ("transformer_engine", str(self.te)),
             ("liger_kernel", str(self.liger)),
             ("deep_ep", str(self.deep_ep)),
+            ("mamba_ssm", str(self.mamba_ssm)),
         ]
 
     def __str__(self):
@@ -99,6 +101,7 @@ def capabilities() -> Capabilities:
         te=_has_module("transformer_engine"),
         liger=_has_module("liger_kernel"),
         deep_ep=_has_module("deep_ep"),
+        mamba_ssm=_has_module("mamba_ssm"),
     )
 
 

@@ -276,7 +276,18 @@ def env_text() -> str:
                         f"torch built for CUDA {torch.version.cuda} finds no GPU")),
         ("start-up hook", auto.hook_state()),
     ]
+    from .ops import compiled
+    from .parallel import launch
+
+    # each variable read by the very function moe_patch reads it with: a value it refuses is shown, not raised
+    readers = {**config.READERS, "MOE_PATCH_COMPILE": compiled.enabled, "MOE_PATCH_EP": launch.ep_size}
     for name, value, note in config.in_force():
+        if not note and name in readers:
+            try:
+                read = readers[name]()
+                note = "accepted" + (f" ({'on' if read else 'off'})" if isinstance(read, bool) else "")
+            except PatchError as exc:
+                note = f"refused: {_first_line(exc)}"
         rows.append((name, f"{value!r}" + (f"  <- {note}" if note else "")))
     if not config.in_force():
         rows.append(("MOE_PATCH_*", "none set"))
@@ -430,8 +441,8 @@ def _parser():
     rep.add_argument("--skip", help="comma-separated module-path globs to leave alone (default: MOE_PATCH_SKIP)")
     rep.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "gpu"),
                      help="plan for this device (auto: this machine's; gpu: cuda); cuda on a CPU machine is a preview")
-    rep.add_argument("--with", dest="with_", default="", metavar="te,liger",
-                     help="preview as if these packages were installed (te, liger)")
+    rep.add_argument("--with", dest="with_", default="", metavar="te,liger,mamba",
+                     help="preview as if these packages were installed (te, liger, mamba: mamba-ssm)")
     rep.add_argument("--all", action="store_true", help="also list every nn.Linear")
     rep.set_defaults(fn=cmd_report)
     demo = sub.add_parser("demo", help="train a tiny MoE on real text, stock and patched side by side")

@@ -73,8 +73,13 @@ def quiet() -> bool:
     return flag("MOE_PATCH_QUIET")
 
 
+def _items(value: str) -> list[str]:
+    """The comma-separated items of `value`, stripped; empty ones (a trailing comma, ", ,") are no item."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 def _list(var: str) -> list[str]:
-    return [item.strip() for item in os.environ.get(var, "").split(",") if item.strip()]
+    return _items(os.environ.get(var, ""))
 
 
 def parse_kinds(items, source: str) -> list[str]:
@@ -85,26 +90,46 @@ def parse_kinds(items, source: str) -> list[str]:
     return list(items)
 
 
+def _disable() -> dict:
+    return {kind: False for kind in parse_kinds(_list("MOE_PATCH_DISABLE"), "MOE_PATCH_DISABLE")}
+
+
+def _skip() -> dict:
+    skip = _list("MOE_PATCH_SKIP")
+    return {"skip": tuple(skip)} if skip else {}
+
+
+def _backend() -> dict:
+    backend = os.environ.get("MOE_PATCH_BACKEND", "")
+    return {"backend": parse_backend(backend)} if _items(backend) else {}
+
+
+# the variables that set apply()'s options, each with the function reading it (PatchError on a bad value)
+OPTION_VARIABLES = {"MOE_PATCH_DISABLE": _disable, "MOE_PATCH_SKIP": _skip, "MOE_PATCH_BACKEND": _backend}
+# every variable read here, likewise (`moe-patch env` runs these to say whether a value set is accepted)
+READERS = {"MOE_PATCH": enabled, "MOE_PATCH_QUIET": quiet,
+           "MOE_PATCH_FP8_EXPERTS": lambda: flag("MOE_PATCH_FP8_EXPERTS"), **OPTION_VARIABLES}
+
+
 def from_environment() -> dict:
     """Only the options the environment sets; unknown values raise PatchError naming the variable."""
-    out = {kind: False for kind in parse_kinds(_list("MOE_PATCH_DISABLE"), "MOE_PATCH_DISABLE")}
-    skip = _list("MOE_PATCH_SKIP")
-    if skip:
-        out["skip"] = tuple(skip)
-    backend = os.environ.get("MOE_PATCH_BACKEND", "").strip()
-    if backend:
-        out["backend"] = parse_backend(backend)
+    out = {}
+    for read in OPTION_VARIABLES.values():
+        out.update(read())
     return out
 
 
 def parse_backend(value: str, source: str = "MOE_PATCH_BACKEND"):
-    """"te" for every kind, or per kind: "loss=torch,experts=te" (other kinds: auto). Errors name `source`."""
-    if "=" not in value:
-        if value not in BACKENDS:
-            raise PatchError(f"{source}: " + unknown("backend", value, BACKENDS))
-        return value
+    """"te" for every kind, or per kind: "loss=torch,experts=te" (other kinds: auto); empty items are ignored
+    ("torch,", "loss=torch, "). Errors name `source`."""
+    items = _items(value)
+    if not any("=" in item for item in items):
+        name = ",".join(items)  # one name ("torch,te" stays one bad value)
+        if name not in BACKENDS:
+            raise PatchError(f"{source}: " + unknown("backend", name, BACKENDS))
+        return name
     per_kind = {}
-    for item in value.split(","):
+    for item in items:
         kind, _, name = item.partition("=")
         kind, name = kind.strip(), name.strip()
         if kind not in BACKEND_KINDS:

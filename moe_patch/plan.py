@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -124,17 +125,41 @@ def _per_expert_modules(module) -> bool:
     return isinstance(held, (nn.ModuleList, nn.ModuleDict)) and len(held) > 1
 
 
+def _recognised_experts(module) -> bool:
+    if hasattr(module, "has_gate") and hasattr(module, "is_transposed") or type(module).__name__ in tables().experts:
+        return True
+    if _per_expert_modules(module):
+        return True  # an MoE block of the older layout: reported (it stays stock), not silently absent
+    params3d = _three_d_params(module)
+    # fused 3D experts found structurally, whatever the class is called
+    return len(params3d) >= 2 and len({p.shape[0] for p in params3d.values()}) == 1
+
+
+# the names Transformers gives experts modules and MoE blocks (DbrxExperts, JetMoeMoE, JetMoeMoA, DogeCDMoE, ...)
+_EXPERTS_NAME = re.compile(r"(Experts|MoE|Moe|MoA)$")
+
+
+def _unrecognised_experts(module) -> bool:
+    """An experts module or MoE block (by its class name) with no experts layout known here anywhere inside it
+    (DBRX's stacked 2-D GLU weights, JetMoE's one-3-D-weight-per-projection experts, Longcat-Flash's zero
+    experts, Doge's embedding experts): reported as left stock rather than silently absent from the report."""
+    return bool(_EXPERTS_NAME.search(type(module).__name__)) and not any(
+        _recognised_experts(m) for m in module.modules())
+
+
+def _expert_weights(module) -> str:
+    """'name [shape], ...' of the weights an unrecognised experts module holds itself (not its nn.Linear ones)."""
+    linear = {f"{path}.weight" for path, m in module.named_modules() if isinstance(m, nn.Linear)}
+    return ", ".join(f"{n} {list(p.shape)}" for n, p in module.named_parameters()
+                     if p.dim() >= 2 and n not in linear) or "no expert weight tensors of its own"
+
+
 def kind_of(module: nn.Module) -> str | None:
     cls = type(module)
     if cls.__name__ in tables().mamba:
         return "mamba"
-    if hasattr(module, "has_gate") and hasattr(module, "is_transposed") or cls.__name__ in tables().experts:
+    if _recognised_experts(module) or _unrecognised_experts(module):
         return "experts"
-    if _per_expert_modules(module):
-        return "experts"  # an MoE block of the older layout: reported (it stays stock), not silently absent
-    params3d = _three_d_params(module)
-    if len(params3d) >= 2 and len({p.shape[0] for p in params3d.values()}) == 1:
-        return "experts"  # fused 3D experts found structurally, whatever the class is called
     weight = module._parameters.get("weight")
     name = cls.__name__.lower()
     if "router" in name and weight is not None and weight.dim() == 2 and hasattr(module, "top_k"):
@@ -205,6 +230,9 @@ def _propose_experts(module, backend, opts, expert_parallel=False):
         count = getattr(module.experts, "num_experts", None) or len(module.experts)  # NLLB's also holds a Dropout
         return None, "", (f"{count} experts as separate modules ({type(module.experts).__name__}), "
                           "not Transformers' fused 3-D expert weights: no grouped GEMM, the block stays stock")
+    if _unrecognised_experts(module):
+        return None, "", (f"experts in a layout of their own ({_expert_weights(module)}), not Transformers' fused 3-D "
+                          "expert weights: no grouped-GEMM replacement is proven for it, the block stays stock")
     flags = tables().experts.get(name)
     if flags is None and hasattr(module, "has_gate"):
         flags = {f: getattr(module, f, False) for f in experts.FLAG_NAMES}
@@ -485,12 +513,17 @@ def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool, expert_paral
     _plan_loss(model, opts, plan)
     fused_head = _fused_loss_head(model, plan)
     claimed: list[str] = []  # replaced modules' paths: their children belong to them
+    experts_rows: list[str] = []  # every experts row's path: one row per MoE block
     for path, module in model.named_modules():
         if isinstance(module, Replacement) or any(path.startswith(c + ".") for c in claimed):
             continue
         kind = kind_of(module)
         if kind is None:
             continue
+        if kind == "experts" and any(path.startswith(p + ".") for p in experts_rows) and _unrecognised_experts(module):
+            continue  # inside an MoE block already reported (NLLB's NllbMoeExperts, JetMoE's JetMoeParallelExperts)
+        if kind == "experts":
+            experts_rows.append(path)
         cls_name = type(module).__name__
         row = Row(path, kind, cls_name, "", "", "skipped")
         plan.rows.append(row)

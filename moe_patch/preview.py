@@ -1,10 +1,11 @@
-"""What apply() would choose on another machine (`moe-patch report --device cuda --with te,liger`).
+"""What apply() would choose on another machine (`moe-patch report --device cuda --with te,liger,mamba`).
 
 A plan made here proves every torch path on this machine's CPU (plan.py). The GPU kernels (TE's fused router,
-TE's fused SwiGLU, Liger's RoPE and cross-entropy step) are proven on the GPU by apply() itself and cannot be
-run here, so this module only re-does the *choice* of backend per row (backends.choose with that machine's
-capabilities) and names what the GPU would try, "where proven on the GPU": a preview, not a proof. Rows skipped
-for a structural reason (a gated norm, a family on eager attention, a skip pattern) are skipped there too.
+TE's fused SwiGLU, Liger's RoPE and cross-entropy step, mamba-ssm's SSD scan and gated norm) are proven on the GPU
+by apply() itself and cannot be run here, so this module only re-does the *choice* of backend per row
+(backends.choose with that machine's capabilities: this machine's packages plus those named by --with) and names
+what the GPU would try, "where proven on the GPU": a preview, not a proof. Rows skipped for a structural reason
+(a gated norm, a family on eager attention, a skip pattern) are skipped there too.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from . import backends
 from .ops import attention, compiled, gated_rmsnorm, mamba_ssd, sink_attention
 from .plan import Options, Row
 
-PACKAGES = {"te": "te", "liger": "liger"}  # --with NAME -> the Capabilities field it turns on
+PACKAGES = {"te": "te", "liger": "liger", "mamba": "mamba_ssm"}  # --with NAME -> the Capabilities field it turns on
 
 
 def _proven_there(what: str, otherwise: str) -> str:
@@ -32,7 +33,7 @@ def capabilities(device: str, with_: set) -> backends.Capabilities:
     return dataclasses.replace(
         here, cuda=cuda, device_name=here.device_name if here.cuda == cuda else ("a CUDA GPU" if cuda else "cpu"),
         compute_capability=here.compute_capability if here.cuda and cuda else None,
-        te=here.te or "te" in with_, liger=here.liger or "liger" in with_)
+        **{field: getattr(here, field) or name in with_ for name, field in PACKAGES.items()})
 
 
 def _variant(replacement: str) -> str:
@@ -77,14 +78,15 @@ def preview(rows, opts: Options, device: str, with_: set) -> list[Row]:
         row = copy.copy(row)
         out.append(row)
         if row.kind == "mamba" and target.type == "cuda" and row.reason == mamba_ssd.NOT_ON_CPU:
-            row.reason = mamba_ssd.ON_GPU_PREVIEW  # planned here on a CPU: the GPU's own apply() decides
+            # planned here on a CPU: the GPU's own apply() decides, where it has mamba-ssm (--with mamba)
+            row.reason = mamba_ssd.ON_GPU_PREVIEW if caps.mamba_ssm else mamba_ssd.load_kernel()[1]
             continue
         if row.kind == "attention" and target.type == "cuda" and row.reason.endswith(sink_attention.NOT_ON_CPU):
             row.reason = sink_attention.ON_GPU_PREVIEW  # planned on a CPU: the GPU's own apply() proves it
             continue
         if row.kind == "rmsnorm" and row.reason == gated_rmsnorm.NOT_ON_CPU:
-            if target.type == "cuda":
-                row.reason = gated_rmsnorm.ON_GPU_PREVIEW  # likewise
+            if target.type == "cuda":  # likewise
+                row.reason = gated_rmsnorm.ON_GPU_PREVIEW if caps.mamba_ssm else gated_rmsnorm.load_kernel()[1]
             continue
         if row.kind == "rmsnorm" and row.backend == "mamba_ssm":  # proven on this machine's GPU
             if target.type != "cuda":
@@ -110,7 +112,7 @@ def preview(rows, opts: Options, device: str, with_: set) -> list[Row]:
 
 def header(device: str, with_: set) -> str:
     here = backends.capabilities()
-    have = [name for name, ok in (("te", here.te), ("liger", here.liger)) if ok]
+    have = [name for name, field in PACKAGES.items() if getattr(here, field)]
     there = sorted(set(have) | set(with_))
     return (f"PREVIEW for {device}{' with ' + ', '.join(there) if there else ''} (this machine: "
             f"{'cuda' if here.cuda else 'cpu'}{', ' + ', '.join(have) if have else ''}): the choice of backend a GPU "

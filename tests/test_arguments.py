@@ -111,3 +111,34 @@ def test_plan_report_follows_the_environment_like_apply(monkeypatch):
     assert all(r.status == "patched" for r in mixed.where(kind="router") if not r.path.startswith("model.layers.0."))
     reasons = {r.reason for r in mixed.where(kind="experts")}
     assert reasons == {"experts=False"}, reasons  # the kind flag is checked before the skip globs
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    ("MOE_PATCH_BACKEND", "attention=torch,", {"backend": {"attention": "torch"}}),
+    ("MOE_PATCH_BACKEND", " loss=torch, ,router=torch ", {"backend": {"loss": "torch", "router": "torch"}}),
+    ("MOE_PATCH_BACKEND", "torch, ", {"backend": "torch"}),
+    ("MOE_PATCH_BACKEND", " , ", {}),
+    ("MOE_PATCH_DISABLE", "router, ", {"router": False}),
+    ("MOE_PATCH_SKIP", "lm_head, ,", {"skip": ("lm_head",)}),
+])
+def test_environment_lists_ignore_empty_items(monkeypatch, variable, value, expected):
+    """A trailing comma or a blank item in MOE_PATCH_BACKEND / DISABLE / SKIP is no item."""
+    from moe_patch import config
+
+    monkeypatch.setenv(variable, value)
+    assert config.from_environment() == expected
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("MOE_PATCH_BACKEND", "attention=torch,loss=tee", "MOE_PATCH_BACKEND: in 'loss=tee', unknown backend 'tee'"),
+    ("MOE_PATCH_BACKEND", "torch,te", "MOE_PATCH_BACKEND: unknown backend 'torch,te'"),
+    ("MOE_PATCH_BACKEND", "attention=", "MOE_PATCH_BACKEND: in 'attention=', unknown backend ''"),
+    ("MOE_PATCH_DISABLE", "router, routr,", "MOE_PATCH_DISABLE: unknown kind 'routr' (did you mean 'router'?)"),
+])
+def test_environment_bad_items_are_still_one_line_errors(monkeypatch, variable, value, message):
+    from moe_patch import config
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(moe_patch.PatchError) as caught:
+        config.from_environment()
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value), caught.value

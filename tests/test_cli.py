@@ -136,6 +136,23 @@ def test_env_and_version():
     assert "qwen3_moe" in cli("demo", "--help").stdout
 
 
+def test_env_says_whether_each_variable_is_accepted():
+    """`moe-patch env` reads each MOE_PATCH_* variable set as moe_patch would, says whether it is accepted (a
+    refused one with the one-line error the run would stop on) and exits 0 either way."""
+    out = cli("env", MOE_PATCH_BACKEND="attention=tourch,", MOE_PATCH_DISABLE="router, ", MOE_PATCH_EP="0",
+              MOE_PATCH_QUIET="1", MOE_PATCH_COMPILE="0", MOE_PATCH_SKIP="lm_head", MOE_PATCH_FP8_EXPERTS="maybe")
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("MOE_PATCH")}
+    assert rows["MOE_PATCH_BACKEND"].endswith("<- refused: MOE_PATCH_BACKEND: in 'attention=tourch', unknown "
+                                              "backend 'tourch' (did you mean 'torch'?); valid: auto, torch, te, liger")
+    assert rows["MOE_PATCH_EP"].endswith("<- refused: MOE_PATCH_EP='0': expected a positive integer (the "
+                                         "expert-parallel size)")
+    assert "<- refused: MOE_PATCH_FP8_EXPERTS='maybe' is not understood" in rows["MOE_PATCH_FP8_EXPERTS"]
+    assert rows["MOE_PATCH_DISABLE"].endswith("'router, '  <- accepted")
+    assert rows["MOE_PATCH_SKIP"].endswith("<- accepted")
+    assert rows["MOE_PATCH_QUIET"].endswith("<- accepted (on)") and rows["MOE_PATCH_COMPILE"].endswith("(off)")
+
+
 def test_demo_trains_on_real_text_and_the_losses_match():
     out = cli("demo", "--steps", "3")
     assert out.returncode == 0, out.stderr
@@ -159,6 +176,67 @@ def test_report_names_experts_it_leaves_stock():
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if " experts " in line and "SparseMLP" in line]
     assert rows and all("skipped" in r and "experts as separate modules" in r for r in rows), out.stdout[-2000:]
+
+
+# experts in a layout of their own, per family: (the row's module class, a weight the reason names)
+OWN_LAYOUT = {"jetmoe": ("JetMoeMoE", "input_linear.weight [8, 192, 64]"),
+              "dbrx": ("DbrxExperts", "mlp.w1 [768, 64]"), "longcat_flash": ("LongcatFlashMoE", "experts.gate_up_proj"),
+              "doge": ("DogeCDMoE", "down_embed.weight [16, 64]")}
+
+
+@pytest.mark.parametrize("family", sorted(OWN_LAYOUT))
+def test_report_names_experts_of_a_layout_of_their_own(family):
+    """An MoE block whose experts are in no layout known here (DBRX, JetMoE, Longcat-Flash, Doge) gets one experts
+    row per block, left stock with the reason; nothing inside it is reported twice."""
+    import matrix
+    from moe_patch.cli import _build_on_meta
+
+    config = matrix.tiny_config(family)
+    if family == "doge":  # Doge's default configuration is dense
+        config.is_moe, config.num_experts, config.num_experts_per_tok = True, 16, 2
+    model = _build_on_meta(config)
+    rows = [r for r in moe_patch.plan_report(model) if r.kind == "experts"]
+    cls, weight = OWN_LAYOUT[family]
+    blocks = [p for p, m in model.named_modules() if type(m).__name__ == cls]
+    assert blocks and [r.path for r in rows if r.original == cls] == blocks, rows
+    assert all(r.status == "skipped" and weight in r.reason and "the block stays stock" in r.reason
+               for r in rows if r.original == cls), rows
+    if family == "jetmoe":  # its mixture-of-attention experts too, and never the projections inside either block
+        assert {r.original for r in rows} == {"JetMoeMoE", "JetMoeMoA"}, rows
+
+
+def test_report_after_apply_names_experts_of_a_layout_of_their_own():
+    """report(model) on an applied model carries those rows, and the experts' weights are the stock objects."""
+    import matrix
+
+    model = matrix.build("jetmoe")
+    weights = {n: p for n, p in model.named_parameters() if "input_linear" in n or "output_linear" in n}
+    moe_patch.apply(model)
+    rows = [r for r in moe_patch.report(model) if r.kind == "experts"]
+    assert rows and all(r.status == "skipped" and "layout of their own" in r.reason for r in rows), rows
+    assert all(dict(model.named_parameters())[n] is p for n, p in weights.items())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a preview only where there is no GPU")
+def test_gpu_preview_with_mamba_ssm():
+    """`--with mamba` previews Nemotron-H's Mamba2 mixers and gated norms as a GPU with mamba-ssm tries them;
+    without it (and without mamba-ssm here) the preview says the GPU keeps the family's scan, and why."""
+    from moe_patch.backends import capabilities
+    from moe_patch.ops import gated_rmsnorm, mamba_ssd
+
+    def rows(*extra):
+        out = cli("report", "nemotron_h", "--device", "cuda", *extra)
+        assert out.returncode == 0, out.stderr
+        return out.stdout, {line.split()[0]: " ".join(line.split()) for line in out.stdout.splitlines()
+                            if line.startswith("model.layers.0.mixer")}
+
+    text, with_mamba = rows("--with", "mamba")
+    assert "PREVIEW for cuda with mamba" in text
+    assert with_mamba["model.layers.0.mixer"].endswith(mamba_ssd.ON_GPU_PREVIEW), with_mamba
+    assert with_mamba["model.layers.0.mixer.norm"].endswith(gated_rmsnorm.ON_GPU_PREVIEW), with_mamba
+    if not capabilities().mamba_ssm:
+        _, bare = rows()
+        assert all("mamba-ssm is not installed" in row for row in bare.values()) and len(bare) == 2, bare
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a preview only where there is no GPU")

@@ -402,11 +402,15 @@ def test_gpu_gated_norm_proof_at_nemotron_3_nano_widths():
 
 def test_gated_norm_preview_for_a_gpu_from_a_cpu():
     """`moe-patch report --device cuda` on a CPU machine: the row says what the GPU's apply() will decide."""
+    from moe_patch import backends
     from moe_patch.plan import Options
     from moe_patch.preview import preview
 
     rows = list(moe_patch.plan_report(_model()))
-    gpu = {r.path: r for r in preview(rows, Options(), "cuda", set())}
+    gpu = {r.path: r for r in preview(rows, Options(), "cuda", {"mamba"})}  # a GPU with mamba-ssm (--with mamba)
     assert gpu["model.layers.0.mixer.norm"].reason == gated_rmsnorm.ON_GPU_PREVIEW
+    if not backends.capabilities().mamba_ssm:  # a GPU without it: the family's norm, and why
+        bare = {r.path: r for r in preview(rows, Options(), "cuda", set())}
+        assert bare["model.layers.0.mixer.norm"].reason == gated_rmsnorm.load_kernel()[1] != ""
     cpu = {r.path: r for r in preview(rows, Options(), "cpu", set())}
     assert cpu["model.layers.0.mixer.norm"].reason == gated_rmsnorm.NOT_ON_CPU
