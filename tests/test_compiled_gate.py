@@ -18,15 +18,19 @@ def _gpt_oss_experts(**config):
 
 
 @pytest.mark.parametrize("experts,rows", [(5, 40), (3, 0), (8, 3)])
-def test_expert_rows_gradient_is_the_indexing_gradient(experts, rows):
+def test_expert_bias_gradient_is_the_indexing_gradient(experts, rows):
+    """out + bias[ids] (add_expert_bias): the same sum, and the bias' one-GEMM gradient equals indexing's."""
     g = torch.Generator().manual_seed(0)
     bias = torch.randn(experts, 24, generator=g, dtype=torch.float64)
+    out = torch.randn(rows, 24, generator=g, dtype=torch.float64)
     ids = torch.randint(0, experts, (rows,), generator=g)
     grad = torch.randn(rows, 24, generator=g, dtype=torch.float64)
     b1, b2 = bias.clone().requires_grad_(), bias.clone().requires_grad_()
-    out1, out2 = b1[ids], cg.expert_rows(b2, ids)
-    assert torch.equal(out1, out2)
-    out1.backward(grad), out2.backward(grad)
+    o1, o2 = out.clone().requires_grad_(), out.clone().requires_grad_()
+    y1, y2 = o1 + b1[ids], cg.add_expert_bias(o2, b2, ids)
+    assert torch.equal(y1, y2)
+    y1.backward(grad), y2.backward(grad)
+    assert torch.equal(o2.grad, o1.grad)
     assert rel_err(b2.grad, b1.grad) < 1e-12 if rows else torch.equal(b2.grad, torch.zeros_like(bias))
 
 

@@ -1,18 +1,19 @@
 """The experts' gate as the family wrote it (`_apply_gate`), with the up-projection's bias add, compiled into one
-kernel each way on CUDA; and the per-expert bias rows with a one-GEMM gradient.
+kernel each way on CUDA; and the per-expert bias adds, with a one-GEMM gradient for the bias.
 
 Where TransformerEngine's SwiGLU is not the family's gate (te_gate.py: GPT-OSS's clamped, interleaved SwiGLU with
 alpha and limit), eager PyTorch runs the gate as a chain of strided elementwise kernels over the [rows, 2 x width]
 activations each way, and the bias add before it as one more pass: 4.2 ms per layer forward + backward over the
 32,768 x 5,760 rows of a GPT-OSS-20B layer (micro-batch 2 x 4096 tokens, top-4) on an H200. torch.compile of the
-family's *own* function (no re-implementation of its quirks) fuses the bias add, the de-interleave, the clamps
-and the sigmoid into one kernel forward and one backward. It is proven equal to the eager function on the model's
-width before use (`prove`), and runs eagerly wherever compiled.py does not compile (CPU, MOE_PATCH_COMPILE=0, a
-compiler failure).
+family's *own* function (no re-implementation of its quirks) fuses the bias gather and add, the de-interleave, the
+clamps and the sigmoid into one kernel forward and one backward (its vector-Jacobian product). It is proven equal
+to the eager function on the model's width before use (`prove`), and runs eagerly wherever compiled.py does not
+compile (CPU, MOE_PATCH_COMPILE=0, a compiler failure).
 
-`expert_rows(bias, expert_ids)` is `bias[expert_ids]` whose backward sums each expert's rows as one GEMM,
-onehot(expert_ids)^T @ grad (float32 accumulation), instead of the indexing backward's sort-based accumulation
-(indexing_backward_kernel: 1.9 ms per call over those rows, 15 ms of a 4-layer GPT-OSS step on an H200).
+Every bias add here takes the bias [E, N] and each row's expert id, not the gathered rows bias[expert_ids]: the
+gather happens inside the compiled kernel, and the bias' gradient sums each expert's rows as one GEMM,
+onehot(expert_ids)^T @ grad (float32 accumulation; per_expert_sum), instead of the indexing backward's sort-based
+accumulation (indexing_backward_kernel: 1.9 ms per call over those rows, 15 ms of a 4-layer GPT-OSS step on an H200).
 """
 from __future__ import annotations
 
@@ -34,24 +35,31 @@ def per_expert_sum(grad: torch.Tensor, expert_ids: torch.Tensor, experts: int) -
     return onehot.t() @ grad
 
 
-class _ExpertRows(torch.autograd.Function):
-    """bias [E, N], expert_ids [S] (int64, values < E) -> bias[expert_ids] [S, N]; d(bias) = onehot^T @ grad."""
+def _add_rows(out, bias, expert_ids):
+    return out + bias[expert_ids]
+
+
+class _AddExpertBias(torch.autograd.Function):
+    """out + bias[expert_ids], compiled forward (the bias rows never written out); backward: the output's gradient
+    for out, its per-expert sum for bias."""
 
     @staticmethod
-    def forward(ctx, bias, expert_ids):
+    def forward(ctx, out, bias, expert_ids):
         ctx.save_for_backward(expert_ids)
-        ctx.experts = bias.shape[0]
-        return bias[expert_ids]
+        ctx.experts, ctx.bias_dtype = bias.shape[0], bias.dtype
+        return compiled.run(_add_rows, out, bias, expert_ids)
 
     @staticmethod
     def backward(ctx, grad):
         (expert_ids,) = ctx.saved_tensors
-        return per_expert_sum(grad, expert_ids, ctx.experts), None
+        d_bias = per_expert_sum(grad, expert_ids, ctx.experts).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+        return grad, d_bias, None
 
 
-def expert_rows(bias: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-    """bias [E, N] (one row per local expert), expert_ids [S] int64 -> [S, N], each row its expert's bias."""
-    return _ExpertRows.apply(bias, expert_ids)
+def add_expert_bias(out: torch.Tensor, bias: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """out [S, N] + bias [E, N] gathered by expert_ids [S] (int64, < E): each row plus its expert's bias, in the
+    promoted dtype, as `h @ W[e] + b[e]` of a biased family's expert (GPT-OSS)."""
+    return _AddExpertBias.apply(out, bias, expert_ids)
 
 
 def _add_weigh(out, bias, expert_ids, weights):
@@ -103,7 +111,7 @@ class CompiledGate:
     h [S, 2 x width] (the up-projection's rows, grouped by expert), bias [E, 2 x width] (one row per local expert),
     expert_ids [S] int64 -> [S, width] in the promoted dtype. The forward is the family's own function; the backward
     is its vector-Jacobian product (torch.func.vjp of the same function), recomputing h + bias[expert_ids] instead
-    of keeping it; the bias' gradient sums each expert's rows in one GEMM, as expert_rows does. The two directions
+    of keeping it; the bias' gradient sums each expert's rows in one GEMM (per_expert_sum). The two directions
     are compiled separately (not one function under autograd): under AOTAutograd the bias rows and the biased input
     were written in the forward and read back in the backward, extra passes over [S, 2 x width] every step.
 
@@ -121,13 +129,13 @@ class CompiledGate:
             return owner._apply_gate(h)
 
         def gate_grad(h, grad):
-            return torch.func.vjp(owner._apply_gate, h)[1](grad)[0]
+            return _pairwise_vjp(owner._apply_gate, h, grad)
 
         def gate_with_bias(h, bias, expert_ids):
             return owner._apply_gate(h + bias[expert_ids])
 
         def gate_with_bias_grad(h, bias, expert_ids, grad):
-            return torch.func.vjp(owner._apply_gate, h + bias[expert_ids])[1](grad)[0]
+            return _pairwise_vjp(owner._apply_gate, h + bias[expert_ids], grad)
 
         # dynamo keeps at most 8 compiled variants per code object, then runs it uncompiled: each gate gets its own
         # code objects, so that gates of other families (or models) in the process do not use up this one's
@@ -143,6 +151,21 @@ class CompiledGate:
         if bias is None:
             return _Gate.apply(self._fns[0], self._fns[1], h)
         return _Gate.apply(self._fns[2], self._fns[3], h, bias, expert_ids)
+
+
+def _pairwise_vjp(fn, x, grad):
+    """d(sum(fn(x) * grad)) / dx for x [..., 2n], through the columns' even / odd halves: x is rebuilt as
+    stack((x[..., 0::2], x[..., 1::2]), -1).flatten(-2), which is x itself for any fn, so this is exactly fn's
+    gradient. Written so, the gradient comes out as one [..., n, 2] stack: inductor writes it in one kernel, where
+    the gradient of a gate reading x[..., ::2] and x[..., 1::2] (GPT-OSS) is otherwise two full-width strided
+    scatters and their sum, two kernels on the GPU."""
+    pairs = x.unflatten(-1, (-1, 2))
+
+    def of_halves(even, odd):
+        return fn(torch.stack((even, odd), -1).flatten(-2))
+
+    d_even, d_odd = torch.func.vjp(of_halves, pairs[..., 0], pairs[..., 1])[1](grad)
+    return torch.stack((d_even, d_odd), -1).flatten(-2)
 
 
 class _Gate(torch.autograd.Function):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import compiled
 from .base import Replacement
-from .compiled_gate import add_bias_and_weigh, expert_rows, switches
+from .compiled_gate import add_bias_and_weigh, add_expert_bias, switches
 
 FLAG_NAMES = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
 
@@ -224,9 +224,13 @@ class GroupedExperts(Replacement):
         x = d.x
         offs = torch.cumsum(d.counts, 0).to(torch.int32)
         expert_ids = d.expert_ids() if self.has_bias else None
-        # each row's expert bias; its gradient sums each expert's rows in one GEMM (compiled_gate.expert_rows)
-        bias = (lambda name: expert_rows(self.expert_weight(name + "_bias"), expert_ids)) if self.has_bias \
-            else (lambda name: None)
+
+        def biased(name, x):
+            """Projection `name` of the rows x, plus each row's expert bias (compiled_gate.add_expert_bias: the bias
+            gathered inside one compiled kernel on CUDA; its gradient sums each expert's rows in one GEMM)."""
+            out = self._linear(x, name, offs, None)
+            return add_expert_bias(out, self.expert_weight(name + "_bias"), expert_ids) if self.has_bias else out
+
         # a fused gate (TE's SwiGLU, or the family's own gate compiled: compiled_gate.py) where it was proven to be
         # the family's gate with the switches the module has now, else the family's own gate (or activation) on
         # its original module (the family's code runs on this module: its attributes, adopted from the original,
@@ -236,7 +240,7 @@ class GroupedExperts(Replacement):
             h = self._fused_gate(self._linear(x, self.up_name, offs, None), self.expert_weight(self.up_name + "_bias"),
                                  expert_ids)
         else:
-            h = self._linear(x, self.up_name, offs, bias(self.up_name))
+            h = biased(self.up_name, x)
             if self.has_gate:
                 h = self._fused_gate(h) if fused else self._apply_gate(h)
             else:
@@ -252,7 +256,7 @@ class GroupedExperts(Replacement):
             # bias add and row weighting in one compiled kernel each way (compiled_gate.add_bias_and_weigh)
             return add_bias_and_weigh(self._linear(h, "down_proj", offs, None), self.expert_weight("down_proj_bias"),
                                       expert_ids, d.weights)
-        out = self._linear(h, "down_proj", offs, bias("down_proj"))
+        out = biased("down_proj", h)
         if self.has_post_expert_norm:
             out = self.post_expert_norm(out)
         if d.weights is not None and not fold:
