@@ -43,8 +43,8 @@ def widths(args) -> tuple:
 
 def _mark_rows_dynamic(args, static: tuple) -> None:
     for a in args:
-        if not torch.is_tensor(a):
-            continue
+        if not torch.is_tensor(a) or isinstance(a, torch.nn.Parameter):  # a parameter's shape never changes (and
+            continue  # the mark is an attribute on the tensor: a user's parameters are left as they were)
         rows = range(a.dim() - 1) if a.dim() >= 2 else ([0] if a.dim() == 1 and a.shape[0] not in static else [])
         for dim in rows:
             torch._dynamo.maybe_mark_dynamic(a, dim)  # "maybe": a size 0 / 1 may still be specialised
