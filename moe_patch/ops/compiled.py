@@ -64,7 +64,8 @@ def run(fn, *args):
                                                options={"emulate_precision_casts": True})
     if compiled is fn:
         return fn(*args)
-    _mark_rows_dynamic(args, static)
+    if not torch.compiler.is_compiling():  # inside a user's torch.compile of the model, its trace decides
+        _mark_rows_dynamic(args, static)
     try:
         return compiled(*args)
     except Exception as exc:  # noqa: BLE001 - any compiler error: the eager function is exact
