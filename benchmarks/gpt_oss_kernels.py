@@ -133,7 +133,10 @@ def experts_case(args, results):
     def gate_bias(h, bias_rows):
         return experts._apply_gate(h + bias_rows)
 
-    compiled = torch.compile(gate_bias, dynamic=True)
+    compiled = torch.compile(gate_bias, dynamic=True)  # the family's gate under AOTAutograd, every size dynamic
+    from moe_patch.ops.compiled_gate import CompiledGate, _owner
+
+    gate = CompiledGate(_owner(experts))  # what moe_patch runs: forward and vjp backward compiled apart
 
     def eager_path():
         hh, bb = h.detach().requires_grad_(), bias.detach().requires_grad_()
@@ -145,12 +148,17 @@ def experts_case(args, results):
         out = compiled(hh, bb[ids])
         out.backward(dy)
 
+    def moe_patch_path():
+        hh, bb = h.detach().requires_grad_(), bias.detach().requires_grad_()
+        out = gate(hh, bb, ids)
+        out.backward(dy)
+
     def gather_only():
         bb = bias.detach().requires_grad_()
         (bb[ids]).backward(h)
 
-    for name, fn in (("gate+bias eager", eager_path), ("gate+bias compiled", compiled_path),
-                     ("bias gather fwd+bwd", gather_only)):
+    for name, fn in (("gate+bias eager", eager_path), ("gate+bias compiled under autograd, dynamic", compiled_path),
+                     ("gate+bias moe_patch", moe_patch_path), ("bias gather fwd+bwd", gather_only)):
         row = dict(case="experts", variant=name, rows=rows)
         try:
             row["fwd_bwd_ms"] = median_cuda_ms(fn, args.repeats)
