@@ -255,6 +255,24 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _env_caveat(name: str, read, gpu) -> str:
+    """What an accepted value still depends on, for `moe-patch env`: the backends named in MOE_PATCH_BACKEND that
+    cannot run on this machine's GPU (apply() refuses them), when MOE_PATCH_EP is checked, what MOE_PATCH_COMPILE
+    takes."""
+    from . import backends
+
+    if name == "MOE_PATCH_BACKEND" and read:
+        named = read["backend"] if isinstance(read["backend"], str) else ",".join(read["backend"].values())
+        why = [f"{b}: {backends.unavailable(b, gpu)}" for b in dict.fromkeys(named.split(","))
+               if b in ("te", "liger") and backends.unavailable(b, gpu)]
+        return f"; but here {'; '.join(why)}: apply() would refuse it" if why else ""
+    if name == "MOE_PATCH_EP":
+        return "; checked against the world size and every expert count when a model is built"
+    if name == "MOE_PATCH_COMPILE" and read:
+        return " (any value but 0 / false / no / off is on)"
+    return ""
+
+
 def env_text() -> str:
     import torch
 
@@ -286,6 +304,7 @@ def env_text() -> str:
             try:
                 read = readers[name]()
                 note = "accepted" + (f" ({'on' if read else 'off'})" if isinstance(read, bool) else "")
+                note += _env_caveat(name, read, gpu)
             except PatchError as exc:
                 note = f"refused: {_first_line(exc)}"
         rows.append((name, f"{value!r}" + (f"  <- {note}" if note else "")))

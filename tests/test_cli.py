@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import moe_patch
 from moe_patch.shapes import tiny_config
@@ -151,6 +152,26 @@ def test_env_says_whether_each_variable_is_accepted():
     assert rows["MOE_PATCH_DISABLE"].endswith("'router, '  <- accepted")
     assert rows["MOE_PATCH_SKIP"].endswith("<- accepted")
     assert rows["MOE_PATCH_QUIET"].endswith("<- accepted (on)") and rows["MOE_PATCH_COMPILE"].endswith("(off)")
+
+
+def test_env_says_when_an_accepted_value_still_stops_the_run():
+    """What env calls accepted is what the run does: a refused variable under MOE_PATCH=1 turns auto-patching off
+    (the hook line says so, not only "ran"); a backend this machine cannot run is flagged; set-but-empty
+    MOE_PATCH_COMPILE is on (as unset); a non-ASCII digit in MOE_PATCH_EP is refused, not a crash."""
+    from moe_patch import auto, backends
+
+    out = cli("env", MOE_PATCH="1", MOE_PATCH_QUIET="2", MOE_PATCH_COMPILE="", MOE_PATCH_EP="\u00b2")
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("MOE_PATCH")}
+    assert "<- refused: MOE_PATCH_EP='\u00b2': expected a positive integer" in rows["MOE_PATCH_EP"], out.stdout
+    assert rows["MOE_PATCH_COMPILE"].endswith("<- accepted (on) (any value but 0 / false / no / off is on)")
+    hook = next(line for line in out.stdout.splitlines() if line.startswith("start-up hook"))
+    if auto.hook_files():  # the hook is installed here (pip install .): it ran, and turned auto-patching off
+        assert "ran in this process: auto-patch is OFF: MOE_PATCH_QUIET='2'" in hook, hook
+    out = cli("env", MOE_PATCH_BACKEND="attention=te")
+    why = backends.unavailable("te", torch.device("cuda"))
+    flagged = "but here te: " in out.stdout and "apply() would refuse it" in out.stdout
+    assert flagged == (why is not None), out.stdout
 
 
 def test_demo_trains_on_real_text_and_the_losses_match():

@@ -28,7 +28,8 @@ _CACHE = {}
 def enabled() -> bool:
     from ..config import FALSE  # the same off words as every MOE_PATCH_* variable
 
-    return os.environ.get("MOE_PATCH_COMPILE", "1").strip().lower() not in FALSE
+    value = os.environ.get("MOE_PATCH_COMPILE", "").strip().lower()
+    return not value or value not in FALSE  # unset or empty: on; only an off word (0, false, no, off) turns it off
 
 
 def active(t: torch.Tensor) -> bool:
