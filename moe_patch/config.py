@@ -140,10 +140,19 @@ def parse_backend(value: str, source: str = "MOE_PATCH_BACKEND"):
     return per_kind
 
 
+# the apply() options each variable sets: a variable is read only while one of them is left to it
+OPTION_KEYS = {"MOE_PATCH_DISABLE": KINDS, "MOE_PATCH_SKIP": ("skip",), "MOE_PATCH_BACKEND": ("backend",)}
+
+
 def resolve(explicit: dict) -> dict:
-    """explicit: apply()'s arguments, None meaning 'not given'."""
-    env = from_environment()
-    return {k: explicit[k] if explicit.get(k) is not None else env.get(k, DEFAULTS[k]) for k in DEFAULTS}
+    """explicit: apply()'s arguments, None meaning 'not given'. The environment fills what is not given; a
+    variable whose every option is given explicitly is not read (a bad value there cannot stop apply())."""
+    given = {k for k, v in explicit.items() if v is not None}
+    env = {}
+    for name, read in OPTION_VARIABLES.items():
+        if not set(OPTION_KEYS[name]) <= given:
+            env.update(read())
+    return {k: explicit[k] if k in given else env.get(k, DEFAULTS[k]) for k in DEFAULTS}
 
 
 def in_force() -> list[tuple[str, str, str]]:

@@ -142,3 +142,13 @@ def test_environment_bad_items_are_still_one_line_errors(monkeypatch, variable, 
     with pytest.raises(moe_patch.PatchError) as caught:
         config.from_environment()
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value), caught.value
+
+
+def test_explicit_argument_wins_over_a_bad_variable(monkeypatch):
+    """Explicit apply() arguments take precedence over the environment: a bad MOE_PATCH_BACKEND does not stop
+    apply(backend=...), while a call that leaves the backend to it still gets the one-line error."""
+    monkeypatch.setenv("MOE_PATCH_BACKEND", "trch")
+    model = moe_patch.apply(build("qwen3_moe"), backend="torch")
+    assert moe_patch.report(model).where(kind="experts")[0].status == "patched"
+    with pytest.raises(moe_patch.PatchError, match="MOE_PATCH_BACKEND: unknown backend 'trch'"):
+        moe_patch.apply(build("qwen3_moe"))
