@@ -5,7 +5,9 @@ TE's fused SwiGLU, Liger's RoPE and cross-entropy step, mamba-ssm's SSD scan and
 by apply() itself and cannot be run here, so this module only re-does the *choice* of backend per row
 (backends.choose with that machine's capabilities: this machine's packages plus those named by --with) and names
 what the GPU would try, "where proven on the GPU": a preview, not a proof. Rows skipped for a structural reason
-(a gated norm, a family on eager attention, a skip pattern) are skipped there too.
+(a gated norm, a family on eager attention, a skip pattern) are skipped there too. What can be told without a GPU
+is told here as apply() would: Liger's RoPE only where the attention forward's source allows it (the check
+rope.prove makes first), TE's SwiGLU only for gated experts whose gate is SwiGLU (else the compiled family gate).
 """
 from __future__ import annotations
 
@@ -91,7 +93,7 @@ def _experts_label(row: Row, module, backend: str, gpu: bool) -> tuple[str, str,
         why = "; ".join(r for r in (not_swiglu, "MOE_PATCH_COMPILE=0: the family's gate runs eagerly") if r)
         return f"GroupedExperts({te}grouped_mm)", backend, why, ""
     return f"GroupedExperts({te}{compiled_gate.NAME}, grouped_mm)", backend, "", "; ".join(
-        r for r in (not_swiglu, _proven_there(compiled_gate.NAME, "the family's gate, eager")) if r)
+        r for r in (not_swiglu, _proven_there(compiled_gate.NAME, "the family's gate run eagerly")) if r)
 
 
 def preview(model, rows, opts: Options, device: str, with_: set) -> list[Row]:
