@@ -225,7 +225,7 @@ def cmd_report(args) -> int:
               "--disable adds to MOE_PATCH_DISABLE)")
     if previewing:
         try:
-            rows = Report(preview(rows, Options(**opts), device, with_))
+            rows = Report(preview(model, rows, Options(**opts), device, with_))
         except BackendUnavailableError as exc:
             raise UsageError(f"{_first_line(exc)}; to preview a {device} machine that has it: --with te "
                              "(or liger)") from None

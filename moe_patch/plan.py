@@ -233,9 +233,7 @@ def _propose_experts(module, backend, opts, expert_parallel=False):
     if _unrecognised_experts(module):
         return None, "", (f"experts in a layout of their own ({_expert_weights(module)}), not Transformers' fused 3-D "
                           "expert weights: no grouped-GEMM replacement is proven for it, the block stays stock")
-    flags = tables().experts.get(name)
-    if flags is None and hasattr(module, "has_gate"):
-        flags = {f: getattr(module, f, False) for f in experts.FLAG_NAMES}
+    flags = experts_flags(module)
     if flags is None:
         return None, "", ("fused 3D expert weights without v5 layout flags (@use_experts_implementation); "
                           "add an EXPERTS entry in patches/")
@@ -277,6 +275,15 @@ def _propose_experts(module, backend, opts, expert_parallel=False):
     return _fp8_experts(module, flags, key, opts, expert_parallel, factory, f"GroupedExperts({_gate_label(gate)}"
                         "grouped_mm)", "; ".join(r for r in (why_not_te, why_gate) if r),
                         lambda m: experts.GroupedExperts.build(m, flags, fp8=True, **extra))
+
+
+def experts_flags(module) -> dict | None:
+    """The experts' layout flags (has_gate, is_transposed, has_bias, ...): patches/' EXPERTS entry for the class,
+    else the module's own v5 attributes; None where neither says."""
+    flags = tables().experts.get(type(module).__name__)
+    if flags is None and hasattr(module, "has_gate"):
+        flags = {f: getattr(module, f, False) for f in experts.FLAG_NAMES}
+    return flags
 
 
 def _gate_width(module, flags) -> int:

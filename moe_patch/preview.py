@@ -5,7 +5,9 @@ TE's fused SwiGLU, Liger's RoPE and cross-entropy step, mamba-ssm's SSD scan and
 by apply() itself and cannot be run here, so this module only re-does the *choice* of backend per row
 (backends.choose with that machine's capabilities: this machine's packages plus those named by --with) and names
 what the GPU would try, "where proven on the GPU": a preview, not a proof. Rows skipped for a structural reason
-(a gated norm, a family on eager attention, a skip pattern) are skipped there too.
+(a gated norm, a family on eager attention, a skip pattern) are skipped there too. What can be told without a GPU
+is told here as apply() would: Liger's RoPE only where the attention forward's source allows it (the check
+rope.prove makes first), TE's SwiGLU only for gated experts whose gate is SwiGLU (else the compiled family gate).
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import re
 
 import torch
 
-from . import backends
-from .ops import attention, compiled, gated_rmsnorm, mamba_ssd, sink_attention
+from . import backends, plan
+from .ops import attention, compiled, compiled_gate, gated_rmsnorm, mamba_ssd, rope, sink_attention, te_gate
 from .plan import Options, Row
 
 PACKAGES = {"te": "te", "liger": "liger", "mamba": "mamba_ssm"}  # --with NAME -> the Capabilities field it turns on
@@ -41,35 +43,62 @@ def _variant(replacement: str) -> str:
     return match.group(1) if match else "?"
 
 
-def _label(row: Row, backend: str, target: torch.device, caps) -> tuple[str, str]:
-    """(replacement, what the GPU proves first) of a row the plan here patches, on the target machine."""
+def _label(row: Row, module, backend: str, target: torch.device, caps) -> tuple[str, str, str, str]:
+    """(replacement, backend, why the preferred kernel is not used, what the GPU proves first) of a row the plan
+    here patches, on the target machine. `module` is the row's module (on the meta device: read, never run on a
+    GPU path). A non-empty third item makes the row a fallback, as at apply()."""
     gpu = target.type == "cuda"
     if row.kind == "attention":
         label = attention.describe(target)  # the kernel priority the module's hooks set there
         if backend == "liger":
-            return f"{label} + Liger RoPE", _proven_there("Liger RoPE", "the family's RoPE")
-        return label, ""
+            why = rope.why_not_by_source(module)  # the check rope.prove makes first, before anything runs
+            if why:  # apply() keeps the SDPA row on torch and says why, as here
+                return label, "torch", why, ""
+            return f"{label} + Liger RoPE", backend, "", _proven_there("Liger RoPE", "the family's RoPE")
+        return label, backend, "", ""
     if row.kind == "rmsnorm":
         variant = _variant(row.replacement)
         if backend == "torch":
-            return f"TorchRMSNorm({variant}{', compiled' if gpu and compiled.enabled() else ''})", ""
-        return {"liger": "LigerRMSNorm", "te": "TERMSNorm"}[backend] + f"({variant})", ""
-    if row.kind == "experts" and backend == "te":
-        return "GroupedExperts(te permute, te swiglu, grouped_mm)", _proven_there(
-            "te swiglu", "the family's gate, compiled where proven (GPT-OSS)")
+            return f"TorchRMSNorm({variant}{', compiled' if gpu and compiled.enabled() else ''})", backend, "", ""
+        return {"liger": "LigerRMSNorm", "te": "TERMSNorm"}[backend] + f"({variant})", backend, "", ""
+    if row.kind == "experts":
+        return _experts_label(row, module, backend, gpu)
     if row.kind == "router" and backend == "te":
-        return f"TERouter({_variant(row.replacement)}, fused)", _proven_there("TE's fused router", row.replacement)
+        return f"TERouter({_variant(row.replacement)}, fused)", backend, "", _proven_there(
+            "TE's fused router", row.replacement)
     if row.kind == "loss":
         if backend == "liger":
-            return "FusedLinearCrossEntropy(liger)", ""
+            return "FusedLinearCrossEntropy(liger)", backend, "", ""
         if gpu and caps.liger:
-            return "FusedLinearCrossEntropy(torch, chunked, liger CE kernel)", \
+            return "FusedLinearCrossEntropy(torch, chunked, liger CE kernel)", backend, "", \
                 _proven_there("liger CE kernel", "compiled")
-    return row.replacement, ""
+    return row.replacement, backend, "", ""
 
 
-def preview(rows, opts: Options, device: str, with_: set) -> list[Row]:
-    """The plan's rows as the target machine would choose them (see the module docstring). Raises
+def _experts_label(row: Row, module, backend: str, gpu: bool) -> tuple[str, str, str, str]:
+    """_label of an experts row, with the gate plan._propose_experts tries on a GPU: none for experts without a gate
+    (Nemotron-H's relu^2); with TE, TE's SwiGLU where the family's gate is SwiGLU (told here from TE's documented
+    formula, te_gate.not_swiglu_on_cpu), else the family's own gate compiled (GPT-OSS), as on the torch path."""
+    flags = plan.experts_flags(module) or {}
+    te = "te permute, " if backend == "te" else ""
+    if not (gpu and flags.get("has_gate")):
+        return (f"GroupedExperts({te}grouped_mm)" if te else row.replacement), backend, "", ""
+    not_swiglu = ""
+    if te:
+        not_swiglu = te_gate.not_swiglu_on_cpu(module, plan._gate_width(module, flags)) or ""
+        if not not_swiglu:
+            return f"GroupedExperts({te}te swiglu, grouped_mm)", backend, "", _proven_there(
+                "te swiglu", f"the family's gate ({compiled_gate.NAME} where proven)")
+    if not compiled.enabled():  # compiled_gate(): nothing compiled, the family's gate runs eagerly
+        why = "; ".join(r for r in (not_swiglu, "MOE_PATCH_COMPILE=0: the family's gate runs eagerly") if r)
+        return f"GroupedExperts({te}grouped_mm)", backend, why, ""
+    return f"GroupedExperts({te}{compiled_gate.NAME}, grouped_mm)", backend, "", "; ".join(
+        r for r in (not_swiglu, _proven_there(compiled_gate.NAME, "the family's gate run eagerly")) if r)
+
+
+def preview(model, rows, opts: Options, device: str, with_: set) -> list[Row]:
+    """The plan's rows of `model` (as plan_report gives them; the model may be on the meta device) as the target
+    machine would choose them (see the module docstring). Raises
     BackendUnavailableError, as apply() would there, for a backend asked for by name that cannot run there."""
     caps = capabilities(device, with_)
     target = torch.device(device)
@@ -103,10 +132,9 @@ def preview(rows, opts: Options, device: str, with_: set) -> list[Row]:
                 row.reason = ("auto keeps nn.Linear in bf16 (TE's bf16 Linear measured slower); "
                               "TE runs linear under fp8=")
             continue
-        row.replacement, extra = _label(row, backend, target, caps)
-        row.backend = backend
-        row.status = "fallback" if fallback else "patched"
-        row.reason = "; ".join(r for r in (fallback, extra) if r)
+        row.replacement, row.backend, why, extra = _label(row, model.get_submodule(row.path), backend, target, caps)
+        row.status = "fallback" if fallback or why else "patched"
+        row.reason = "; ".join(r for r in (fallback, why, extra) if r)
     return out
 
 

@@ -270,3 +270,83 @@ def test_gpu_preview_of_sink_attention_says_what_the_gpu_does():
     assert rows and all("on a GPU: flex_attention with the learned sinks" in r for r in rows), rows[:2]
     here = cli("report", "gpt_oss")
     assert "flex_attention has no backward on CPU" in here.stdout
+
+
+def _gpu_preview(family, **overrides):
+    """{path: row} of `moe-patch report FAMILY --device cuda --with te,liger,mamba`, in this process."""
+    from moe_patch.cli import _build_on_meta
+    from moe_patch.plan import Options
+    from moe_patch.preview import preview
+
+    model = _build_on_meta(tiny_config(family, **overrides))
+    rows = moe_patch.plan_report(model)
+    return model, {r.path: r for r in preview(model, rows, Options(), "cuda", {"te", "liger", "mamba"})}
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a preview only where there is no GPU")
+def test_gpu_preview_claims_no_rope_the_attention_forward_never_calls():
+    """Nemotron-H's attention has no RoPE call, DeepSeek-V3's calls apply_rotary_pos_emb_interleave: rope.prove turns
+    Liger's RoPE down for both from the source, and the preview says so (stock SDPA row on torch, a fallback with
+    that reason) instead of claiming `+ Liger RoPE`. Qwen3-MoE's keeps the Liger RoPE preview."""
+    from moe_patch.ops import rope
+
+    for family in ("nemotron_h", "deepseek_v3"):
+        model, rows = _gpu_preview(family, **({"rope_interleave": True} if family == "deepseek_v3" else {}))
+        attn = [r for r in rows.values() if r.kind == "attention"]
+        assert attn, rows
+        for row in attn:
+            label, why = rope.prove(model, model.get_submodule(row.path))  # the GPU's own answer, before it runs
+            assert label is None and why, (family, why)
+            assert "Liger RoPE" not in row.replacement and row.replacement.startswith("sdpa["), row
+            assert (row.backend, row.status, row.reason) == ("torch", "fallback", why), row
+        expected = "calls no apply_rotary_pos_emb" if family == "nemotron_h" else "apply_rotary_pos_emb_interleave"
+        assert expected in attn[0].reason, attn[0]
+    _, rows = _gpu_preview("qwen3_moe")
+    assert any(r.kind == "attention" and r.replacement.endswith("+ Liger RoPE") for r in rows.values()), rows
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a preview only where there is no GPU")
+def test_gpu_preview_names_the_gate_the_gpu_would_use():
+    """TE's SwiGLU only for gated experts whose gate is SwiGLU: none for Nemotron-H's ungated relu^2 experts, the
+    compiled family gate for GPT-OSS's clamped one (what plan._propose_experts picks there with TE), TE's SwiGLU for
+    Qwen3-MoE's."""
+    expected = {"nemotron_h": ("GroupedExperts(te permute, grouped_mm)", ""),
+                "gpt_oss": ("GroupedExperts(te permute, compiled gate, grouped_mm)", "is not the family's gate"),
+                "qwen3_moe": ("GroupedExperts(te permute, te swiglu, grouped_mm)", "te swiglu where proven")}
+    for family, (label, why) in expected.items():
+        _, rows = _gpu_preview(family)
+        experts = [r for r in rows.values() if r.kind == "experts"]
+        assert experts and all(r.replacement == label and r.backend == "te" and r.status == "patched"
+                               and why in r.reason for r in experts), (family, experts)
+        if family == "nemotron_h":
+            assert all("swiglu" not in r.reason for r in experts), experts
+
+
+def test_report_table_marks_cut_text():
+    """A cell cut to its column's width ends in '…' and the table says where the whole text is; the Row keeps it."""
+    from moe_patch.plan import Row
+    from moe_patch.records import Report
+
+    reason = "because " * 40  # 320 characters: over the reason column's 200
+    row = Row("model.layers.0.mlp.experts", "experts", "X" * 70, "", "", "skipped", reason)
+    text = str(Report([row]))
+    line = next(line for line in text.splitlines() if line.startswith("model.layers.0"))
+    assert ("X" * 59 + "…") in line and "X" * 60 not in line
+    assert line.endswith("…") and len(line.split("skipped")[-1].strip()) == 200
+    assert "… marks text cut to fit" in text and Report([row])[0].reason == reason
+    whole = str(Report([Row("a", "loss", "M", "", "", "skipped", "short")]))
+    assert "…" not in whole
+
+
+def test_report_says_why_the_fused_loss_is_not_used_when_its_proof_cannot_run():
+    """Doge with is_moe=True: the fused-loss proof cannot run the model's forward; the loss stays stock and the
+    reason says so in words before the error."""
+    import matrix
+    from moe_patch.cli import _build_on_meta
+
+    config = matrix.tiny_config("doge")
+    config.is_moe, config.num_experts, config.num_experts_per_tok = True, 16, 2
+    (row,) = [r for r in moe_patch.plan_report(_build_on_meta(config)) if r.kind == "loss"]
+    assert row.status == "skipped" and not row.replacement, row
+    assert row.reason.startswith("fused loss not used: its proof could not run this model's forward"), row.reason
+    assert "ValueError" in row.reason and row.reason.endswith("the model's own loss stays"), row.reason

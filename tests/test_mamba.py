@@ -406,11 +406,12 @@ def test_gated_norm_preview_for_a_gpu_from_a_cpu():
     from moe_patch.plan import Options
     from moe_patch.preview import preview
 
-    rows = list(moe_patch.plan_report(_model()))
-    gpu = {r.path: r for r in preview(rows, Options(), "cuda", {"mamba"})}  # a GPU with mamba-ssm (--with mamba)
+    model = _model()
+    rows = list(moe_patch.plan_report(model))
+    gpu = {r.path: r for r in preview(model, rows, Options(), "cuda", {"mamba"})}  # a GPU with mamba-ssm (--with mamba)
     assert gpu["model.layers.0.mixer.norm"].reason == gated_rmsnorm.ON_GPU_PREVIEW
     if not backends.capabilities().mamba_ssm:  # a GPU without it: the family's norm, and why
-        bare = {r.path: r for r in preview(rows, Options(), "cuda", set())}
+        bare = {r.path: r for r in preview(model, rows, Options(), "cuda", set())}
         assert bare["model.layers.0.mixer.norm"].reason == gated_rmsnorm.load_kernel()[1] != ""
-    cpu = {r.path: r for r in preview(rows, Options(), "cpu", set())}
+    cpu = {r.path: r for r in preview(model, rows, Options(), "cpu", set())}
     assert cpu["model.layers.0.mixer.norm"].reason == gated_rmsnorm.NOT_ON_CPU

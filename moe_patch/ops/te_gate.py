@@ -59,3 +59,31 @@ def _probe(module, width, device):
     finally:
         module.training = was_training
     return op, ""
+
+
+def swiglu_formula(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2 x width] -> [..., width]: SiLU(a) * b with a, b the first and second halves of the last dimension,
+    the formula TE's `ops.SwiGLU` documents (transformer_engine.pytorch.ops.SwiGLU): the reference the GPU preview
+    holds a family's gate against."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(a) * b
+
+
+def not_swiglu_on_cpu(module, width: int) -> str | None:
+    """Why the family's gate is not TE's SwiGLU, told on this CPU from the formula TE documents (swiglu_formula)
+    in fp32: `moe-patch report --device cuda` names the gate the GPU would keep (GPT-OSS's clamped, interleaved
+    one fails here, as on the GPU). None where they agree, or where the gate cannot run here (it reads weights on
+    the meta device): only the GPU's own proof (fused_swiglu) decides then."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, width, generator=g) * 4  # beyond GPT-OSS's clamp limit (7) in places
+    try:
+        ref = module._apply_gate(x)
+    except Exception:
+        return None
+    out = swiglu_formula(x)
+    if ref.shape != out.shape:
+        return f"TE's SwiGLU gives {tuple(out.shape)} where the family's gate gives {tuple(ref.shape)}"
+    err = probe.rel_err(out, ref)
+    if not err < probe.TOL[torch.float32]:
+        return f"TE's SwiGLU (SiLU(first half) x second half) is not the family's gate (rel. error {err:.1e}, fp32)"
+    return None
