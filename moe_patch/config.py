@@ -136,6 +136,8 @@ def parse_backend(value: str, source: str = "MOE_PATCH_BACKEND"):
             raise PatchError(f"{source}: in {item!r}, " + unknown("kind", kind, BACKEND_KINDS))
         if name not in BACKENDS:
             raise PatchError(f"{source}: in {item!r}, " + unknown("backend", name, BACKENDS))
+        if kind in per_kind and per_kind[kind] != name:
+            raise PatchError(f"{source}: kind {kind!r} given two backends ({per_kind[kind]!r} and {name!r})")
         per_kind[kind] = name
     return per_kind
 

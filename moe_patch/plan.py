@@ -103,7 +103,12 @@ def _warn_unmatched_skip(model: nn.Module, skip) -> None:
 
 def _skipped_by_user(path: str, module: nn.Module, skip) -> str | None:
     if callable(skip):
-        return "skip callable returned True" if skip(path, module) else None
+        try:
+            skipped = skip(path, module)
+        except Exception as exc:  # the user's function: say which call failed, in one line (nothing changed yet)
+            raise PatchError(f"skip callable failed on ({path!r}, {type(module).__name__}); it is called as "
+                             f"skip(path, module) -> bool: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from exc
+        return "skip callable returned True" if skipped else None
     parts = path.split(".")
     ancestors = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     for pattern in skip:
@@ -231,8 +236,8 @@ def _propose_experts(module, backend, opts, expert_parallel=False):
         return None, "", (f"{count} experts as separate modules ({type(module.experts).__name__}), "
                           "not Transformers' fused 3-D expert weights: no grouped GEMM, the block stays stock")
     if _unrecognised_experts(module):
-        return None, "", (f"experts in a layout of their own ({_expert_weights(module)}), not Transformers' fused 3-D "
-                          "expert weights: no grouped-GEMM replacement is proven for it, the block stays stock")
+        return None, "", (f"experts in a layout of their own ({_expert_weights(module)}): no grouped-GEMM "
+                          "replacement is proven for it, the block stays stock")
     flags = experts_flags(module)
     if flags is None:
         return None, "", ("fused 3D expert weights without v5 layout flags (@use_experts_implementation); "
@@ -363,8 +368,9 @@ def _plan_loss(model, opts, plan) -> None:
     if not opts.loss:
         row.reason = "loss=False"
         return
-    user_skip = _skipped_by_user("lm_head", model.lm_head, opts.skip) if not callable(opts.skip) else (
-        "skip callable returned True" if opts.skip("", model) else None)
+    # globs match the head's path; a callable is asked about the model itself (path "")
+    user_skip = _skipped_by_user("", model, opts.skip) if callable(opts.skip) else \
+        _skipped_by_user("lm_head", model.lm_head, opts.skip)
     if user_skip:
         row.reason = user_skip
         return

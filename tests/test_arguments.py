@@ -152,3 +152,21 @@ def test_explicit_argument_wins_over_a_bad_variable(monkeypatch):
     assert moe_patch.report(model).where(kind="experts")[0].status == "patched"
     with pytest.raises(moe_patch.PatchError, match="MOE_PATCH_BACKEND: unknown backend 'trch'"):
         moe_patch.apply(build("qwen3_moe"))
+
+
+def test_misused_arguments_are_one_line_errors_and_leave_the_model(monkeypatch):
+    """A skip callable of the wrong signature, a mesh that is not a DeviceMesh and a kind given two backends in
+    MOE_PATCH_BACKEND: each a one-line PatchError naming it, the model as it was."""
+    model = build("qwen3_moe")
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    for kwargs, fragment in ((dict(skip=lambda path: False), "skip callable failed on"),
+                             (dict(mesh="ep"), "mesh must be a torch.distributed DeviceMesh")):
+        with pytest.raises(moe_patch.PatchError) as caught:
+            moe_patch.apply(model, **kwargs)
+        assert fragment in str(caught.value) and "\n" not in str(caught.value), caught.value
+        assert [(n, type(m)) for n, m in model.named_modules()] == before
+    monkeypatch.setenv("MOE_PATCH_BACKEND", "loss=torch,loss=te")
+    with pytest.raises(moe_patch.PatchError, match="kind 'loss' given two backends"):
+        moe_patch.apply(model)
+    monkeypatch.setenv("MOE_PATCH_BACKEND", "loss=torch,loss=torch")  # the same twice: no conflict
+    moe_patch.apply(model)

@@ -181,7 +181,7 @@ def test_mesh_misuse_and_single_rank_expert_parallel(tmp_path):
 
     model = build("qwen3_moe")
     before = _modules(model)
-    with pytest.raises(moe_patch.MeshError, match="torch.distributed"):
+    with pytest.raises(moe_patch.MeshError, match="mesh must be a torch.distributed DeviceMesh"):
         moe_patch.apply(model, mesh=object())
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
