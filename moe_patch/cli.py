@@ -263,8 +263,8 @@ def _env_caveat(name: str, read, gpu) -> str:
 
     if name == "MOE_PATCH_BACKEND" and read:
         named = read["backend"] if isinstance(read["backend"], str) else ",".join(read["backend"].values())
-        why = [f"{b}: {backends.unavailable(b, gpu)}" for b in dict.fromkeys(named.split(","))
-               if b in ("te", "liger") and backends.unavailable(b, gpu)]
+        reasons = {b: backends.unavailable(b, gpu) for b in dict.fromkeys(named.split(",")) if b in ("te", "liger")}
+        why = [f"{b}: {reason}" for b, reason in reasons.items() if reason]
         return f"; but here {'; '.join(why)}: apply() would refuse it" if why else ""
     if name == "MOE_PATCH_EP":
         return "; checked against the world size and every expert count when a model is built"

@@ -103,15 +103,20 @@ def _stand_in_kernel(drop_d=False):
     return kernel
 
 
-@pytest.fixture
-def cpu_kernel(monkeypatch):
-    monkeypatch.setattr(mamba_ssd, "KERNEL_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(mamba_ssd, "_PROOFS", {})
+def _kernel_on_cpu(monkeypatch, op):
+    """use(kernel): `op` (mamba_ssd or gated_rmsnorm) takes `kernel` as mamba-ssm's, on the CPU too, proofs afresh."""
+    monkeypatch.setattr(op, "KERNEL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(op, "_PROOFS", {})
 
     def use(kernel):
-        monkeypatch.setitem(mamba_ssd._KERNEL, "result", (kernel, ""))
+        monkeypatch.setitem(op._KERNEL, "result", (kernel, ""))
 
     return use
+
+
+@pytest.fixture
+def cpu_kernel(monkeypatch):
+    return _kernel_on_cpu(monkeypatch, mamba_ssd)
 
 
 def test_routing_only_the_patched_mixer_and_back(cpu_kernel):
@@ -267,13 +272,7 @@ def _stand_in_rmsnorm_fn(gate_after=False):
 
 @pytest.fixture
 def cpu_norm_kernel(monkeypatch):
-    monkeypatch.setattr(gated_rmsnorm, "KERNEL_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(gated_rmsnorm, "_PROOFS", {})
-
-    def use(kernel):
-        monkeypatch.setitem(gated_rmsnorm._KERNEL, "result", (kernel, ""))
-
-    return use
+    return _kernel_on_cpu(monkeypatch, gated_rmsnorm)
 
 
 def _norm_row(model):

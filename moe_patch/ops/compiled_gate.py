@@ -156,9 +156,10 @@ class CompiledGate:
 def _pairwise_vjp(fn, x, grad):
     """d(sum(fn(x) * grad)) / dx for x [..., 2n], through the columns' even / odd halves: x is rebuilt as
     stack((x[..., 0::2], x[..., 1::2]), -1).flatten(-2), which is x itself for any fn, so this is exactly fn's
-    gradient. Written so, the gradient comes out as one [..., n, 2] stack: inductor writes it in one kernel, where
-    the gradient of a gate reading x[..., ::2] and x[..., 1::2] (GPT-OSS) is otherwise two full-width strided
-    scatters and their sum, two kernels on the GPU."""
+    gradient. Written so, the gradient comes out as one [..., n, 2] stack, for inductor to write in one pass: the
+    gradient of a gate reading x[..., ::2] and x[..., 1::2] (GPT-OSS) taken through x itself is two full-width
+    strided scatters and their sum, two kernels on the GPU (H200 profile). One kernel was seen in inductor's CPU
+    code for this form; its GPU kernels were not inspected (only the whole step was timed)."""
     pairs = x.unflatten(-1, (-1, 2))
 
     def of_halves(even, odd):
