@@ -138,6 +138,38 @@ def test_dispatcher_routes_marked_modules_only_and_is_removed():
     assert not hasattr(marked, sink_attention._MARK)
 
 
+def test_masks_built_by_the_family_are_checked_in_one_pass_and_builders_restored(monkeypatch):
+    """install() wraps the family module's mask builders: the first check also reads every other mask the forward
+    built (one device sync per forward, not one per mask); each verdict is the one its own mask gets alone."""
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    model, _ = _module_and_masks()
+    originals = modeling_gpt_oss.create_causal_mask, modeling_gpt_oss.create_sliding_window_causal_mask
+    handles = sink_attention.install(model.model.layers[1].self_attn)
+    try:
+        assert modeling_gpt_oss.create_causal_mask.__wrapped__ is originals[0]
+        emb = torch.zeros(2, 37, model.config.hidden_size)
+        pad = torch.ones(2, 37, dtype=torch.long)
+        for attention_mask, expect in ((None, "causal"), (pad.index_fill(1, torch.tensor([0]), 0), None)):
+            kw = dict(config=model.config, inputs_embeds=emb, attention_mask=attention_mask, cache=None,
+                      position_ids=torch.arange(37)[None])
+            full = modeling_gpt_oss.create_causal_mask(**kw)
+            sliding = modeling_gpt_oss.create_sliding_window_causal_mask(**kw)
+            checks = []
+            real = sink_attention._expected_mask
+            monkeypatch.setattr(sink_attention, "_expected_mask", lambda *a: checks.append(a) or real(*a))
+            assert sink_attention.mask_window(sliding, 37, 37, 8)[0] == expect
+            assert len(checks) == 2  # both masks compared in the first call
+            assert sink_attention.mask_window(full, 37, 37, None)[0] == expect
+            assert sink_attention.mask_window(full, 37, 37, 8)[0] is None  # another window: checked again
+            assert len(checks) == 3
+            monkeypatch.setattr(sink_attention, "_expected_mask", real)
+    finally:
+        for h in handles:
+            h.remove()
+    assert (modeling_gpt_oss.create_causal_mask, modeling_gpt_oss.create_sliding_window_causal_mask) == originals
+
+
 def test_plan_on_cpu_keeps_eager_with_reason_and_names_nothing_new():
     model = build("gpt_oss")
     patched = moe_patch.apply(model)

@@ -38,6 +38,7 @@ NAME = "flex_attention+sinks"
 _MARK = "_moe_patch_sink_attention"
 _ORIGINAL: dict = {}  # python module name -> the eager_attention_forward it had
 _USERS: dict = {}  # python module name -> number of marked attention modules
+_ORIGINAL_BUILDERS: dict = {}  # python module name -> {name: the mask builder it had} (see _mask_builder)
 FALLBACKS: dict = {}  # reason -> calls that ran the original eager function instead
 _BROKEN: set = set()  # (dtype, query shape, key shape, window, grad) where the kernel failed to build
 
@@ -128,11 +129,41 @@ def _expected_mask(q_len: int, k_len: int, window: int | None, dtype, device) ->
 
 
 _CHECKED: dict = {}  # id(mask) -> (weakref, version, window, verdict): one check per mask tensor, not per layer
+# masks the family's forward built this step and not checked yet: (weakref, window it was built for), registered by
+# the family module's mask builders (_mask_builder), so that the first check reads every one of them in one sync
+_PENDING: list = []
+_NO_WINDOW = object()  # a builder whose window could not be read: its mask is checked on its own, when used
+_MASK_BUILDERS = {"create_causal_mask": lambda kwargs: None,
+                  "create_sliding_window_causal_mask": lambda kwargs: getattr(kwargs.get("config"), "sliding_window",
+                                                                              _NO_WINDOW)}
+
+
+def _mask_builder(builder, window_of):
+    """The family module's mask builder, registering each 4-D float mask it returns (and the window it built it
+    for) for the next check; returns the builder's result unchanged."""
+
+    def build(*args, **kwargs):
+        mask = builder(*args, **kwargs)
+        window = window_of(kwargs) if not args else _NO_WINDOW  # Transformers calls them with keywords
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.is_floating_point() and window is not _NO_WINDOW:
+            del _PENDING[:-7]  # a few steps' worth at most: a forward builds one or two
+            _PENDING.append((weakref.ref(mask), window))
+        return mask
+
+    build.__wrapped__ = builder
+    return build
+
+
+def _verdict(ok: bool, window):
+    return ("causal", window) if ok else (None, "attention mask is not the plain causal / sliding-window mask "
+                                               "(padding or packed sequences)")
 
 
 def mask_window(attention_mask, q_len: int, k_len: int, window: int | None):
     """("none", None) for no mask, ("causal", window) if attention_mask is exactly the causal (+window) mask
-    eager would get, else (None, reason). Checked once per mask tensor object (one device sync)."""
+    eager would get, else (None, reason). Checked once per mask tensor object, with every other mask the family's
+    forward built for this step (_PENDING) in the same device sync: one sync per forward, at the first layer,
+    instead of one per mask (a sync at a later layer throws away the host's lead over the GPU)."""
     if attention_mask is None:
         return "none", None
     if not isinstance(attention_mask, torch.Tensor) or not attention_mask.is_floating_point():
@@ -143,14 +174,20 @@ def mask_window(attention_mask, q_len: int, k_len: int, window: int | None):
     hit = _CHECKED.get(id(attention_mask))
     if hit is not None and hit[0]() is attention_mask and hit[1] == attention_mask._version and hit[2] == window:
         return hit[3]
-    ok = bool((attention_mask == _expected_mask(q_len, k_len, window, attention_mask.dtype,
-                                                attention_mask.device)).all())
-    verdict = ("causal", window) if ok else (None, "attention mask is not the plain causal / sliding-window mask "
-                                                   "(padding or packed sequences)")
+    batch = [(attention_mask, window)]
+    for ref, built_for in _PENDING:
+        mask = ref()
+        if mask is not None and mask is not attention_mask and mask.dim() == 4 and mask.shape[-1] == mask.shape[-2] \
+                and mask.device == attention_mask.device:
+            batch.append((mask, built_for))
+    _PENDING.clear()
+    oks = torch.stack([(m == _expected_mask(m.shape[-2], m.shape[-1], w, m.dtype, m.device)).all()
+                       for m, w in batch]).tolist()  # the one device sync
     if len(_CHECKED) > 64:
         _CHECKED.clear()
-    _CHECKED[id(attention_mask)] = (weakref.ref(attention_mask), attention_mask._version, window, verdict)
-    return verdict
+    for (mask, w), ok in zip(batch, oks):
+        _CHECKED[id(mask)] = (weakref.ref(mask), mask._version, w, _verdict(ok, w))
+    return _CHECKED[id(attention_mask)][3]
 
 
 def sink_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, compiled="run",
@@ -239,6 +276,8 @@ class _Handle:
         _USERS[self.modname] -= 1
         if _USERS[self.modname] == 0:  # the last marked module: the family module gets its function back
             setattr(sys.modules[self.modname], "eager_attention_forward", _ORIGINAL.pop(self.modname))
+            for name, builder in _ORIGINAL_BUILDERS.pop(self.modname, {}).items():
+                setattr(sys.modules[self.modname], name, builder)
             del _USERS[self.modname]
         self.module = None
 
@@ -255,7 +294,12 @@ def install(module) -> list:
     modname, fn = family_eager(module)
     if modname not in _ORIGINAL:
         _ORIGINAL[modname] = fn
-        setattr(sys.modules[modname], "eager_attention_forward", _dispatcher(modname))
+        family = sys.modules[modname]
+        setattr(family, "eager_attention_forward", _dispatcher(modname))
+        _ORIGINAL_BUILDERS[modname] = {name: getattr(family, name) for name in _MASK_BUILDERS
+                                       if callable(getattr(family, name, None))}
+        for name, builder in _ORIGINAL_BUILDERS[modname].items():
+            setattr(family, name, _mask_builder(builder, _MASK_BUILDERS[name]))
     _USERS[modname] = _USERS.get(modname, 0) + 1
     setattr(module, _MARK, True)
     return [_Handle(module, modname)]
