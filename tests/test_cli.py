@@ -145,7 +145,8 @@ def test_env_says_whether_each_variable_is_accepted():
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("MOE_PATCH")}
     assert rows["MOE_PATCH_BACKEND"].endswith("<- refused: MOE_PATCH_BACKEND: in 'attention=tourch', unknown "
-                                              "backend 'tourch' (did you mean 'torch'?); valid: auto, torch, te, liger")
+                                              "backend 'tourch' (did you mean 'torch'?); valid for attention: auto, "
+                                              "torch, liger (te: no attention kernel, falls back to torch)")
     assert rows["MOE_PATCH_EP"].endswith("<- refused: MOE_PATCH_EP='0': expected a positive integer (the "
                                          "expert-parallel size)")
     assert "<- refused: MOE_PATCH_FP8_EXPERTS='maybe' is not understood" in rows["MOE_PATCH_FP8_EXPERTS"]
