@@ -10,6 +10,9 @@ MOE_PATCH_QUIET=1                 auto-patching does not print its one line per 
 MOE_PATCH_COMPILE=0               keep the small torch.compile'd helpers eager (ops/compiled.py)
 MOE_PATCH_FP8_EXPERTS=1           under fp8="current" the experts' grouped GEMMs run FP8 too (opt-in: slower on H200)
 
+Kind and backend names are read case-insensitively ("Loss=Torch" is "loss=torch": every canonical name is lower
+case, so no two names meet); module-path globs (MOE_PATCH_SKIP, skip=) are matched as written.
+
 This module imports neither torch nor Transformers: the start-up hook reads it in every Python process.
 """
 from __future__ import annotations
@@ -94,11 +97,14 @@ def _list(var: str) -> list[str]:
 
 
 def parse_kinds(items, source: str) -> list[str]:
-    """Kind names from a list (MOE_PATCH_DISABLE, --disable): the first unknown one is an error."""
+    """Kind names from a list (MOE_PATCH_DISABLE, --disable), in any case ("Loss" is "loss"): the first unknown
+    one is an error."""
+    out = []
     for item in items:
-        if item not in KINDS:
+        if item.lower() not in KINDS:
             raise PatchError(f"{source}: " + unknown("kind", item, KINDS))
-    return list(items)
+        out.append(item.lower())
+    return out
 
 
 def _disable() -> dict:
@@ -133,7 +139,8 @@ def from_environment() -> dict:
 def parse_backend(value, source: str = "MOE_PATCH_BACKEND"):
     """The backend option in its canonical form: one name for every kind ("te"), or {kind: name} (other kinds:
     auto). `value` is a string as MOE_PATCH_BACKEND takes it, "te" or per kind "loss=torch,experts=te" (empty
-    items are ignored: "torch,", "loss=torch, "), or apply()'s dict {"loss": "torch"}. A bad value is a one-line PatchError naming `source`, the item, and the valid names."""
+    items are ignored: "torch,", "loss=torch, "), or apply()'s dict {"loss": "torch"}. Names are read in any case
+    ("Loss=Torch"). A bad value is a one-line PatchError naming `source`, the item, and the valid names."""
     if isinstance(value, dict):
         return _per_kind(((kind, name, f"{{{kind!r}: {name!r}}}") for kind, name in value.items()), source)
     if not isinstance(value, str):
@@ -142,9 +149,9 @@ def parse_backend(value, source: str = "MOE_PATCH_BACKEND"):
     items = _items(value)
     if not any("=" in item for item in items):
         name = ",".join(items)  # one name ("torch,te" stays one bad value)
-        if name not in BACKENDS:
+        if name.lower() not in BACKENDS:
             raise PatchError(f"{source}: " + unknown("backend", name, BACKENDS))
-        return name
+        return name.lower()
     pairs = []
     for item in items:
         kind, _, name = item.partition("=")
@@ -161,14 +168,16 @@ def _valid_for(kind: str) -> str:
 
 
 def _per_kind(pairs, source: str) -> dict:
-    """{kind: backend} from (kind, name, the item as the user wrote it) triples."""
+    """{kind: backend} from (kind, name, the item as the user wrote it) triples, names lower-cased."""
     per_kind = {}
     for kind, name, item in pairs:
-        if kind not in BACKEND_KINDS:
+        if not (isinstance(kind, str) and kind.lower() in BACKEND_KINDS):
             raise PatchError(f"{source}: in {item}, " + unknown("kind", kind, BACKEND_KINDS))
-        if name not in BACKENDS:
+        kind = kind.lower()
+        if not (isinstance(name, str) and name.lower() in BACKENDS):
             raise PatchError(f"{source}: in {item}, unknown backend {name!r}{did_you_mean(name, BACKENDS)}; "
                              + _valid_for(kind))
+        name = name.lower()
         if kind in per_kind and per_kind[kind] != name:
             raise PatchError(f"{source}: kind {kind!r} given two backends ({per_kind[kind]!r} and {name!r})")
         per_kind[kind] = name

@@ -81,7 +81,7 @@ def _check_arguments(given: dict, mesh, parallel_options: dict) -> None:
 
 def _backend(backend):
     """apply()'s backend argument in its canonical form, through MOE_PATCH_BACKEND's own parser (config.parse_backend):
-    "te", "loss=torch,experts=te" or {"loss": "torch"}; None: not given."""
+    "te", "loss=torch,experts=te" or {"loss": "torch"}, in any case; None: not given."""
     return None if backend is None else config.parse_backend(backend, "backend")
 
 
@@ -127,7 +127,7 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     Every kind flag defaults to True, skip to (), backend to "auto"; an argument left out (None) is taken
     from the environment (MOE_PATCH_DISABLE / MOE_PATCH_SKIP / MOE_PATCH_BACKEND) when set there.
     backend: "auto" | "torch" | "te" | "liger" for every kind, or per kind as {"loss": "torch"} or in
-    MOE_PATCH_BACKEND's form "loss=torch,experts=te" (other kinds auto).
+    MOE_PATCH_BACKEND's form "loss=torch,experts=te" (other kinds auto); names in any case.
     fp8: None, "delayed", "current" or "mxfp8": linear layers run on TransformerEngine under that FP8
     recipe (needs TE and a GPU that supports the recipe; the HF weights stay the master weights). With
     MOE_PATCH_FP8_EXPERTS=1 (opt-in: measured slower than bf16 on an H200), fp8="current" also runs the

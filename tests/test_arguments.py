@@ -134,21 +134,35 @@ def test_environment_lists_ignore_empty_items(monkeypatch, variable, value, expe
     assert config.from_environment() == expected
 
 
-def test_backend_argument_takes_the_environment_form(monkeypatch):
-    """apply(backend=...) takes MOE_PATCH_BACKEND's string form, read by the same parser: the same options, so the
-    same plan, as the dict or the variable give."""
+@pytest.mark.parametrize("variable, value, expected", [
+    ("MOE_PATCH_DISABLE", "Loss,ROUTER", {"loss": False, "router": False}),
+    ("MOE_PATCH_BACKEND", "loss=Torch,Experts=TE", {"backend": {"loss": "torch", "experts": "te"}}),
+    ("MOE_PATCH_BACKEND", "Torch", {"backend": "torch"}),
+])
+def test_environment_names_are_read_in_any_case(monkeypatch, variable, value, expected):
+    """Kinds and backends are lower-case names: any other case of one is that name."""
+    from moe_patch import config
+
+    monkeypatch.setenv(variable, value)
+    assert config.from_environment() == expected
+
+
+def test_backend_argument_takes_the_environment_form_and_any_case(monkeypatch):
+    """apply(backend=...) takes MOE_PATCH_BACKEND's string form and names in any case, read by the same parser: the
+    same options, so the same plan, as the dict or the variable give."""
     monkeypatch.delenv("MOE_PATCH_BACKEND", raising=False)
     want = {"loss": "torch", "router": "torch"}
-    for backend in ("loss=torch,router=torch", {"loss": "torch", "router": "torch"}, " loss=torch, router=torch, "):
+    for backend in ("loss=torch,router=torch", {"Loss": "Torch", "router": "TORCH"}, " LOSS=torch, router=torch, "):
         model = moe_patch.apply(build("qwen3_moe"), backend=backend)
         assert model._moe_patch.options.backend == want, backend
         planned = moe_patch.plan_report(build("qwen3_moe"), backend=backend)
         assert [(r.path, r.backend, r.status) for r in planned] == \
             [(r.path, r.backend, r.status) for r in moe_patch.report(model)]
+    assert moe_patch.apply(build("qwen3_moe"), backend="Torch")._moe_patch.options.backend == "torch"
     monkeypatch.setenv("MOE_PATCH_BACKEND", "loss=torch,router=torch")
     assert moe_patch.apply(build("qwen3_moe"))._moe_patch.options.backend == want
     with pytest.raises(moe_patch.PatchError, match=r"kind 'loss' given two backends \('torch' and 'te'\)"):
-        moe_patch.apply(build("qwen3_moe"), backend="loss=torch,loss=te")
+        moe_patch.apply(build("qwen3_moe"), backend={"loss": "torch", "Loss": "te"})
 
 
 @pytest.mark.parametrize("variable, value, message", [
