@@ -227,16 +227,55 @@ def test_report_names_experts_of_a_layout_of_their_own(family):
         assert {r.original for r in rows} == {"JetMoeMoE", "JetMoeMoA"}, rows
 
 
+# routers declared in no patches/ file, their weight in a child nn.Linear: (the router class, the weight its row names)
+OWN_ROUTER = {"longcat_flash": ("LongcatFlashTopkRouter", "classifier.weight [264, 64]"),
+              "jetmoe": ("JetMoeTopKGating", "layer.weight [8, 64]"), "dbrx": ("DbrxRouter", "layer.weight [8, 64]"),
+              "hunyuan_v1_moe": ("HunYuanMoEV1Gate", "wg.weight [8, 64]"),
+              "switch_transformers": ("SwitchTransformersTop1Router", "classifier.weight [8, 64]"),
+              "nllb_moe": ("NllbMoeTop2Router", "classifier.weight [8, 64]")}
+
+
+@pytest.mark.parametrize("family", sorted(OWN_ROUTER))
+def test_report_names_routers_of_a_layout_of_their_own(family):
+    """Every router module gets a row: one in no layout known here and in no patches/ file is left stock with the
+    reason and its weight (it was absent from the report); a forget gate is no router."""
+    import matrix
+    from moe_patch.cli import _build_on_meta
+
+    model = _build_on_meta(matrix.tiny_config(family))
+    cls, weight = OWN_ROUTER[family]
+    routers = [p for p, m in model.named_modules() if type(m).__name__ == cls]
+    rows = moe_patch.plan_report(model).where(kind="router")
+    assert routers and [r.path for r in rows] == routers, (routers, rows)
+    assert all(r.status == "skipped" and r.reason.startswith("left stock: a router in a layout of its own")
+               and weight in r.reason for r in rows), rows
+
+
+def test_a_forget_gate_is_no_router():
+    import matrix
+    from moe_patch.cli import _build_on_meta
+
+    rows = moe_patch.plan_report(_build_on_meta(matrix.tiny_config("kimi_linear"))).where(kind="router")
+    assert rows and {r.original for r in rows} == {"KimiLinearTopkRouter"}, rows  # not KimiLinearForgetGate
+
+
 def test_report_after_apply_names_experts_of_a_layout_of_their_own():
-    """report(model) on an applied model carries those rows, and the experts' weights are the stock objects."""
+    """report(model) on an applied model carries those rows (experts and routers), and the experts' and routers'
+    weights are the stock objects in the stock modules."""
     import matrix
 
     model = matrix.build("jetmoe")
-    weights = {n: p for n, p in model.named_parameters() if "input_linear" in n or "output_linear" in n}
+    weights = {n: p for n, p in model.named_parameters() if "input_linear" in n or "output_linear" in n
+               or "router" in n}
+    routers = {p: m for p, m in model.named_modules() if type(m).__name__ == "JetMoeTopKGating"}
     moe_patch.apply(model)
     rows = [r for r in moe_patch.report(model) if r.kind == "experts"]
     assert rows and all(r.status == "skipped" and "layout of their own" in r.reason for r in rows), rows
-    assert all(dict(model.named_parameters())[n] is p for n, p in weights.items())
+    rows = moe_patch.report(model).where(kind="router")
+    assert [r.path for r in rows] == list(routers) and all(r.status == "skipped" for r in rows), rows
+    assert all(model.get_submodule(p) is m for p, m in routers.items())
+    assert any("router" in n for n in weights) and all(dict(model.named_parameters())[n] is p
+                                                       for n, p in weights.items())
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a preview only where there is no GPU")
