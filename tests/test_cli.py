@@ -97,7 +97,8 @@ def test_report_previews_a_gpu_from_a_cpu_machine(configs):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (("report", "mixtrl"), ("unknown model type 'mixtrl' (did you mean 'mixtral'?)", "qwen3_moe")),
+    (("report", "mixtrl"), ("unknown model type 'mixtrl' (did you mean 'mixtral'?)", "qwen3_moe", "jetmoe",
+                            "nllb-moe", "switch_transformers")),
     (("report", "qwen3_moe", "--disable", "bogus"), ("--disable: unknown kind 'bogus'", "router, loss")),
     (("report", "qwen3_moe", "--disable", "routr"), ("(did you mean 'router'?)",)),
     (("report", "qwen3_moe", "--backend", "loss=tee"), ("unknown backend 'tee' (did you mean 'te'?)",)),
@@ -109,6 +110,19 @@ def test_report_previews_a_gpu_from_a_cpu_machine(configs):
 ])
 def test_mistakes_are_one_line_exit_2(args, fragments):
     one_line_error(cli(*args), *fragments)
+
+
+def test_report_names_every_moe_family_the_matrix_checks():
+    """The "MoE ones" an unknown model type is answered with are the families tests/matrix.py checks (those with
+    decorated experts, found in the modeling files, and those whose configuration declares experts), one model type
+    each: not the demo's few tiny shapes."""
+    import matrix
+    from moe_patch.cli import _moe_types
+
+    listed = _moe_types()
+    families = matrix.families()
+    assert not [pkg for pkg in families if not set(listed) & set(matrix.catalog.model_types(pkg))]
+    assert len(listed) == len(set(listed)) == len(families)
 
 
 def test_report_bad_files(tmp_path):
