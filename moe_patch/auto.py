@@ -58,8 +58,10 @@ def patch_built_model(model) -> None:
 
 @contextlib.contextmanager
 def suspended():
-    """Models built inside are not patched: moe_patch's own throw-away instances (the fused loss's proof
-    builds one of the model's class, which would otherwise be patched, and prove again, without end)."""
+    """Models built inside (in this thread) are not patched, nor checked against MOE_PATCH_EP: a model built on one
+    rank only under MOE_PATCH_EP (rank 0 loading a saved checkpoint to check it), and moe_patch's own throw-away
+    instances (the fused loss's proof builds one of the model's class, which would otherwise be patched, and prove
+    again, without end)."""
     _state.depth = _depth() + 1
     try:
         yield

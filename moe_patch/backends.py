@@ -16,20 +16,8 @@ from . import config
 from .errors import BackendUnavailableError, PatchError
 from .ops import compiled
 
-BACKENDS = ("auto", "torch", "te", "liger")
 KINDS = config.BACKEND_KINDS
-
-# Which kinds each backend implements today. torch implements every kind (for "linear" that means
-# keeping nn.Linear, which already is cuBLAS on GPU). te: experts with TE's fused permute / unpermute,
-# te.Linear (bf16 or FP8; "auto" takes it only under fp8=), te.RMSNorm and TE's fused router. liger:
-# RMSNorm, the fused loss, and for attention its fused RoPE inside moe_patch's SDPA attention (where proven
-# equal to the family's RoPE). A backend missing here for a kind is skipped by "auto" with a reason, and is
-# an error when asked for by name.
-IMPLEMENTED = {
-    "torch": frozenset(KINDS),
-    "liger": frozenset({"rmsnorm", "loss", "attention"}),
-    "te": frozenset({"experts", "linear", "rmsnorm", "router"}),
-}
+IMPLEMENTED = config.IMPLEMENTED  # which kinds each backend implements (config.py: names only, no torch there)
 # "auto" tries these in order (those implementing the kind); measured on H200 (CHANGELOG.md): TE's fused
 # permute beats torch's sort for experts; moe_patch's chunked loss (few large chunks) beats Liger's (many
 # small ones) at 150k-200k vocabularies, within the memory aim; torch's RMSNorm (the family's formula,
@@ -118,20 +106,6 @@ def unavailable(backend: str, device: torch.device, caps: Capabilities | None = 
     if device.type != "cuda":
         return f"{backend} needs a CUDA device (module is on {device.type})"
     return None
-
-
-def check_backend_name(backend) -> None:
-    """backend: one name for every kind, or {kind: name} (kinds left out get "auto")."""
-    if isinstance(backend, dict):
-        for kind in backend:
-            if kind not in KINDS:
-                raise PatchError("backend dict: " + config.unknown("kind", kind, KINDS))
-        for name in backend.values():
-            check_backend_name(name)
-        return
-    if backend not in BACKENDS:
-        raise PatchError(f"backend must be one of {BACKENDS} (or a dict kind -> backend), got {backend!r}"
-                         + config.did_you_mean(backend, BACKENDS))
 
 
 def for_kind(backend, kind: str) -> str:

@@ -74,7 +74,7 @@ def _config_from_file(path: str, shown: str):
         raise UsageError(f"{shown}: no 'model_type' field: not a Transformers model config")
     model_type = data["model_type"]
     if model_type not in _model_types():
-        raise UsageError(f"{shown}: " + unknown("model_type", model_type, _moe_examples())
+        raise UsageError(f"{shown}: " + unknown("model_type", model_type, _moe_types())
                          + " (and every other model type of this Transformers)")
     try:
         return AutoConfig.from_pretrained(os.path.abspath(path))
@@ -131,7 +131,15 @@ def _config_from_hub(repo_id: str):
     return _config_from_file(path, f"{repo_id} (config.json from the Hub)")
 
 
-def _moe_examples():
+def _moe_types():
+    """Every MoE model type of this Transformers (moe_patch/catalog.py: the families tests/matrix.py checks)."""
+    from .catalog import moe_model_types
+
+    return list(moe_model_types())
+
+
+def _demo_types():
+    """The model types the demo has a tiny shape for (moe_patch/shapes.py)."""
     from .shapes import TINY
 
     return [t for t in TINY if t != "llama"]
@@ -160,7 +168,7 @@ def load_config(target: str):
     if target.endswith(".json") or os.sep in target or target.startswith("."):
         raise UsageError(f"{target}: no such file or folder")
     raise UsageError(f"unknown model type {target!r}{did_you_mean(target, types)}; give a model type (MoE ones: "
-                     f"{', '.join(_moe_examples())}), a model folder, a config file, or a Hub id (org/name)")
+                     f"{', '.join(_moe_types())}), a model folder, a config file, or a Hub id (org/name)")
 
 
 def _build_on_meta(config):
@@ -465,7 +473,7 @@ def _parser():
     rep.add_argument("--all", action="store_true", help="also list every nn.Linear")
     rep.set_defaults(fn=cmd_report)
     demo = sub.add_parser("demo", help="train a tiny MoE on real text, stock and patched side by side")
-    demo.add_argument("--model-type", default="qwen3_moe", choices=_moe_examples(),
+    demo.add_argument("--model-type", default="qwen3_moe", choices=_demo_types(),
                       help="the family (choices: %(choices)s)", metavar="TYPE")
     demo.add_argument("--steps", type=int, default=30, help="training steps (default %(default)s)")
     demo.set_defaults(fn=cmd_demo)

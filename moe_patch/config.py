@@ -10,6 +10,9 @@ MOE_PATCH_QUIET=1                 auto-patching does not print its one line per 
 MOE_PATCH_COMPILE=0               keep the small torch.compile'd helpers eager (ops/compiled.py)
 MOE_PATCH_FP8_EXPERTS=1           under fp8="current" the experts' grouped GEMMs run FP8 too (opt-in: slower on H200)
 
+Kind and backend names are read case-insensitively ("Loss=Torch" is "loss=torch": every canonical name is lower
+case, so no two names meet); module-path globs (MOE_PATCH_SKIP, skip=) are matched as written.
+
 This module imports neither torch nor Transformers: the start-up hook reads it in every Python process.
 """
 from __future__ import annotations
@@ -23,6 +26,17 @@ KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss", "mamba")
 # the kinds with a backend choice (mamba runs mamba-ssm's kernel or the family's scan: nothing to choose)
 BACKEND_KINDS = tuple(k for k in KINDS if k != "mamba")
 BACKENDS = ("auto", "torch", "te", "liger")
+# Which kinds each backend implements today (backends.py chooses among these). torch implements every kind (for
+# "linear" that means keeping nn.Linear, which already is cuBLAS on GPU). te: experts with TE's fused permute /
+# unpermute, te.Linear (bf16 or FP8; "auto" takes it only under fp8=), te.RMSNorm and TE's fused router. liger:
+# RMSNorm, the fused loss, and for attention its fused RoPE inside moe_patch's SDPA attention (where proven equal
+# to the family's RoPE). A backend missing here for a kind is skipped by "auto" with a reason, and asked for by
+# name it falls back to torch with that reason.
+IMPLEMENTED = {
+    "torch": frozenset(BACKEND_KINDS),
+    "liger": frozenset({"rmsnorm", "loss", "attention"}),
+    "te": frozenset({"experts", "linear", "rmsnorm", "router"}),
+}
 DEFAULTS = dict(attention=True, rmsnorm=True, linear=True, experts=True, router=True, loss=True, mamba=True, skip=(),
                 backend="auto")
 VARIABLES = {
@@ -83,11 +97,14 @@ def _list(var: str) -> list[str]:
 
 
 def parse_kinds(items, source: str) -> list[str]:
-    """Kind names from a list (MOE_PATCH_DISABLE, --disable): the first unknown one is an error."""
+    """Kind names from a list (MOE_PATCH_DISABLE, --disable), in any case ("Loss" is "loss"): the first unknown
+    one is an error."""
+    out = []
     for item in items:
-        if item not in KINDS:
+        if item.lower() not in KINDS:
             raise PatchError(f"{source}: " + unknown("kind", item, KINDS))
-    return list(items)
+        out.append(item.lower())
+    return out
 
 
 def _disable() -> dict:
@@ -119,23 +136,48 @@ def from_environment() -> dict:
     return out
 
 
-def parse_backend(value: str, source: str = "MOE_PATCH_BACKEND"):
-    """"te" for every kind, or per kind: "loss=torch,experts=te" (other kinds: auto); empty items are ignored
-    ("torch,", "loss=torch, "). Errors name `source`."""
+def parse_backend(value, source: str = "MOE_PATCH_BACKEND"):
+    """The backend option in its canonical form: one name for every kind ("te"), or {kind: name} (other kinds:
+    auto). `value` is a string as MOE_PATCH_BACKEND takes it, "te" or per kind "loss=torch,experts=te" (empty
+    items are ignored: "torch,", "loss=torch, "), or apply()'s dict {"loss": "torch"}. Names are read in any case
+    ("Loss=Torch"). A bad value is a one-line PatchError naming `source`, the item, and the valid names."""
+    if isinstance(value, dict):
+        return _per_kind(((kind, name, f"{{{kind!r}: {name!r}}}") for kind, name in value.items()), source)
+    if not isinstance(value, str):
+        raise PatchError(f"{source} must be a backend name ({', '.join(BACKENDS)}), per kind as 'loss=torch,"
+                         f"experts=te', or a dict kind -> name, got {value!r}")
     items = _items(value)
     if not any("=" in item for item in items):
         name = ",".join(items)  # one name ("torch,te" stays one bad value)
-        if name not in BACKENDS:
+        if name.lower() not in BACKENDS:
             raise PatchError(f"{source}: " + unknown("backend", name, BACKENDS))
-        return name
-    per_kind = {}
+        return name.lower()
+    pairs = []
     for item in items:
         kind, _, name = item.partition("=")
-        kind, name = kind.strip(), name.strip()
-        if kind not in BACKEND_KINDS:
-            raise PatchError(f"{source}: in {item!r}, " + unknown("kind", kind, BACKEND_KINDS))
-        if name not in BACKENDS:
-            raise PatchError(f"{source}: in {item!r}, " + unknown("backend", name, BACKENDS))
+        pairs.append((kind.strip(), name.strip(), repr(item)))
+    return _per_kind(pairs, source)
+
+
+def _valid_for(kind: str) -> str:
+    """'valid for loss: auto, torch, liger (te: no loss kernel, falls back to torch)'."""
+    has = [b for b in BACKENDS if b == "auto" or kind in IMPLEMENTED[b]]
+    lacks = [b for b in BACKENDS if b not in has]
+    return f"valid for {kind}: {', '.join(has)}" + (f" ({', '.join(lacks)}: no {kind} kernel, falls back to torch)"
+                                                    if lacks else "")
+
+
+def _per_kind(pairs, source: str) -> dict:
+    """{kind: backend} from (kind, name, the item as the user wrote it) triples, names lower-cased."""
+    per_kind = {}
+    for kind, name, item in pairs:
+        if not (isinstance(kind, str) and kind.lower() in BACKEND_KINDS):
+            raise PatchError(f"{source}: in {item}, " + unknown("kind", kind, BACKEND_KINDS))
+        kind = kind.lower()
+        if not (isinstance(name, str) and name.lower() in BACKENDS):
+            raise PatchError(f"{source}: in {item}, unknown backend {name!r}{did_you_mean(name, BACKENDS)}; "
+                             + _valid_for(kind))
+        name = name.lower()
         if kind in per_kind and per_kind[kind] != name:
             raise PatchError(f"{source}: kind {kind!r} given two backends ({per_kind[kind]!r} and {name!r})")
         per_kind[kind] = name

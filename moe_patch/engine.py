@@ -79,6 +79,12 @@ def _check_arguments(given: dict, mesh, parallel_options: dict) -> None:
                          "(apply(model, mesh=...)); without one, leave them out")
 
 
+def _backend(backend):
+    """apply()'s backend argument in its canonical form, through MOE_PATCH_BACKEND's own parser (config.parse_backend):
+    "te", "loss=torch,experts=te" or {"loss": "torch"}, in any case; None: not given."""
+    return None if backend is None else config.parse_backend(backend, "backend")
+
+
 def _changes(old: Options, new: Options) -> str:
     """'skip: () -> ('lm_head',); loss: True -> False' (the options that differ)."""
     fields = [f for f in ("attention", "rmsnorm", "linear", "experts", "router", "loss", "mamba", "skip", "backend", "fp8")
@@ -106,11 +112,10 @@ def plan_report(model, **flags) -> Report:
             raise PatchError("plan_report() got an " + config.unknown("argument", name, ARGUMENTS[1:-3]))
     _check_arguments({k: flags.get(k) for k in (*config.KINDS, "skip")}, None, {})
     fp8 = flags.pop("fp8", None)
-    flags = config.resolve(flags)
+    flags = config.resolve(dict(flags, backend=_backend(flags.get("backend"))))
     skip = (flags["skip"],) if isinstance(flags["skip"], str) else flags["skip"]
     flags["skip"] = skip if callable(skip) else tuple(skip)
     opts = Options(**flags, fp8=fp8)
-    backends.check_backend_name(opts.backend)
     backends.check_fp8(opts.fp8, opts.backend, opts.linear)  # what apply() would refuse, refused here too
     return Report(make_plan(model, opts, _supports_sdpa(model)).rows)
 
@@ -121,6 +126,8 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
 
     Every kind flag defaults to True, skip to (), backend to "auto"; an argument left out (None) is taken
     from the environment (MOE_PATCH_DISABLE / MOE_PATCH_SKIP / MOE_PATCH_BACKEND) when set there.
+    backend: "auto" | "torch" | "te" | "liger" for every kind, or per kind as {"loss": "torch"} or in
+    MOE_PATCH_BACKEND's form "loss=torch,experts=te" (other kinds auto); names in any case.
     fp8: None, "delayed", "current" or "mxfp8": linear layers run on TransformerEngine under that FP8
     recipe (needs TE and a GPU that supports the recipe; the HF weights stay the master weights). With
     MOE_PATCH_FP8_EXPERTS=1 (opt-in: measured slower than bf16 on an H200), fp8="current" also runs the
@@ -133,7 +140,7 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     On any error the model is left exactly as it was. See README.md for the flags.
     """
     given = dict(attention=attention, rmsnorm=rmsnorm, linear=linear, experts=experts, router=router, loss=loss,
-                 mamba=mamba, skip=skip, backend=backend)
+                 mamba=mamba, skip=skip, backend=_backend(backend))
     from .parallel import distributed_config
 
     hf_config = distributed_config.config(model)  # from_pretrained(distributed_config=DistributedConfig(ep_size>1))
@@ -152,7 +159,6 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
         skip = (skip,)
     flags["skip"] = skip if callable(skip) else tuple(skip)
     opts = Options(**flags, fp8=fp8)
-    backends.check_backend_name(opts.backend)
     backends.check_fp8(fp8, opts.backend, opts.linear)
     requested = _parallel(mesh, parallel_options)
     inner = getattr(model, "_orig_mod", None)

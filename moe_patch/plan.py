@@ -152,11 +152,32 @@ def _unrecognised_experts(module) -> bool:
         _recognised_experts(m) for m in module.modules())
 
 
-def _expert_weights(module) -> str:
-    """'name [shape], ...' of the weights an unrecognised experts module holds itself (not its nn.Linear ones)."""
-    linear = {f"{path}.weight" for path, m in module.named_modules() if isinstance(m, nn.Linear)}
+def _weights(module, linear: bool = False) -> str:
+    """'name [shape], ...' of the matrices (2-D or more) in an unrecognised experts module or router; with
+    linear=False not those of its nn.Linear children (an experts block's shared expert, router)."""
+    skipped = set() if linear else {f"{path}.weight" for path, m in module.named_modules() if isinstance(m, nn.Linear)}
     return ", ".join(f"{n} {list(p.shape)}" for n, p in module.named_parameters()
-                     if p.dim() >= 2 and n not in linear) or "no expert weight tensors of its own"
+                     if p.dim() >= 2 and n not in skipped) or "no weight tensors of its own"
+
+
+def _router_layout(module) -> bool:
+    """A router in the layout TopKRouter replaces: its own 2-D weight [experts, hidden] and a top_k."""
+    weight = module._parameters.get("weight")
+    return "router" in type(module).__name__.lower() and weight is not None and weight.dim() == 2 and \
+        hasattr(module, "top_k")
+
+
+# the names Transformers gives routers (DbrxRouter, LongcatFlashTopkRouter, NllbMoeTop2Router, JetMoeTopKGating, ...);
+# "...Gate" is also a forget or residual gate's name, so a Gate counts only with a top_k (HunYuanMoEV1Gate)
+_ROUTER_NAME = re.compile(r"(Router|Gating)$")
+
+
+def _unrecognised_router(module) -> bool:
+    """A router by its class name in no layout known here (its weight in a child nn.Linear: LongCat-Flash, JetMoE,
+    DBRX, Switch Transformers, ...): reported as left stock rather than silently absent from the report."""
+    name = type(module).__name__
+    named = bool(_ROUTER_NAME.search(name)) or name.endswith("Gate") and hasattr(module, "top_k")
+    return named and not _router_layout(module)
 
 
 def kind_of(module: nn.Module) -> str | None:
@@ -167,7 +188,7 @@ def kind_of(module: nn.Module) -> str | None:
         return "experts"
     weight = module._parameters.get("weight")
     name = cls.__name__.lower()
-    if "router" in name and weight is not None and weight.dim() == 2 and hasattr(module, "top_k"):
+    if _router_layout(module) or _unrecognised_router(module):
         return "router"
     if "rmsnorm" in name and weight is not None and weight.dim() == 1:
         return "rmsnorm"
@@ -206,6 +227,11 @@ def _propose_router(module, backend, opts):
     if name in tables().skip:
         return None, "", tables().skip[name]
     spec = tables().router.get(name)
+    if _unrecognised_router(module):  # TopKRouter replaces a router holding its own weight (_router_layout)
+        declared = "its patches/ spec needs its own [experts, hidden] weight and a top_k" if spec else \
+            "declared in no patches/ file"
+        return None, "", (f"left stock: a router in a layout of its own ({_weights(module, linear=True)}), "
+                          f"{declared}: no router replacement is proven for it")
     if spec is None:
         return None, "", f"no router spec for {name} in patches/: stock router kept"
     key = repr(sorted(spec.items()))
@@ -236,7 +262,7 @@ def _propose_experts(module, backend, opts, expert_parallel=False):
         return None, "", (f"{count} experts as separate modules ({type(module.experts).__name__}), "
                           "not Transformers' fused 3-D expert weights: no grouped GEMM, the block stays stock")
     if _unrecognised_experts(module):
-        return None, "", (f"experts in a layout of their own ({_expert_weights(module)}): no grouped-GEMM "
+        return None, "", (f"experts in a layout of their own ({_weights(module)}): no grouped-GEMM "
                           "replacement is proven for it, the block stays stock")
     flags = experts_flags(module)
     if flags is None:

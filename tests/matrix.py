@@ -3,7 +3,8 @@
 Enumeration (nothing hard-coded, so a new Transformers release is picked up by itself):
   - decorated: every class in transformers/models/*/modeling_*.py under `@use_experts_implementation`;
   - undecorated: the other model packages whose configuration declares experts (num_experts, n_routed_experts,
-    ...): MoE families with per-expert nn.Linear lists or their own experts layout.
+    ...; moe_patch/catalog.py, whose list `moe-patch report` names): MoE families with per-expert nn.Linear lists
+    or their own experts layout.
 Each family (model package) is built from its configuration class's defaults shrunk generically (SHRINK),
 plus a small per-family override table (OVERRIDES) where the generic shrink is not enough, with the model
 class its auto mapping gives for causal LM (multimodal ones: their conditional-generation class, fed
@@ -20,24 +21,19 @@ import re
 
 import torch
 
+from moe_patch import catalog
+
 DECORATOR = re.compile(r"^@use_experts_implementation(?:\([^)]*\))?\s*\nclass (\w+)\(", re.M)
-EXPERT_COUNT = re.compile(r"\b(num_experts|num_local_experts|n_routed_experts|moe_num_experts|num_experts_per_tok)\b")
 
 SEQ, BATCH, VOCAB = 14, 2, 256
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
 GRAD_FLOOR = 1e-3  # a gradient's error is relative to max(its norm, GRAD_FLOOR x the mean gradient norm)
 
 
-def _models_dir() -> str:
-    import transformers
-
-    return os.path.join(os.path.dirname(transformers.__file__), "models")
-
-
 def decorated_experts() -> dict:
     """{model package: [experts class names decorated with @use_experts_implementation]}."""
     out = {}
-    for path in sorted(glob.glob(os.path.join(_models_dir(), "*", "modeling_*.py"))):
+    for path in sorted(glob.glob(os.path.join(catalog.models_dir(), "*", "modeling_*.py"))):
         with open(path, encoding="utf-8") as f:
             names = DECORATOR.findall(f.read())
         if names:
@@ -46,17 +42,10 @@ def decorated_experts() -> dict:
 
 
 def undecorated_moe() -> list:
-    """Model packages with a modeling file and experts in their configuration, but no decorated class."""
+    """Model packages with a modeling file and experts in their configuration (moe_patch.catalog, the list
+    `moe-patch report` names), but no decorated class."""
     decorated = decorated_experts()
-    out = []
-    for pkg_dir in sorted(glob.glob(os.path.join(_models_dir(), "*"))):
-        pkg = os.path.basename(pkg_dir)
-        if pkg in decorated or not glob.glob(os.path.join(pkg_dir, "modeling_*.py")):
-            continue
-        text = "".join(open(p, encoding="utf-8").read() for p in glob.glob(os.path.join(pkg_dir, "configuration_*.py")))
-        if EXPERT_COUNT.search(text):
-            out.append(pkg)
-    return out
+    return [pkg for pkg in catalog.moe_packages() if pkg not in decorated]
 
 
 def families() -> list:
@@ -70,18 +59,12 @@ _MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_
              "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES")
 
 
-def model_types(pkg: str) -> list:
-    from transformers.models.auto import configuration_auto as ca
-
-    return [mt for mt in ca.CONFIG_MAPPING_NAMES if ca.model_type_to_module_name(mt) == pkg]
-
-
 def model_class_name(pkg: str):
     """(model_type, class name): the first model type of the package with a causal-LM class, else a
     conditional-generation / image-text-to-text class, else token classification; None: no head to test."""
     from transformers.models.auto import modeling_auto as ma
 
-    types = model_types(pkg)
+    types = catalog.model_types(pkg)
     types = sorted(types, key=lambda t: (t != pkg, len(t)))  # the package's own type first
     for mapping in _MAPPINGS:
         names = getattr(ma, mapping, {})

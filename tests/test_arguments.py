@@ -18,8 +18,13 @@ def _modules(model):
     (dict(loss=0), "loss must be True or False"),
     (dict(skip=3), "skip must be a glob, a list of globs or a callable"),
     (dict(dispatcher="all_to_all"), "dispatcher: expert-parallel option(s) that need a mesh"),
-    (dict(backend="tee"), "got 'tee' (did you mean 'te'?)"),
+    (dict(backend="tee"), "backend: unknown backend 'tee' (did you mean 'te'?); valid: auto, torch, te, liger"),
     (dict(backend={"routr": "torch"}), "unknown kind 'routr' (did you mean 'router'?)"),
+    # the kind, the value and what that kind can take
+    (dict(backend={"loss": "trch"}), "backend: in {'loss': 'trch'}, unknown backend 'trch' (did you mean 'torch'?); "
+                                     "valid for loss: auto, torch, liger (te: no loss kernel, falls back to torch)"),
+    (dict(backend="experts=torch,loss=trch"), "backend: in 'loss=trch', unknown backend 'trch'"),
+    (dict(backend=["torch"]), "backend must be a backend name (auto, torch, te, liger), per kind as"),
 ])
 def test_bad_arguments_are_one_line_and_change_nothing(kwargs, message):
     model = build("qwen3_moe")
@@ -127,6 +132,37 @@ def test_environment_lists_ignore_empty_items(monkeypatch, variable, value, expe
 
     monkeypatch.setenv(variable, value)
     assert config.from_environment() == expected
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    ("MOE_PATCH_DISABLE", "Loss,ROUTER", {"loss": False, "router": False}),
+    ("MOE_PATCH_BACKEND", "loss=Torch,Experts=TE", {"backend": {"loss": "torch", "experts": "te"}}),
+    ("MOE_PATCH_BACKEND", "Torch", {"backend": "torch"}),
+])
+def test_environment_names_are_read_in_any_case(monkeypatch, variable, value, expected):
+    """Kinds and backends are lower-case names: any other case of one is that name."""
+    from moe_patch import config
+
+    monkeypatch.setenv(variable, value)
+    assert config.from_environment() == expected
+
+
+def test_backend_argument_takes_the_environment_form_and_any_case(monkeypatch):
+    """apply(backend=...) takes MOE_PATCH_BACKEND's string form and names in any case, read by the same parser: the
+    same options, so the same plan, as the dict or the variable give."""
+    monkeypatch.delenv("MOE_PATCH_BACKEND", raising=False)
+    want = {"loss": "torch", "router": "torch"}
+    for backend in ("loss=torch,router=torch", {"Loss": "Torch", "router": "TORCH"}, " LOSS=torch, router=torch, "):
+        model = moe_patch.apply(build("qwen3_moe"), backend=backend)
+        assert model._moe_patch.options.backend == want, backend
+        planned = moe_patch.plan_report(build("qwen3_moe"), backend=backend)
+        assert [(r.path, r.backend, r.status) for r in planned] == \
+            [(r.path, r.backend, r.status) for r in moe_patch.report(model)]
+    assert moe_patch.apply(build("qwen3_moe"), backend="Torch")._moe_patch.options.backend == "torch"
+    monkeypatch.setenv("MOE_PATCH_BACKEND", "loss=torch,router=torch")
+    assert moe_patch.apply(build("qwen3_moe"))._moe_patch.options.backend == want
+    with pytest.raises(moe_patch.PatchError, match=r"kind 'loss' given two backends \('torch' and 'te'\)"):
+        moe_patch.apply(build("qwen3_moe"), backend={"loss": "torch", "Loss": "te"})
 
 
 @pytest.mark.parametrize("variable, value, message", [

@@ -91,6 +91,26 @@ def test_auto_patch_then_explicit_apply_replans_with_the_explicit_arguments():
         out.stderr
 
 
+SUSPENDED = """
+import moe_patch.auto
+from transformers import AutoModelForCausalLM
+from moe_patch.shapes import tiny_config
+with moe_patch.auto.suspended():  # one rank alone, e.g. to check a saved checkpoint: stock, not sharded
+    model = AutoModelForCausalLM.from_config(tiny_config('qwen3_moe'))
+print(hasattr(model, '_moe_patch'), flush=True)
+AutoModelForCausalLM.from_config(tiny_config('qwen3_moe'))  # outside it, EP 2 in a world of 1 stops the script
+print('not reached')
+"""
+
+
+def test_a_model_built_on_one_rank_alone_under_moe_patch_ep_is_left_stock_inside_suspended():
+    """README, MOE_PATCH_EP: a model built inside moe_patch.auto.suspended() is neither patched nor sharded; the same
+    build outside it shards, here alone, and stops the script with the one-line MeshError."""
+    out = _run(SUSPENDED, MOE_PATCH="1", MOE_PATCH_EP="2", WORLD_SIZE="1")
+    assert out.stdout.splitlines() == ["False"], (out.stdout, out.stderr)
+    assert out.returncode == 2 and "MOE_PATCH_EP" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_without_env_nothing_happens():
     out = _run(SCRIPT)
     assert out.returncode == 0, out.stderr

@@ -97,7 +97,8 @@ def test_report_previews_a_gpu_from_a_cpu_machine(configs):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (("report", "mixtrl"), ("unknown model type 'mixtrl' (did you mean 'mixtral'?)", "qwen3_moe")),
+    (("report", "mixtrl"), ("unknown model type 'mixtrl' (did you mean 'mixtral'?)", "qwen3_moe", "jetmoe",
+                            "nllb-moe", "switch_transformers")),
     (("report", "qwen3_moe", "--disable", "bogus"), ("--disable: unknown kind 'bogus'", "router, loss")),
     (("report", "qwen3_moe", "--disable", "routr"), ("(did you mean 'router'?)",)),
     (("report", "qwen3_moe", "--backend", "loss=tee"), ("unknown backend 'tee' (did you mean 'te'?)",)),
@@ -109,6 +110,19 @@ def test_report_previews_a_gpu_from_a_cpu_machine(configs):
 ])
 def test_mistakes_are_one_line_exit_2(args, fragments):
     one_line_error(cli(*args), *fragments)
+
+
+def test_report_names_every_moe_family_the_matrix_checks():
+    """The "MoE ones" an unknown model type is answered with are the families tests/matrix.py checks (those with
+    decorated experts, found in the modeling files, and those whose configuration declares experts), one model type
+    each: not the demo's few tiny shapes."""
+    import matrix
+    from moe_patch.cli import _moe_types
+
+    listed = _moe_types()
+    families = matrix.families()
+    assert not [pkg for pkg in families if not set(listed) & set(matrix.catalog.model_types(pkg))]
+    assert len(listed) == len(set(listed)) == len(families)
 
 
 def test_report_bad_files(tmp_path):
@@ -145,7 +159,8 @@ def test_env_says_whether_each_variable_is_accepted():
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("MOE_PATCH")}
     assert rows["MOE_PATCH_BACKEND"].endswith("<- refused: MOE_PATCH_BACKEND: in 'attention=tourch', unknown "
-                                              "backend 'tourch' (did you mean 'torch'?); valid: auto, torch, te, liger")
+                                              "backend 'tourch' (did you mean 'torch'?); valid for attention: auto, "
+                                              "torch, liger (te: no attention kernel, falls back to torch)")
     assert rows["MOE_PATCH_EP"].endswith("<- refused: MOE_PATCH_EP='0': expected a positive integer (the "
                                          "expert-parallel size)")
     assert "<- refused: MOE_PATCH_FP8_EXPERTS='maybe' is not understood" in rows["MOE_PATCH_FP8_EXPERTS"]
@@ -226,16 +241,55 @@ def test_report_names_experts_of_a_layout_of_their_own(family):
         assert {r.original for r in rows} == {"JetMoeMoE", "JetMoeMoA"}, rows
 
 
+# routers declared in no patches/ file, their weight in a child nn.Linear: (the router class, the weight its row names)
+OWN_ROUTER = {"longcat_flash": ("LongcatFlashTopkRouter", "classifier.weight [264, 64]"),
+              "jetmoe": ("JetMoeTopKGating", "layer.weight [8, 64]"), "dbrx": ("DbrxRouter", "layer.weight [8, 64]"),
+              "hunyuan_v1_moe": ("HunYuanMoEV1Gate", "wg.weight [8, 64]"),
+              "switch_transformers": ("SwitchTransformersTop1Router", "classifier.weight [8, 64]"),
+              "nllb_moe": ("NllbMoeTop2Router", "classifier.weight [8, 64]")}
+
+
+@pytest.mark.parametrize("family", sorted(OWN_ROUTER))
+def test_report_names_routers_of_a_layout_of_their_own(family):
+    """Every router module gets a row: one in no layout known here and in no patches/ file is left stock with the
+    reason and its weight (it was absent from the report); a forget gate is no router."""
+    import matrix
+    from moe_patch.cli import _build_on_meta
+
+    model = _build_on_meta(matrix.tiny_config(family))
+    cls, weight = OWN_ROUTER[family]
+    routers = [p for p, m in model.named_modules() if type(m).__name__ == cls]
+    rows = moe_patch.plan_report(model).where(kind="router")
+    assert routers and [r.path for r in rows] == routers, (routers, rows)
+    assert all(r.status == "skipped" and r.reason.startswith("left stock: a router in a layout of its own")
+               and weight in r.reason for r in rows), rows
+
+
+def test_a_forget_gate_is_no_router():
+    import matrix
+    from moe_patch.cli import _build_on_meta
+
+    rows = moe_patch.plan_report(_build_on_meta(matrix.tiny_config("kimi_linear"))).where(kind="router")
+    assert rows and {r.original for r in rows} == {"KimiLinearTopkRouter"}, rows  # not KimiLinearForgetGate
+
+
 def test_report_after_apply_names_experts_of_a_layout_of_their_own():
-    """report(model) on an applied model carries those rows, and the experts' weights are the stock objects."""
+    """report(model) on an applied model carries those rows (experts and routers), and the experts' and routers'
+    weights are the stock objects in the stock modules."""
     import matrix
 
     model = matrix.build("jetmoe")
-    weights = {n: p for n, p in model.named_parameters() if "input_linear" in n or "output_linear" in n}
+    weights = {n: p for n, p in model.named_parameters() if "input_linear" in n or "output_linear" in n
+               or "router" in n}
+    routers = {p: m for p, m in model.named_modules() if type(m).__name__ == "JetMoeTopKGating"}
     moe_patch.apply(model)
     rows = [r for r in moe_patch.report(model) if r.kind == "experts"]
     assert rows and all(r.status == "skipped" and "layout of their own" in r.reason for r in rows), rows
-    assert all(dict(model.named_parameters())[n] is p for n, p in weights.items())
+    rows = moe_patch.report(model).where(kind="router")
+    assert [r.path for r in rows] == list(routers) and all(r.status == "skipped" for r in rows), rows
+    assert all(model.get_submodule(p) is m for p, m in routers.items())
+    assert any("router" in n for n in weights) and all(dict(model.named_parameters())[n] is p
+                                                       for n, p in weights.items())
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a preview only where there is no GPU")

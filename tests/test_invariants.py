@@ -142,7 +142,7 @@ def test_report_rows_and_table():
 
 def test_bad_inputs_are_clear_errors():
     model = build("qwen3_moe")
-    with pytest.raises(moe_patch.PatchError, match="backend must be one of"):
+    with pytest.raises(moe_patch.PatchError, match=r"backend: unknown backend 'cuda-magic'; valid: auto, torch, te, liger"):
         moe_patch.apply(model, backend="cuda-magic")
     with pytest.raises(moe_patch.BackendUnavailableError):
         moe_patch.apply(model, backend="te")  # no TE / no GPU here
