@@ -19,7 +19,7 @@ from torch import nn
 from . import backends, probe
 from .errors import PatchError
 from .families import tables
-from .ops import attention, experts, loss, mamba_ssd, rmsnorm, router, sink_attention
+from .ops import attention, experts, loss, mamba_ssd, mla, rmsnorm, router, sink_attention
 from .ops.base import Replacement
 
 
@@ -41,6 +41,7 @@ class Action:
     factory: Callable[[nn.Module], nn.Module] | None = None  # module swaps
     attention_impl: str | None = None  # attention: the implementation it had
     rope: bool = False  # attention: RoPE calls go to the proven fused kernel (ops/rope.py)
+    mla: bool = False  # attention: MLA's q / k / v assembly on the proven fused forward (ops/mla.py)
     loss_backend: str | None = None  # loss: the root model's forward gets the fused loss
     loss_step: str = "compiled"  # loss, chunked: the kernel of each chunk's softmax gradient (ops/loss.py STEPS)
     install: Callable[[nn.Module], list] | None = None  # routes the module's kernel; returns removable handles
@@ -374,8 +375,16 @@ def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
         return
     device = _device(module)
     row.replacement, row.backend = f"{attention.describe(device)} (kernel priority set by the module)", "torch"
+    fused_mla = False
+    if type(module).__name__ in tables().mla:  # MLA (DeepSeek-V3): q / k / v assembled by one fused kernel
+        why = mla.prove(model, module)
+        if why is None:
+            row.replacement, fused_mla = f"{row.replacement} + {mla.NAME}{mla.describe(device)}", True
+        else:
+            fallback_reason = "; ".join(r for r in (fallback_reason, f"{mla.NAME} not proven: {why}") if r)
     rope_label = None
-    if backend == "liger":  # SDPA plus Liger's fused RoPE, where it is the family's RoPE
+    # SDPA plus Liger's fused RoPE, where it is the family's RoPE (not under the fused MLA forward: it applies the RoPE)
+    if backend == "liger" and not fused_mla:
         from .ops import rope  # lazy: only reached with Liger usable on a GPU
 
         rope_label, why = rope.prove(model, module)
@@ -384,7 +393,7 @@ def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
         else:
             fallback_reason = "; ".join(r for r in (fallback_reason, why) if r)
     row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")
-    plan.actions.append(Action(row, module, attention_impl=impl, rope=rope_label is not None))
+    plan.actions.append(Action(row, module, attention_impl=impl, rope=rope_label is not None, mla=fused_mla))
 
 
 def _fused_loss_head(model: nn.Module, plan: Plan):

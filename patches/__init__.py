@@ -8,6 +8,8 @@ Each file may define:
   SKIP         {class name: reason}                     -- known not to be replaceable, and why
   MAMBA        {Mamba2 mixer class name: name of the module-level chunk-scan function it calls}
                                                         -- routed to mamba-ssm's Triton SSD kernel; proven
+  MLA          {MLA attention class name: what is fused}  -- q / k / v assembly (RoPE, cats) in one compiled
+                                                        kernel each way (moe_patch/ops/mla.py); proven
 Experts decorated with `@use_experts_implementation` and attention modules that dispatch through
 `ALL_ATTENTION_FUNCTIONS` need no entry: they are found structurally.
 """
