@@ -43,22 +43,3 @@ def run(fn, *args):
         _CACHE[fn] = fn
         return fn(*args)
 
-
-def run_autograd(fn, *args):
-    """fn(*args) torch.compile'd with autograd (AOTAutograd derives and compiles the backward: one fused kernel
-    each way for a chain of elementwise ops and cats), dynamic shapes; the caller checks active() first. A
-    compiler failure runs the eager function, with one warning. Separate from run(): its cache holds the
-    autograd-traced compilation."""
-    key = ("autograd", fn)
-    compiled = _CACHE.get(key)
-    if compiled is None:
-        compiled = _CACHE[key] = torch.compile(fn, dynamic=True)
-    if compiled is fn:
-        return fn(*args)
-    try:
-        return compiled(*args)
-    except Exception as exc:  # noqa: BLE001 - any compiler error: the eager function is exact
-        warnings.warn(f"moe_patch: torch.compile of {fn.__name__} failed ({type(exc).__name__}: {exc}); "
-                      "running it eagerly", RuntimeWarning, stacklevel=2)
-        _CACHE[key] = fn
-        return fn(*args)

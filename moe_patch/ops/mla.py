@@ -15,9 +15,11 @@ make them contiguous for the projections' GEMMs). `assemble()` computes the same
 RoPE function, but on the [batch, seq, heads, dim] layout the projections produce (the RoPE function's
 `unsqueeze_dim=2`), and returns query / key / value as [batch, heads, seq, dim] views of [batch, seq, heads,
 dim] storage: torch's SDPA (cuDNN, flash) takes that layout as is and writes its output in it, so the
-transpose back after attention is free as well. On CUDA the function runs torch.compile'd (inductor fuses
-the RoPE, the cats and the value copy into one kernel forward and one backward; the gradient of kv_b_proj's
-output, key and value halves together, comes out of one kernel); elsewhere eagerly: the exact reference.
+transpose back after attention is free as well. The backward is written out (`_rope_adjoint`: the transpose of
+each RoPE rotation, in float32), so that q's, kv_b_proj output's (key and value halves together) and k_rot's
+gradients come out of one pass. On CUDA both directions run torch.compile'd without autograd (compiled.run:
+inductor fuses each into one kernel; AOTAutograd's own derivative of the forward measured 2.5 ms per layer
+backward on an H200 at the deepseek-v3-style shape); elsewhere eagerly: the reference the CPU tests check.
 
 How it is wired: the attention module keeps its class and its own forward; install() sets an instance
 attribute `forward` (MLAForward, a plain object so the model still pickles and deep-copies) that runs the
@@ -53,11 +55,10 @@ def _rope(module):
     return mod.apply_rotary_pos_emb_interleave if module.config.rope_interleave else mod.apply_rotary_pos_emb
 
 
-def _assemble(rope, q, kv, k_rot, cos, sin, nope: int):
-    """query, key, value ([batch, heads, seq, dim] views of [batch, seq, heads, dim] storage) from
-    q [batch, seq, heads x (nope + rope)], kv [batch, seq, heads x (nope + v)], k_rot [batch, seq, rope] and
-    the model's cos / sin [batch or 1, seq, rope]. `rope` is the family's RoPE function (unsqueeze_dim=2 puts
-    cos / sin on the heads axis of this layout)."""
+def _forward(q, kv, k_rot, cos, sin, rope, nope: int):
+    """query, key, value, each [batch, seq, heads, dim] in its own storage, from q [batch, seq, heads x (nope +
+    rope)], kv [batch, seq, heads x (nope + v)], k_rot [batch, seq, rope] and the model's cos / sin [batch or 1,
+    seq, rope]. `rope` is the family's RoPE function: unsqueeze_dim=2 puts cos / sin on this layout's heads axis."""
     b, s = q.shape[:2]
     width = k_rot.shape[-1]
     q = q.view(b, s, -1, nope + width)
@@ -65,16 +66,65 @@ def _assemble(rope, q, kv, k_rot, cos, sin, nope: int):
     q_rot, k_rot = rope(q[..., nope:], k_rot.unsqueeze(2), cos, sin, unsqueeze_dim=2)
     query = torch.cat((q[..., :nope], q_rot), dim=-1)
     key = torch.cat((kv[..., :nope], k_rot.expand(-1, -1, q.shape[2], -1)), dim=-1)
-    value = kv[..., nope:].clone()  # its own storage: the gradient of kv comes out of one kernel with the key's
-    return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    return query, key, kv[..., nope:].contiguous()
+
+
+def _rope_adjoint(g, cos, sin, interleave: bool):
+    """The transpose of the family's RoPE map x -> y (a rotation per frequency pair), applied to the gradient g
+    of y ([..., heads or 1, rope]); cos / sin [batch or 1, seq, 1, rope]. Exact for any cos / sin:
+
+    rotate-half layout (apply_rotary_pos_emb): y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2 (halves of the last dim), so
+      dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1;
+    interleaved layout (apply_rotary_pos_emb_interleave): y = cat(xe c - xo s, xo c + xe s) with xe / xo the even /
+      odd columns of x and c / s the first halves of cos / sin, so dxe = g1 c + g2 s, dxo = g2 c - g1 s, and
+      dx holds dxe / dxo in the even / odd columns again."""
+    half = g.shape[-1] // 2
+    g1, g2 = g[..., :half], g[..., half:]
+    if interleave:
+        c, s = cos[..., :half], sin[..., :half]
+        return torch.stack((g1 * c + g2 * s, g2 * c - g1 * s), dim=-1).flatten(-2)
+    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    return torch.cat((g1 * c1 + g2 * s2, g2 * c2 - g1 * s1), dim=-1)
+
+
+def _backward(d_query, d_key, d_value, cos, sin, nope: int, interleave: bool):
+    """Gradients of q, kv ([batch, seq, heads x dim]) and k_rot ([batch, seq, rope]) from those of query, key,
+    value ([batch, seq, heads, dim]); arithmetic in float32, one rounding to the gradients' dtype."""
+    b, s, h = d_query.shape[:3]
+    dtype = d_query.dtype
+    cos, sin = cos.float().unsqueeze(2), sin.float().unsqueeze(2)
+    dq_rot = _rope_adjoint(d_query[..., nope:].float(), cos, sin, interleave)
+    dq = torch.cat((d_query[..., :nope].float(), dq_rot), dim=-1).to(dtype).view(b, s, -1)
+    dkv = torch.cat((d_key[..., :nope], d_value.to(d_key.dtype)), dim=-1).view(b, s, -1)
+    dk_rot = _rope_adjoint(d_key[..., nope:].float().sum(dim=2, keepdim=True), cos, sin, interleave)
+    return dq, dkv, dk_rot.squeeze(2).to(dtype)
+
+
+class _Assemble(torch.autograd.Function):
+    """_forward / _backward, each compiled without autograd on CUDA (compiled.run: one fused kernel each way,
+    no AOTAutograd runtime around it), eager elsewhere. Saves only cos / sin."""
+
+    @staticmethod
+    def forward(ctx, q, kv, k_rot, cos, sin, rope, nope: int, interleave: bool):
+        ctx.save_for_backward(cos, sin)
+        ctx.nope, ctx.interleave, ctx.k_rot_dtype = nope, interleave, k_rot.dtype
+        args = (q, kv, k_rot, cos, sin, rope, nope)
+        return compiled.run(_forward, *args) if compiled.active(q) else _forward(*args)
+
+    @staticmethod
+    def backward(ctx, d_query, d_key, d_value):
+        cos, sin = ctx.saved_tensors
+        args = (d_query, d_key, d_value, cos, sin, ctx.nope, ctx.interleave)
+        dq, dkv, dk_rot = compiled.run(_backward, *args) if compiled.active(d_query) else _backward(*args)
+        return dq, dkv, dk_rot.to(ctx.k_rot_dtype), None, None, None, None, None
 
 
 def assemble(module, q, kv, k_rot, cos, sin):
-    """`_assemble` with the module's RoPE function and widths; compiled on CUDA (compiled.py), eager elsewhere."""
-    rope = _rope(module)
-    if compiled.active(q):
-        return compiled.run_autograd(_assemble, rope, q, kv, k_rot, cos, sin, module.qk_nope_head_dim)
-    return _assemble(rope, q, kv, k_rot, cos, sin, module.qk_nope_head_dim)
+    """query, key, value as [batch, heads, seq, dim] views of [batch, seq, heads, dim] storage (what SDPA takes
+    and writes back in the same layout), with the module's RoPE function and widths."""
+    interleave = bool(module.config.rope_interleave)
+    query, key, value = _Assemble.apply(q, kv, k_rot, cos, sin, _rope(module), module.qk_nope_head_dim, interleave)
+    return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
 
 def why_not(module) -> str | None:
