@@ -15,7 +15,7 @@ import re
 import torch
 
 from . import backends
-from .ops import attention, compiled, mamba_ssd
+from .ops import attention, compiled, mamba_ssd, mla
 from .plan import Options, Row
 
 PACKAGES = {"te": "te", "liger": "liger"}  # --with NAME -> the Capabilities field it turns on
@@ -45,6 +45,10 @@ def _label(row: Row, backend: str, target: torch.device, caps) -> tuple[str, str
     gpu = target.type == "cuda"
     if row.kind == "attention":
         label = attention.describe(target)  # the kernel priority the module's hooks set there
+        if mla.NAME in row.replacement:  # proven here on the eager reference; a GPU proves its compiled kernels
+            compiled_there = gpu and compiled.enabled()
+            return f"{label} + {mla.NAME}{mla.describe(target)}", \
+                _proven_there(f"the compiled {mla.NAME}", "the family's forward") if compiled_there else ""
         if backend == "liger":
             return f"{label} + Liger RoPE", _proven_there("Liger RoPE", "the family's RoPE")
         return label, ""
