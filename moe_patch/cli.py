@@ -404,7 +404,7 @@ def _parser():
     rep.add_argument("target", help="model type (qwen3_moe), model folder, config file, or Hub id (org/name)")
     rep.add_argument("--backend", default="auto", help="auto | torch | te | liger, or per kind: loss=torch,experts=te")
     rep.add_argument("--disable", default="", help="comma-separated kinds to leave alone "
-                                                   "(attention, rmsnorm, linear, experts, router, loss, mamba)")
+                                                   "(attention, rmsnorm, linear, experts, router, loss, mamba, mlp)")
     rep.add_argument("--skip", default="", help="comma-separated module-path globs to leave alone")
     rep.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "gpu"),
                      help="plan for this device (auto: this machine's; gpu: cuda); cuda on a CPU machine is a preview")

@@ -19,7 +19,7 @@ from torch import nn
 from . import backends, probe
 from .errors import PatchError
 from .families import tables
-from .ops import attention, experts, loss, mamba_ssd, mla, rmsnorm, router, sink_attention
+from .ops import attention, compiled, experts, loss, mamba_ssd, mla, mlp, rmsnorm, router, sink_attention
 from .ops.base import Replacement
 
 
@@ -56,6 +56,7 @@ class Options:
     router: bool = True
     loss: bool = True
     mamba: bool = True
+    mlp: bool = True
     skip: tuple | Callable = ()
     backend: str | dict = "auto"
     fp8: str | None = None
@@ -122,6 +123,8 @@ def kind_of(module: nn.Module) -> str | None:
     cls = type(module)
     if cls.__name__ in tables().mamba:
         return "mamba"
+    if cls.__name__ in tables().mlp:
+        return "mlp"
     if hasattr(module, "has_gate") and hasattr(module, "is_transposed") or cls.__name__ in tables().experts:
         return "experts"
     params3d = _three_d_params(module)
@@ -359,6 +362,25 @@ def _plan_mamba(module, row, plan) -> None:
     plan.actions.append(Action(row, module, install=mamba_ssd.installer(fn_name, ok)))
 
 
+def _plan_mlp(module, row, plan) -> None:
+    """A gated MLP a family declares (patches/: MLP): GatedMLP where proven equal to the module on its device
+    (fp32 and bf16, outputs and input gradients, the module's widths); its projections stay its own children."""
+    why = mlp.why_not(module)
+    if why is None:
+        widths = tuple(tuple(getattr(module, n).weight.shape) for n in ("gate_proj", "up_proj", "down_proj")
+                       if hasattr(getattr(module, n), "weight"))
+        why = probe.proven_equal(module, mlp.GatedMLP.build, module.gate_proj.in_features
+                                 if hasattr(module.gate_proj, "in_features") else widths[0][1],
+                                 ("mlp", widths), device=_device(module))
+    if why is not None:
+        row.reason = f"{mlp.NAME} not proven equal to {type(module).__name__}: {why}"
+        return
+    compiled_here = _device(module).type == "cuda" and compiled.enabled()
+    row.replacement = mlp.NAME + ("" if compiled_here else " (eager: no compiler on this device)")
+    row.backend, row.status = "torch", "patched"
+    plan.actions.append(Action(row, module, factory=mlp.GatedMLP.build))
+
+
 def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
     if sink_attention.has_sinks(module):
         _plan_sink_attention(module, row, plan)
@@ -430,6 +452,9 @@ def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool, expert_paral
             continue
         if kind == "mamba":  # mamba-ssm's kernel or the family's own scan: no backend choice
             _plan_mamba(module, row, plan)
+            continue
+        if kind == "mlp":  # the compiled product or the family's module: no backend choice
+            _plan_mlp(module, row, plan)
             continue
         backend, fallback_reason = backends.choose(backends.for_kind(opts.backend, kind), kind, _device(module))
 

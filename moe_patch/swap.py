@@ -35,7 +35,11 @@ def build(model, plan) -> list:
 
 def swap(model, plan, built, record: Record) -> None:
     rows = [a.row for a in plan.actions if a.factory is not None]
+    replaced = {}  # id(original module) -> its replacement: a child swapped inside a replaced module (a gated
+    # MLP's projections under fp8) goes into the replacement, which is what runs and what state_dict() reads
     for (parent, child, new), row in zip(built, rows):
+        parent = replaced.get(id(parent), parent)
+        replaced[id(getattr(parent, child))] = new
         setattr(parent, child, new)
         record.swaps.append((parent, child, new))
         impl = getattr(getattr(new.original, "config", None), "_experts_implementation", None)

@@ -10,6 +10,8 @@ Each file may define:
                                                         -- routed to mamba-ssm's Triton SSD kernel; proven
   MLA          {MLA attention class name: what is fused}  -- q / k / v assembly (RoPE, cats) in one compiled
                                                         kernel each way (moe_patch/ops/mla.py); proven
+  MLP          {gated MLP class name: "silu"}            -- down(silu(gate(x)) * up(x)) with the product fused
+                                                        (moe_patch/ops/mlp.py); proven
 Experts decorated with `@use_experts_implementation` and attention modules that dispatch through
 `ALL_ATTENTION_FUNCTIONS` need no entry: they are found structurally.
 """

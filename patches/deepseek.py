@@ -10,4 +10,6 @@ SKIP = {"NemotronHRMSNormGated": "gated, grouped norm of the Mamba2 mixer (takes
 # Multi-head latent attention: the RoPE of the rotary columns, the query / key cats and the value split between the
 # projections and SDPA, fused (moe_patch/ops/mla.py). Only classes whose forward is DeepSeek-V3's: sparse-indexer
 # variants (DeepSeek-V3.2, GLM-5 DSA) select keys in between and are not listed.
+# The dense layers' MLP and the shared experts: silu(gate) * up in one compiled kernel each way (moe_patch/ops/mlp.py).
+MLP = {"DeepseekV3MLP": "silu"}
 MLA = {"DeepseekV3Attention": "q / k / v assembly (RoPE of the rotary columns, query and key cats, value split)"}
