@@ -9,6 +9,8 @@ MOE_PATCH_BACKEND=auto|torch|te|liger     or per kind: loss=torch,experts=te
 MOE_PATCH_QUIET=1                 auto-patching does not print its one line per patched model
 MOE_PATCH_COMPILE=0               keep the small torch.compile'd helpers eager (ops/compiled.py)
 MOE_PATCH_FP8_EXPERTS=1           under fp8="current" the experts' grouped GEMMs run FP8 too (opt-in: slower on H200)
+MOE_PATCH_FUSED_MLA=1             DeepSeek-V3's MLA q/k/v assembly on compiled kernels (opt-in: not faster yet)
+MOE_PATCH_FUSED_MLP=1             declared gated MLPs with silu(gate)*up compiled (opt-in: not measured alone)
 
 This module imports neither torch nor Transformers: the start-up hook reads it in every Python process.
 """
@@ -33,6 +35,8 @@ VARIABLES = {
     "MOE_PATCH_COMPILE": "0: keep the small torch.compile'd helpers eager",
     "MOE_PATCH_EP": "expert-parallel size when auto-patching under torchrun",
     "MOE_PATCH_FP8_EXPERTS": "1: under fp8='current' the experts' GEMMs run FP8 too (measured slower on H200)",
+    "MOE_PATCH_FUSED_MLA": "1: DeepSeek-V3's MLA q/k/v assembly on compiled kernels (opt-in: not faster yet on H200)",
+    "MOE_PATCH_FUSED_MLP": "1: gated MLPs declared in patches/ run silu(gate)*up compiled (opt-in: not measured alone)",
 }
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("", "0", "false", "no", "off")

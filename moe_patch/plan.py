@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import backends, probe
+from . import backends, config, probe
 from .errors import PatchError
 from .families import tables
 from .ops import attention, compiled, experts, loss, mamba_ssd, mla, mlp, rmsnorm, router, sink_attention
@@ -365,6 +365,9 @@ def _plan_mamba(module, row, plan) -> None:
 def _plan_mlp(module, row, plan) -> None:
     """A gated MLP a family declares (patches/: MLP): GatedMLP where proven equal to the module on its device
     (fp32 and bf16, outputs and input gradients, the module's widths); its projections stay its own children."""
+    if not config.flag(mlp.OPT_IN):
+        row.reason = f"opt-in ({mlp.OPT_IN}=1): {mlp.NAME} is proven equal but not measured faster on its own yet"
+        return
     why = mlp.why_not(module)
     if why is None:
         widths = tuple(tuple(getattr(module, n).weight.shape) for n in ("gate_proj", "up_proj", "down_proj")
@@ -398,7 +401,8 @@ def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
     device = _device(module)
     row.replacement, row.backend = f"{attention.describe(device)} (kernel priority set by the module)", "torch"
     fused_mla = False
-    if type(module).__name__ in tables().mla:  # MLA (DeepSeek-V3): q / k / v assembled by one fused kernel
+    # MLA (DeepSeek-V3): q / k / v assembled by one fused kernel each way; opt-in (ops/mla.py: not faster yet)
+    if type(module).__name__ in tables().mla and config.flag(mla.OPT_IN):
         why = mla.prove(model, module)
         if why is None:
             row.replacement, fused_mla = f"{row.replacement} + {mla.NAME}{mla.describe(device)}", True

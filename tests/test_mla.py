@@ -12,6 +12,12 @@ from moe_patch.shapes import named_config
 from util import build, rel_err, run
 
 
+@pytest.fixture(autouse=True)
+def opted_in(monkeypatch):
+    """The fused MLA forward is opt-in (measured slower on an H200 so far): these tests turn it on."""
+    monkeypatch.setenv(mla.OPT_IN, "1")
+
+
 def _attention_pair(config):
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
 
@@ -99,6 +105,14 @@ def test_generation_with_a_cache_runs_the_familys_forward():
     kwargs = dict(max_new_tokens=4, do_sample=False)
     assert torch.equal(patched.generate(ids, **kwargs), stock.generate(ids, **kwargs))
     assert mla.FALLBACKS.get("a KV cache (generation)", 0) > 0
+
+
+def test_off_by_default(monkeypatch):
+    monkeypatch.delenv(mla.OPT_IN)
+    patched = moe_patch.apply(build("deepseek_v3"))
+    rows = list(moe_patch.report(patched).where(kind="attention"))
+    assert rows and all(r.status == "patched" and mla.NAME not in r.replacement for r in rows)
+    assert not any(mla.is_installed(m) for m in patched.modules())
 
 
 def test_switching_attention_implementation_turns_it_off_and_on():

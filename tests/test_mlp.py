@@ -10,6 +10,12 @@ from moe_patch.ops import mlp
 from util import build, rel_err
 
 
+@pytest.fixture(autouse=True)
+def opted_in(monkeypatch):
+    """GatedMLP is opt-in (not measured faster on its own yet): these tests turn it on."""
+    monkeypatch.setenv(mlp.OPT_IN, "1")
+
+
 def _pair():
     stock = build("deepseek_v3")
     patched = moe_patch.apply(copy.deepcopy(stock))
@@ -72,6 +78,14 @@ def test_a_wrong_kernel_is_refused(monkeypatch):
     patched = moe_patch.apply(build("deepseek_v3"))
     rows = list(moe_patch.report(patched).where(kind="mlp"))
     assert rows and all(r.status == "skipped" and "not proven equal" in r.reason for r in rows), rows
+
+
+def test_off_by_default_with_the_reason(monkeypatch):
+    monkeypatch.delenv(mlp.OPT_IN)
+    patched = moe_patch.apply(build("deepseek_v3"))
+    rows = list(moe_patch.report(patched).where(kind="mlp"))
+    assert rows and all(r.status == "skipped" and mlp.OPT_IN in r.reason for r in rows), rows
+    assert not any(isinstance(m, mlp.GatedMLP) for m in patched.modules())
 
 
 def test_mlp_false_leaves_them():
