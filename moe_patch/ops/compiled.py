@@ -42,4 +42,3 @@ def run(fn, *args):
                       "running it eagerly", RuntimeWarning, stacklevel=2)
         _CACHE[fn] = fn
         return fn(*args)
-

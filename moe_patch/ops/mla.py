@@ -18,8 +18,11 @@ dim] storage: torch's SDPA (cuDNN, flash) takes that layout as is and writes its
 transpose back after attention is free as well. The backward is written out (`_rope_adjoint`: the transpose of
 each RoPE rotation, in float32), so that q's, kv_b_proj output's (key and value halves together) and k_rot's
 gradients come out of one pass. On CUDA both directions run torch.compile'd without autograd (compiled.run:
-inductor fuses each into one kernel; AOTAutograd's own derivative of the forward measured 2.5 ms per layer
-backward on an H200 at the deepseek-v3-style shape); elsewhere eagerly: the reference the CPU tests check.
+inductor fuses each into one kernel); elsewhere eagerly: the reference the CPU tests check.
+
+Opt-in (MOE_PATCH_FUSED_MLA=1), because it is not faster yet: on an H200 at the deepseek-v3-style shape the
+compiled backward is one Triton kernel of 1.03 ms per layer (AOTAutograd's own derivative of the forward: 2.5 ms),
+where its bytes need about 0.2 ms, and the whole step was slower with it (CHANGELOG.md, Unreleased).
 
 How it is wired: the attention module keeps its class and its own forward; install() sets an instance
 attribute `forward` (MLAForward, a plain object so the model still pickles and deep-copies) that runs the
@@ -39,8 +42,7 @@ import torch
 from . import compiled
 
 NAME = "fused MLA q/k/v"
-OPT_IN = "MOE_PATCH_FUSED_MLA"  # opt-in: measured on an H200, its backward kernel (1.0 ms per layer) is slower
-# than the eager chain it replaces (CHANGELOG.md, Unreleased)
+OPT_IN = "MOE_PATCH_FUSED_MLA"  # opt-in: not faster yet (module docstring)
 # the attribute names of the family's MLA module that the fused forward reads (DeepseekV3Attention's)
 ATTRIBUTES = ("q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank",
               "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj", "scaling", "config")
