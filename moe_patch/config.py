@@ -24,8 +24,7 @@ from .errors import PatchError
 KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss", "mamba", "mlp")
 BACKENDS = ("auto", "torch", "te", "liger")
 DEFAULTS = dict(attention=True, rmsnorm=True, linear=True, experts=True, router=True, loss=True, mamba=True, mlp=True,
-                skip=(),
-                backend="auto")
+                skip=(), backend="auto")
 VARIABLES = {
     "MOE_PATCH": "1: patch every model Transformers builds in this process (the start-up hook)",
     "MOE_PATCH_DISABLE": f"comma-separated kinds to leave alone ({', '.join(KINDS)})",

@@ -81,8 +81,8 @@ def _check_arguments(given: dict, mesh, parallel_options: dict) -> None:
 
 def _changes(old: Options, new: Options) -> str:
     """'skip: () -> ('lm_head',); loss: True -> False' (the options that differ)."""
-    fields = [f for f in ("attention", "rmsnorm", "linear", "experts", "router", "loss", "mamba", "mlp", "skip", "backend",
-                                  "fp8")
+    fields = [f for f in ("attention", "rmsnorm", "linear", "experts", "router", "loss", "mamba", "mlp", "skip",
+                          "backend", "fp8")
               if getattr(old, f) != getattr(new, f)]
     return "; ".join(f"{f}: {getattr(old, f)!r} -> {getattr(new, f)!r}" for f in fields) or "the same options"
 

@@ -370,11 +370,10 @@ def _plan_mlp(module, row, plan) -> None:
         return
     why = mlp.why_not(module)
     if why is None:
-        widths = tuple(tuple(getattr(module, n).weight.shape) for n in ("gate_proj", "up_proj", "down_proj")
-                       if hasattr(getattr(module, n), "weight"))
-        why = probe.proven_equal(module, mlp.GatedMLP.build, module.gate_proj.in_features
-                                 if hasattr(module.gate_proj, "in_features") else widths[0][1],
-                                 ("mlp", widths), device=_device(module))
+        widths = tuple((getattr(module, n).in_features, getattr(module, n).out_features)
+                       for n in ("gate_proj", "up_proj", "down_proj"))
+        why = probe.proven_equal(module, mlp.GatedMLP.build, module.gate_proj.in_features, ("mlp", widths),
+                                 device=_device(module))
     if why is not None:
         row.reason = f"{mlp.NAME} not proven equal to {type(module).__name__}: {why}"
         return

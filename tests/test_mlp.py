@@ -114,3 +114,28 @@ def test_compiled_silu_mul_on_cuda(dtype):
     assert rel_err(c.grad, a.grad) < grad_tol and rel_err(d.grad, b.grad) < grad_tol
     for fn in (mlp._silu_mul, mlp._silu_mul_backward):
         assert compiled._CACHE.get(fn) not in (None, fn), fn.__name__
+
+
+def test_a_child_swapped_inside_a_replaced_mlp_goes_into_the_replacement(monkeypatch):
+    """A projection replaced by the linear kind (TELinear under fp8 on a GPU; here a stand-in) lands in GatedMLP,
+    which is what runs and what state_dict() reads; revert() gives every original module back in place."""
+    from moe_patch import plan
+    from moe_patch.ops.base import Replacement
+
+    class MarkedLinear(Replacement):
+        kind = "linear"
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight, self._parameters.get("bias"))
+
+    monkeypatch.setitem(plan.PROPOSE, "linear", lambda module, backend, opts: (MarkedLinear.build, "Marked", ""))
+    stock = build("deepseek_v3")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    dense = patched.model.layers[0].mlp
+    assert isinstance(dense, mlp.GatedMLP)
+    assert all(isinstance(getattr(dense, n), MarkedLinear) for n in ("gate_proj", "up_proj", "down_proj"))
+    assert stock.state_dict().keys() == patched.state_dict().keys()
+    x = torch.randn(2, 5, stock.config.hidden_size)
+    assert rel_err(dense(x), stock.model.layers[0].mlp(x)) < 1e-5
+    moe_patch.revert(patched)
+    assert [type(m) for m in patched.modules()] == [type(m) for m in stock.modules()]

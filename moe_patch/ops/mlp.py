@@ -75,8 +75,8 @@ class GatedMLP(Replacement):
 def why_not(module) -> str | None:
     """Why GatedMLP cannot stand in for this module, seen without running anything (None: the proof decides)."""
     for name in ("gate_proj", "up_proj", "down_proj"):
-        if not isinstance(getattr(module, name, None), torch.nn.Module):
-            return f"no {name} module: not the gated MLP layout (gate_proj, up_proj, down_proj)"
+        if not isinstance(getattr(module, name, None), torch.nn.Linear):
+            return f"no {name} linear layer: not the gated MLP layout (gate_proj, up_proj, down_proj)"
     if not isinstance(getattr(module, "act_fn", None), torch.nn.SiLU) and \
             type(getattr(module, "act_fn", None)).__name__ not in ("SiLUActivation", "SiLU"):
         return f"activation {type(getattr(module, 'act_fn', None)).__name__} is not SiLU"
