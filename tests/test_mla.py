@@ -1,6 +1,7 @@
 """DeepSeek-V3's MLA attention on the fused q / k / v forward (moe_patch/ops/mla.py), against the family's own
 forward in float32 on CPU (where the assembly runs eagerly: the same function the GPU compiles)."""
 import copy
+import inspect
 import pickle
 
 import pytest
@@ -92,6 +93,7 @@ def test_apply_fuses_mla_and_the_model_equals_stock():
         for m in clone.modules():
             if type(m).__name__ == "DeepseekV3Attention":
                 assert mla.is_installed(m) and vars(m)["forward"].module is m
+    assert inspect.signature(attn[0].forward) == inspect.signature(type(attn[0]).forward.__get__(attn[0]))
     moe_patch.revert(patched)
     assert not any(mla.is_installed(m) for m in attn)
     assert all("forward" not in vars(m) for m in attn)

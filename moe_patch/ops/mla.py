@@ -35,6 +35,7 @@ parameter against its own forward, with and without a padding mask, on the modul
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 
 import torch
@@ -151,6 +152,11 @@ class MLAForward:
 
     def __init__(self, module):
         self.module = module
+
+    @property
+    def __signature__(self):
+        """The class forward's signature (bound): callers that inspect `module.forward` see what they saw."""
+        return inspect.signature(type(self.module).forward.__get__(self.module))
 
     def __call__(self, *args, **kwargs):
         module = self.module
