@@ -36,7 +36,7 @@ def _forward_and_grads(module, x, cos_sin, mask, fused):
     module.zero_grad(set_to_none=True)
     call = mla.fused_forward if fused else type(module).forward
     out = call(module, hidden_states=x, position_embeddings=cos_sin, attention_mask=mask)[0]
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     (out * w).sum().backward()
     return out.detach(), x.grad, {n: p.grad.clone() for n, p in module.named_parameters()}
 
