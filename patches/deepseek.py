@@ -7,9 +7,10 @@ RMSNORM = {"DeepseekV3RMSNorm": "scale", "Glm4MoeRMSNorm": "scale", "NemotronHRM
 ROUTER = {"DeepseekV3TopkRouter": _SIGMOID_GROUPED, "Glm4MoeTopkRouter": _SIGMOID_GROUPED,
           "NemotronHTopkRouter": _SIGMOID_GROUPED}
 SKIP = {"NemotronHRMSNormGated": "gated, grouped norm of the Mamba2 mixer (takes the gate as a second input)"}
-# Multi-head latent attention: the RoPE of the rotary columns, the query / key cats and the value split between the
-# projections and SDPA, fused (moe_patch/ops/mla.py). Only classes whose forward is DeepSeek-V3's: sparse-indexer
-# variants (DeepSeek-V3.2, GLM-5 DSA) select keys in between and are not listed.
-# The dense layers' MLP and the shared experts: silu(gate) * up in one compiled kernel each way (moe_patch/ops/mlp.py).
+# The dense layers' MLP and the shared experts: silu(gate) * up in one compiled kernel each way (moe_patch/ops/mlp.py;
+# opt-in, MOE_PATCH_FUSED_MLP=1).
 MLP = {"DeepseekV3MLP": "silu"}
+# Multi-head latent attention: the RoPE of the rotary columns, the query / key cats and the value split between the
+# projections and SDPA, fused (moe_patch/ops/mla.py; opt-in, MOE_PATCH_FUSED_MLA=1). Only classes whose forward is
+# DeepSeek-V3's: sparse-indexer variants (DeepSeek-V3.2, GLM-5 DSA) select keys in between and are not listed.
 MLA = {"DeepseekV3Attention": "q / k / v assembly (RoPE of the rotary columns, query and key cats, value split)"}
