@@ -131,14 +131,22 @@ def child(args) -> dict:
             from moe_patch.ops.te import TELinear
 
             TELinear.reuse_fp8_weights = False
+        import time
+
+        start = time.perf_counter()
         moe_patch.apply(model, backend=backend, loss=args.child != "patched-noloss", fp8=fp8)
+        info["apply_s"] = time.perf_counter() - start  # the plan-time proofs (and their compiles) included
         if args.child == "patched-compiledce":
             model.forward.step = "compiled"
         info["report"] = moe_patch.report(model).summary()
         info["attention_rows"] = sorted({f"{r.status}: {r.replacement or r.reason}"
                                          for r in moe_patch.report(model).where(kind="attention")})
+        info["experts_rows"] = sorted({f"{r.status}: {r.replacement or ''} {r.reason}".strip()
+                                       for r in moe_patch.report(model).where(kind="experts")})
         info["mamba_rows"] = sorted({f"{r.status}: {r.replacement} {r.reason}".strip()
-                                     for r in moe_patch.report(model).where(kind="mamba")})
+                                     for r in moe_patch.report(model).where(kind="mamba")} |
+                                    {f"{r.status}: {r.replacement} {r.reason}".strip()  # the mixers' gated norms
+                                     for r in moe_patch.report(model).where(kind="rmsnorm") if "Gated" in r.original})
         info["mlp_rows"] = sorted({f"{r.status}: {r.replacement} {r.reason}".strip()
                                    for r in moe_patch.report(model).where(kind="mlp")})
     model.train()
@@ -160,6 +168,11 @@ def child(args) -> dict:
 
         info["scan"] = f"mamba-ssm ({mamba_ssd.CALLS['kernel']} calls)" if mamba_ssd.CALLS["kernel"] else info["scan"]
         info["mamba_fallbacks"] = dict(mamba_ssd.FALLBACKS)  # scan calls that ran the family's own scan, by reason
+        from moe_patch.ops import gated_rmsnorm
+
+        info["gated_norm_calls"] = gated_rmsnorm.CALLS["kernel"]  # the mixers' gated norms on mamba-ssm's kernel
+        info["mamba_fallbacks"].update({f"gated norm: {k}": v for k, v in gated_rmsnorm.FALLBACKS.items()})
+        info["proof_errors"] = {str(k): v for k, v in {**mamba_ssd.ERRORS, **gated_rmsnorm.ERRORS}.items()}
     if args.child.startswith("patched"):
         from moe_patch.ops import mla
 
@@ -188,8 +201,12 @@ def main():
         sweep(args)
         return
     # VARIANT@MB runs that variant at micro-batch MB (each system at its largest fitting micro-batch)
-    results = [run_child(v.split("@")[0], ["--batch", v.split("@")[1]] if "@" in v else [])
-               for v in args.variants.split(",")]
+    results = []
+    for v in args.variants.split(","):
+        results.append(run_child(v.split("@")[0], ["--batch", v.split("@")[1]] if "@" in v else []))
+        print(json.dumps({k: results[-1].get(k) for k in ("variant", "tokens_per_s", "peak_gib", "error")}), flush=True)
+        write_results(args, [{k: x for k, x in r.items() if k != "stderr"} for r in results])  # a run cut short
+        # keeps what it measured
     if args.profile:
         for r in results:
             print(f"--- {r['variant']}: GPU kernels of one step\n" + r.pop("stderr", ""))
@@ -265,12 +282,15 @@ def print_sweep(results, args):
         print(f"{r['shape']:<22} {r['variant']:<13} loss " + " ".join(f"{x:.4f}" for x in r["losses"][:8]) + diff)
     for r in ok:
         if r.get("mamba_rows"):
-            print(f"{r['shape']:<22} mamba: " + "; ".join(r["mamba_rows"])[:400]
+            print(f"{r['shape']:<22} mamba: " + "; ".join(r["mamba_rows"])[:600]
+                  + (f"; gated norm kernel calls {r['gated_norm_calls']}" if "gated_norm_calls" in r else "")
                   + (f"; fallbacks {r['mamba_fallbacks']}" if r.get("mamba_fallbacks") else ""))
     for r in ok:
         if r.get("attention_rows"):
             print(f"{r['shape']:<22} attention: " + "; ".join(r["attention_rows"])[:300]
                   + (f"; MLA calls on the family's forward: {r['mla_fallbacks']}" if r.get("mla_fallbacks") else ""))
+        if r.get("experts_rows"):
+            print(f"{r['shape']:<22} experts: " + "; ".join(r["experts_rows"])[:300])
         if r.get("mlp_rows"):
             print(f"{r['shape']:<22} mlp: " + "; ".join(r["mlp_rows"])[:300])
 
@@ -301,6 +321,10 @@ def print_table(results, args):
               f"{r['fwd_ms']:>7.1f} {r['bwd_ms']:>7.1f} {r['optim_ms']:>8.1f} {up:>7.2f}x {mem:>6.2f}x")
     for r in ok:
         print(f"{r['variant']:<27} loss " + " ".join(f"{x:.4f}" for x in r["losses"][:8]))
+    for r in ok:
+        if r.get("experts_rows"):
+            print(f"{r['variant']:<27} experts: " + "; ".join(r["experts_rows"])[:300]
+                  + (f" (apply() {r['apply_s']:.0f} s)" if "apply_s" in r else ""))
     for r in results:
         if "error" in r:
             print(f"{r['variant']:<27} FAILED (see stderr)")

@@ -25,6 +25,7 @@ logger = logging.getLogger("moe_patch.auto")
 _state = threading.local()
 _installed = False
 _bootstrapped = False
+_outcome = ""  # what the start-up hook decided in this process (moe-patch env says it)
 PTH = "moe_patch_auto.pth"
 _TARGETS = ("PreTrainedModel.from_pretrained", "PreTrainedModel._from_config", "PreTrainedModel.post_init")
 
@@ -159,7 +160,7 @@ def uninstrument() -> None:
 
 def bootstrap() -> None:
     """Called by moe_patch_auto.pth at interpreter start-up when MOE_PATCH is set; once per process."""
-    global _bootstrapped
+    global _bootstrapped, _outcome
     if _bootstrapped:
         return
     _bootstrapped = True
@@ -172,14 +173,18 @@ def bootstrap() -> None:
                 logger.warning("moe_patch: %s: %s", name, note)
         try:
             if not config.enabled():
+                _outcome = "auto-patch off (MOE_PATCH is off)"
                 return
             config.quiet()
             config.from_environment()  # bad values: say so once, at start-up
         except PatchError as exc:
+            _outcome = f"auto-patch is OFF: {str(exc).splitlines()[0]}"
             logger.warning("moe_patch: auto-patch is off: %s", exc)
             return
         instrument()
+        _outcome = "models are patched as Transformers builds them"
     except Exception as exc:  # never break the host program
+        _outcome = f"auto-patch is OFF: {type(exc).__name__}: {exc}"
         logger.warning("moe_patch: auto-patch is off: %s: %s", type(exc).__name__, exc)
 
 
@@ -203,7 +208,8 @@ def hook_state() -> str:
 
     files = hook_files()
     on = os.environ.get("MOE_PATCH", "").strip().lower() not in config.FALSE
-    ran = "ran in this process" if _bootstrapped else "MOE_PATCH is off" if not on else "did NOT run in this process"
+    ran = f"ran in this process: {_outcome}" if _bootstrapped else "MOE_PATCH is off" if not on else \
+        "did NOT run in this process"
     if files:
         return f"installed ({', '.join(files)}); {ran}"
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), PTH)

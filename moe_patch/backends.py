@@ -17,7 +17,7 @@ from .errors import BackendUnavailableError, PatchError
 from .ops import compiled
 
 BACKENDS = ("auto", "torch", "te", "liger")
-KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss")
+KINDS = config.BACKEND_KINDS
 
 # Which kinds each backend implements today. torch implements every kind (for "linear" that means
 # keeping nn.Linear, which already is cuBLAS on GPU). te: experts with TE's fused permute / unpermute,
@@ -64,6 +64,7 @@ class Capabilities:
     te: bool
     liger: bool
     deep_ep: bool
+    mamba_ssm: bool = False  # mamba-ssm's Triton kernels (ops/mamba_ssd.py; kind mamba, gated norms)
 
     def rows(self):
         return [
@@ -75,6 +76,7 @@ class Capabilities:
             ("transformer_engine", str(self.te)),
             ("liger_kernel", str(self.liger)),
             ("deep_ep", str(self.deep_ep)),
+            ("mamba_ssm", str(self.mamba_ssm)),
         ]
 
     def __str__(self):
@@ -99,6 +101,7 @@ def capabilities() -> Capabilities:
         te=_has_module("transformer_engine"),
         liger=_has_module("liger_kernel"),
         deep_ep=_has_module("deep_ep"),
+        mamba_ssm=_has_module("mamba_ssm"),
     )
 
 

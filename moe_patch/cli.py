@@ -191,8 +191,19 @@ def cmd_report(args) -> int:
     from .preview import PACKAGES, header, preview
     from .records import Report
 
-    backend = parse_backend(args.backend, "--backend")
-    disabled = parse_kinds(_split(args.disable), "--disable")
+    from .config import from_environment
+
+    # the environment counts as it does for apply() and MOE_PATCH=1, so the report shows what a run in this shell
+    # would do (a bad value there is the same one-line error): --backend / --skip replace MOE_PATCH_BACKEND /
+    # MOE_PATCH_SKIP, and --disable adds kinds to MOE_PATCH_DISABLE's, as apply(router=False) does
+    env = from_environment()
+    backend = parse_backend(args.backend, "--backend") if args.backend is not None else env.get("backend", "auto")
+    disabled = sorted({k for k, v in env.items() if v is False} | set(parse_kinds(_split(args.disable or ""),
+                                                                                  "--disable")))
+    skip = tuple(_split(args.skip)) if args.skip is not None else env.get("skip", ())
+    from_env = [f"{var}={os.environ[var].strip()}" for var, flag in (("MOE_PATCH_DISABLE", None),
+                ("MOE_PATCH_SKIP", args.skip), ("MOE_PATCH_BACKEND", args.backend))
+                if flag is None and os.environ.get(var, "").strip()]
     with_ = set(_split(args.with_))
     for name in with_:
         if name not in PACKAGES:
@@ -205,13 +216,16 @@ def cmd_report(args) -> int:
     device = {"auto": here, "gpu": "cuda"}.get(args.device, args.device)
     caps_here = engine.backends.capabilities()
     previewing = device != here or any(not getattr(caps_here, PACKAGES[p]) for p in with_)
-    opts = dict(backend=backend, skip=tuple(_split(args.skip)), **{k: False for k in disabled})
+    opts = dict(backend=backend, skip=skip, **{k: False for k in disabled})
     # a preview plans here with this machine's own choice (every torch path proven here), then re-chooses
     rows = engine.plan_report(model, **dict(opts, backend="auto") if previewing else opts)
     print(f"{type(model).__name__} ({config.model_type}) from {what}: planned on the meta device, nothing changed")
+    if from_env:
+        print(f"from the environment: {' '.join(from_env)} (--backend / --skip replace their variable, "
+              "--disable adds to MOE_PATCH_DISABLE)")
     if previewing:
         try:
-            rows = Report(preview(rows, Options(**opts), device, with_))
+            rows = Report(preview(model, rows, Options(**opts), device, with_))
         except BackendUnavailableError as exc:
             raise UsageError(f"{_first_line(exc)}; to preview a {device} machine that has it: --with te "
                              "(or liger)") from None
@@ -241,6 +255,24 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _env_caveat(name: str, read, gpu) -> str:
+    """What an accepted value still depends on, for `moe-patch env`: the backends named in MOE_PATCH_BACKEND that
+    cannot run on this machine's GPU (apply() refuses them), when MOE_PATCH_EP is checked, what MOE_PATCH_COMPILE
+    takes."""
+    from . import backends
+
+    if name == "MOE_PATCH_BACKEND" and read:
+        named = read["backend"] if isinstance(read["backend"], str) else ",".join(read["backend"].values())
+        reasons = {b: backends.unavailable(b, gpu) for b in dict.fromkeys(named.split(",")) if b in ("te", "liger")}
+        why = [f"{b}: {reason}" for b, reason in reasons.items() if reason]
+        return f"; but here {'; '.join(why)}: apply() would refuse it" if why else ""
+    if name == "MOE_PATCH_EP":
+        return "; checked against the world size and every expert count when a model is built"
+    if name == "MOE_PATCH_COMPILE" and read:
+        return " (any value but 0 / false / no / off is on)"
+    return ""
+
+
 def env_text() -> str:
     import torch
 
@@ -262,7 +294,19 @@ def env_text() -> str:
                         f"torch built for CUDA {torch.version.cuda} finds no GPU")),
         ("start-up hook", auto.hook_state()),
     ]
+    from .ops import compiled
+    from .parallel import launch
+
+    # each variable read by the very function moe_patch reads it with: a value it refuses is shown, not raised
+    readers = {**config.READERS, "MOE_PATCH_COMPILE": compiled.enabled, "MOE_PATCH_EP": launch.ep_size}
     for name, value, note in config.in_force():
+        if not note and name in readers:
+            try:
+                read = readers[name]()
+                note = "accepted" + (f" ({'on' if read else 'off'})" if isinstance(read, bool) else "")
+                note += _env_caveat(name, read, gpu)
+            except PatchError as exc:
+                note = f"refused: {_first_line(exc)}"
         rows.append((name, f"{value!r}" + (f"  <- {note}" if note else "")))
     if not config.in_force():
         rows.append(("MOE_PATCH_*", "none set"))
@@ -277,6 +321,13 @@ def env_text() -> str:
             rows.append((name, f"yes: {version}" + ("" if caps.cuda else " (used only on a CUDA GPU)")))
         else:
             rows.append((name, f"installed ({version}) but unusable: {why}" if installed else f"no: {why}"))
+    from .ops import mamba_ssd
+
+    kernel, why = mamba_ssd.load_kernel()
+    version = _version("mamba_ssm") or _version("mamba-ssm") or "version unknown"
+    rows.append(("mamba_ssm", (f"yes: {version}, Triton SSD scan (kind mamba)" + ("" if caps.cuda else
+                                                                                   " (used only on a CUDA GPU)"))
+                 if kernel is not None else f"no: {why}"))
     rows.append(("deep_ep", "yes (dispatcher='deepep', unverified)" if caps.deep_ep else
                  "no: not installed (build DeepEP yourself for dispatcher='deepep')"))
     width = max(len(k) for k, _ in rows)
@@ -402,14 +453,15 @@ def _parser():
         fn=cmd_env)
     rep = sub.add_parser("report", help="plan a model on the meta device and print what apply() would do")
     rep.add_argument("target", help="model type (qwen3_moe), model folder, config file, or Hub id (org/name)")
-    rep.add_argument("--backend", default="auto", help="auto | torch | te | liger, or per kind: loss=torch,experts=te")
-    rep.add_argument("--disable", default="", help="comma-separated kinds to leave alone "
-                                                   "(attention, rmsnorm, linear, experts, router, loss, mamba, mlp)")
-    rep.add_argument("--skip", default="", help="comma-separated module-path globs to leave alone")
+    rep.add_argument("--backend", help="auto | torch | te | liger, or per kind: loss=torch,experts=te "
+                                        "(default: MOE_PATCH_BACKEND, else auto)")
+    rep.add_argument("--disable", help="comma-separated kinds to leave alone (attention, rmsnorm, linear, experts, "
+                                       "router, loss, mamba, mlp), besides MOE_PATCH_DISABLE's")
+    rep.add_argument("--skip", help="comma-separated module-path globs to leave alone (default: MOE_PATCH_SKIP)")
     rep.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "gpu"),
                      help="plan for this device (auto: this machine's; gpu: cuda); cuda on a CPU machine is a preview")
-    rep.add_argument("--with", dest="with_", default="", metavar="te,liger",
-                     help="preview as if these packages were installed (te, liger)")
+    rep.add_argument("--with", dest="with_", default="", metavar="te,liger,mamba",
+                     help="preview as if these packages were installed (te, liger, mamba: mamba-ssm)")
     rep.add_argument("--all", action="store_true", help="also list every nn.Linear")
     rep.set_defaults(fn=cmd_report)
     demo = sub.add_parser("demo", help="train a tiny MoE on real text, stock and patched side by side")

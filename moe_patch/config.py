@@ -22,6 +22,9 @@ import os
 from .errors import PatchError
 
 KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss", "mamba", "mlp")
+# the kinds with a backend choice (mamba runs mamba-ssm's kernel or the family's scan, mlp the compiled product or
+# the family's module: nothing to choose)
+BACKEND_KINDS = tuple(k for k in KINDS if k not in ("mamba", "mlp"))
 BACKENDS = ("auto", "torch", "te", "liger")
 DEFAULTS = dict(attention=True, rmsnorm=True, linear=True, experts=True, router=True, loss=True, mamba=True, mlp=True,
                 skip=(), backend="auto")
@@ -29,7 +32,7 @@ VARIABLES = {
     "MOE_PATCH": "1: patch every model Transformers builds in this process (the start-up hook)",
     "MOE_PATCH_DISABLE": f"comma-separated kinds to leave alone ({', '.join(KINDS)})",
     "MOE_PATCH_SKIP": "comma-separated module-path globs to leave alone (lm_head, model.layers.0.*)",
-    "MOE_PATCH_BACKEND": f"{' | '.join(BACKENDS)}, or per kind: loss=torch,experts=te",
+    "MOE_PATCH_BACKEND": f"{' | '.join(BACKENDS)}, or per kind ({', '.join(BACKEND_KINDS)}): loss=torch,experts=te",
     "MOE_PATCH_QUIET": "1: auto-patching prints nothing on success",
     "MOE_PATCH_COMPILE": "0: keep the small torch.compile'd helpers eager",
     "MOE_PATCH_EP": "expert-parallel size when auto-patching under torchrun",
@@ -75,8 +78,13 @@ def quiet() -> bool:
     return flag("MOE_PATCH_QUIET")
 
 
+def _items(value: str) -> list[str]:
+    """The comma-separated items of `value`, stripped; empty ones (a trailing comma, ", ,") are no item."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 def _list(var: str) -> list[str]:
-    return [item.strip() for item in os.environ.get(var, "").split(",") if item.strip()]
+    return _items(os.environ.get(var, ""))
 
 
 def parse_kinds(items, source: str) -> list[str]:
@@ -87,40 +95,73 @@ def parse_kinds(items, source: str) -> list[str]:
     return list(items)
 
 
+def _disable() -> dict:
+    return {kind: False for kind in parse_kinds(_list("MOE_PATCH_DISABLE"), "MOE_PATCH_DISABLE")}
+
+
+def _skip() -> dict:
+    skip = _list("MOE_PATCH_SKIP")
+    return {"skip": tuple(skip)} if skip else {}
+
+
+def _backend() -> dict:
+    backend = os.environ.get("MOE_PATCH_BACKEND", "")
+    return {"backend": parse_backend(backend)} if _items(backend) else {}
+
+
+# the variables that set apply()'s options, each with the function reading it (PatchError on a bad value)
+OPTION_VARIABLES = {"MOE_PATCH_DISABLE": _disable, "MOE_PATCH_SKIP": _skip, "MOE_PATCH_BACKEND": _backend}
+# every variable read here, likewise (`moe-patch env` runs these to say whether a value set is accepted)
+READERS = {"MOE_PATCH": enabled, "MOE_PATCH_QUIET": quiet,
+           "MOE_PATCH_FP8_EXPERTS": lambda: flag("MOE_PATCH_FP8_EXPERTS"),
+           "MOE_PATCH_FUSED_MLA": lambda: flag("MOE_PATCH_FUSED_MLA"),
+           "MOE_PATCH_FUSED_MLP": lambda: flag("MOE_PATCH_FUSED_MLP"), **OPTION_VARIABLES}
+
+
 def from_environment() -> dict:
     """Only the options the environment sets; unknown values raise PatchError naming the variable."""
-    out = {kind: False for kind in parse_kinds(_list("MOE_PATCH_DISABLE"), "MOE_PATCH_DISABLE")}
-    skip = _list("MOE_PATCH_SKIP")
-    if skip:
-        out["skip"] = tuple(skip)
-    backend = os.environ.get("MOE_PATCH_BACKEND", "").strip()
-    if backend:
-        out["backend"] = parse_backend(backend)
+    out = {}
+    for read in OPTION_VARIABLES.values():
+        out.update(read())
     return out
 
 
 def parse_backend(value: str, source: str = "MOE_PATCH_BACKEND"):
-    """"te" for every kind, or per kind: "loss=torch,experts=te" (other kinds: auto). Errors name `source`."""
-    if "=" not in value:
-        if value not in BACKENDS:
-            raise PatchError(f"{source}: " + unknown("backend", value, BACKENDS))
-        return value
+    """"te" for every kind, or per kind: "loss=torch,experts=te" (other kinds: auto); empty items are ignored
+    ("torch,", "loss=torch, "). Errors name `source`."""
+    items = _items(value)
+    if not any("=" in item for item in items):
+        name = ",".join(items)  # one name ("torch,te" stays one bad value)
+        if name not in BACKENDS:
+            raise PatchError(f"{source}: " + unknown("backend", name, BACKENDS))
+        return name
     per_kind = {}
-    for item in value.split(","):
+    for item in items:
         kind, _, name = item.partition("=")
         kind, name = kind.strip(), name.strip()
-        if kind not in KINDS:
-            raise PatchError(f"{source}: in {item!r}, " + unknown("kind", kind, KINDS))
+        if kind not in BACKEND_KINDS:
+            raise PatchError(f"{source}: in {item!r}, " + unknown("kind", kind, BACKEND_KINDS))
         if name not in BACKENDS:
             raise PatchError(f"{source}: in {item!r}, " + unknown("backend", name, BACKENDS))
+        if kind in per_kind and per_kind[kind] != name:
+            raise PatchError(f"{source}: kind {kind!r} given two backends ({per_kind[kind]!r} and {name!r})")
         per_kind[kind] = name
     return per_kind
 
 
+# the apply() options each variable sets: a variable is read only while one of them is left to it
+OPTION_KEYS = {"MOE_PATCH_DISABLE": KINDS, "MOE_PATCH_SKIP": ("skip",), "MOE_PATCH_BACKEND": ("backend",)}
+
+
 def resolve(explicit: dict) -> dict:
-    """explicit: apply()'s arguments, None meaning 'not given'."""
-    env = from_environment()
-    return {k: explicit[k] if explicit.get(k) is not None else env.get(k, DEFAULTS[k]) for k in DEFAULTS}
+    """explicit: apply()'s arguments, None meaning 'not given'. The environment fills what is not given; a
+    variable whose every option is given explicitly is not read (a bad value there cannot stop apply())."""
+    given = {k for k, v in explicit.items() if v is not None}
+    env = {}
+    for name, read in OPTION_VARIABLES.items():
+        if not set(OPTION_KEYS[name]) <= given:
+            env.update(read())
+    return {k: explicit[k] if k in given else env.get(k, DEFAULTS[k]) for k in DEFAULTS}
 
 
 def in_force() -> list[tuple[str, str, str]]:

@@ -99,15 +99,18 @@ def report(model) -> Report:
 
 
 def plan_report(model, **flags) -> Report:
-    """What apply() would do, without doing it (used by `moe-patch report`); flags as apply()'s, without the
-    environment: a flag left out takes its default."""
+    """What apply() would do, without doing it (used by `moe-patch report`); flags as apply()'s, and like apply()
+    a flag left out (or None) is taken from MOE_PATCH_DISABLE / MOE_PATCH_SKIP / MOE_PATCH_BACKEND where set
+    there, else its default."""
     for name in flags:
         if name not in (*config.KINDS, "skip", "backend", "fp8"):
             raise PatchError("plan_report() got an " + config.unknown("argument", name, ARGUMENTS[1:-3]))
     _check_arguments({k: flags.get(k) for k in (*config.KINDS, "skip")}, None, {})
-    if isinstance(flags.get("skip"), str):
-        flags["skip"] = (flags["skip"],)
-    opts = Options(**flags)
+    fp8 = flags.pop("fp8", None)
+    flags = config.resolve(flags)
+    skip = (flags["skip"],) if isinstance(flags["skip"], str) else flags["skip"]
+    flags["skip"] = skip if callable(skip) else tuple(skip)
+    opts = Options(**flags, fp8=fp8)
     backends.check_backend_name(opts.backend)
     backends.check_fp8(opts.fp8, opts.backend, opts.linear)  # what apply() would refuse, refused here too
     return Report(make_plan(model, opts, _supports_sdpa(model)).rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from torch import nn
 from . import backends, config, probe
 from .errors import PatchError
 from .families import tables
-from .ops import attention, compiled, experts, loss, mamba_ssd, mla, mlp, rmsnorm, router, sink_attention
+from .ops import attention, compiled, experts, gated_rmsnorm, loss, mamba_ssd, mla, mlp, rmsnorm, router, \
+    sink_attention
 from .ops.base import Replacement
 
 
@@ -104,7 +106,12 @@ def _warn_unmatched_skip(model: nn.Module, skip) -> None:
 
 def _skipped_by_user(path: str, module: nn.Module, skip) -> str | None:
     if callable(skip):
-        return "skip callable returned True" if skip(path, module) else None
+        try:
+            skipped = skip(path, module)
+        except Exception as exc:  # the user's function: say which call failed, in one line (nothing changed yet)
+            raise PatchError(f"skip callable failed on ({path!r}, {type(module).__name__}); it is called as "
+                             f"skip(path, module) -> bool: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from exc
+        return "skip callable returned True" if skipped else None
     parts = path.split(".")
     ancestors = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     for pattern in skip:
@@ -119,17 +126,50 @@ def _three_d_params(module):
     return {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
 
 
+def _per_expert_modules(module) -> bool:
+    """An MoE block whose `experts` is an nn.ModuleList / nn.ModuleDict of one module per expert (Switch
+    Transformers, NLLB-MoE, ...): not Transformers' fused 3-D layout, so no grouped GEMM here."""
+    held = module._modules.get("experts")
+    return isinstance(held, (nn.ModuleList, nn.ModuleDict)) and len(held) > 1
+
+
+def _recognised_experts(module) -> bool:
+    if hasattr(module, "has_gate") and hasattr(module, "is_transposed") or type(module).__name__ in tables().experts:
+        return True
+    if _per_expert_modules(module):
+        return True  # an MoE block of the older layout: reported (it stays stock), not silently absent
+    params3d = _three_d_params(module)
+    # fused 3D experts found structurally, whatever the class is called
+    return len(params3d) >= 2 and len({p.shape[0] for p in params3d.values()}) == 1
+
+
+# the names Transformers gives experts modules and MoE blocks (DbrxExperts, JetMoeMoE, JetMoeMoA, DogeCDMoE, ...)
+_EXPERTS_NAME = re.compile(r"(Experts|MoE|Moe|MoA)$")
+
+
+def _unrecognised_experts(module) -> bool:
+    """An experts module or MoE block (by its class name) with no experts layout known here anywhere inside it
+    (DBRX's stacked 2-D GLU weights, JetMoE's one-3-D-weight-per-projection experts, Longcat-Flash's zero
+    experts, Doge's embedding experts): reported as left stock rather than silently absent from the report."""
+    return bool(_EXPERTS_NAME.search(type(module).__name__)) and not any(
+        _recognised_experts(m) for m in module.modules())
+
+
+def _expert_weights(module) -> str:
+    """'name [shape], ...' of the weights an unrecognised experts module holds itself (not its nn.Linear ones)."""
+    linear = {f"{path}.weight" for path, m in module.named_modules() if isinstance(m, nn.Linear)}
+    return ", ".join(f"{n} {list(p.shape)}" for n, p in module.named_parameters()
+                     if p.dim() >= 2 and n not in linear) or "no expert weight tensors of its own"
+
+
 def kind_of(module: nn.Module) -> str | None:
     cls = type(module)
     if cls.__name__ in tables().mamba:
         return "mamba"
     if cls.__name__ in tables().mlp:
         return "mlp"
-    if hasattr(module, "has_gate") and hasattr(module, "is_transposed") or cls.__name__ in tables().experts:
+    if _recognised_experts(module) or _unrecognised_experts(module):
         return "experts"
-    params3d = _three_d_params(module)
-    if len(params3d) >= 2 and len({p.shape[0] for p in params3d.values()}) == 1:
-        return "experts"  # fused 3D experts found structurally, whatever the class is called
     weight = module._parameters.get("weight")
     name = cls.__name__.lower()
     if "router" in name and weight is not None and weight.dim() == 2 and hasattr(module, "top_k"):
@@ -196,9 +236,14 @@ def _propose_experts(module, backend, opts, expert_parallel=False):
                          "build the model without DistributedConfig(ep_size=...) and pass mesh= instead")
     if name in tables().skip:
         return None, "", tables().skip[name]
-    flags = tables().experts.get(name)
-    if flags is None and hasattr(module, "has_gate"):
-        flags = {f: getattr(module, f, False) for f in experts.FLAG_NAMES}
+    if _per_expert_modules(module):
+        count = getattr(module.experts, "num_experts", None) or len(module.experts)  # NLLB's also holds a Dropout
+        return None, "", (f"{count} experts as separate modules ({type(module.experts).__name__}), "
+                          "not Transformers' fused 3-D expert weights: no grouped GEMM, the block stays stock")
+    if _unrecognised_experts(module):
+        return None, "", (f"experts in a layout of their own ({_expert_weights(module)}): no grouped-GEMM "
+                          "replacement is proven for it, the block stays stock")
+    flags = experts_flags(module)
     if flags is None:
         return None, "", ("fused 3D expert weights without v5 layout flags (@use_experts_implementation); "
                           "add an EXPERTS entry in patches/")
@@ -217,24 +262,55 @@ def _propose_experts(module, backend, opts, expert_parallel=False):
         if flags["has_gate"]:
             from .ops.te_gate import fused_swiglu  # lazy: only reached with TE usable on a GPU
 
-            gate_up = module.gate_up_proj  # [E, 2 x width, hidden], or [E, hidden, 2 x width] when transposed
-            gate, why_gate = fused_swiglu(module, gate_up.shape[-1 if flags["is_transposed"] else -2],
-                                          _device(module))
-        label = "GroupedExperts(te permute, te swiglu, grouped_mm)" if gate is not None else \
-            "GroupedExperts(te permute, grouped_mm)"
+            gate, why_gate = fused_swiglu(module, _gate_width(module, flags), _device(module))
+            if gate is None:  # the family's own gate compiled, where TE's SwiGLU is not it (GPT-OSS)
+                gate, why_compiled = _compiled_gate(module, flags)
+                why_gate = "" if gate is not None else "; ".join(r for r in (why_gate, why_compiled) if r)
+        label = f"GroupedExperts(te permute, {_gate_label(gate)}grouped_mm)"
         te_factory = (lambda m: experts.GroupedExperts.build(m, flags, "te", gate))
-        why = probe.experts_proven(module, te_factory, ("te", key, gate is not None), device=_device(module))
+        why = probe.experts_proven(module, te_factory, ("te", key, _gate_label(gate)), device=_device(module))
         if why is None:
             return _fp8_experts(module, flags, key, opts, expert_parallel, te_factory, label, why_gate,
                                 lambda m: experts.GroupedExperts.build(m, flags, "te", gate, fp8=True))
         why_not_te = f"TE grouped experts not proven equal to {name}: {why}"
     # proven on a small throw-away copy, as the model's own experts module computes it (probe.py)
-    factory = (lambda m: experts.GroupedExperts.build(m, flags))
-    why = probe.experts_proven(module, factory, ("torch", key), device=_device(module))
+    gate, why_gate = _compiled_gate(module, flags) if flags["has_gate"] else (None, "")
+    if _device(module).type != "cuda":
+        why_gate = ""  # nothing to compile off a GPU: not a fallback
+    extra = {"fused_gate": gate} if gate is not None else {}
+    factory = (lambda m: experts.GroupedExperts.build(m, flags, **extra))
+    why = probe.experts_proven(module, factory, ("torch", key, _gate_label(gate)), device=_device(module))
     if why is not None:
         return None, "", "; ".join(r for r in (why_not_te, f"GroupedExperts not proven equal to {name}: {why}") if r)
-    return _fp8_experts(module, flags, key, opts, expert_parallel, factory, "GroupedExperts(grouped_mm)", why_not_te,
-                        lambda m: experts.GroupedExperts.build(m, flags, fp8=True))
+    return _fp8_experts(module, flags, key, opts, expert_parallel, factory, f"GroupedExperts({_gate_label(gate)}"
+                        "grouped_mm)", "; ".join(r for r in (why_not_te, why_gate) if r),
+                        lambda m: experts.GroupedExperts.build(m, flags, fp8=True, **extra))
+
+
+def experts_flags(module) -> dict | None:
+    """The experts' layout flags (has_gate, is_transposed, has_bias, ...): patches/' EXPERTS entry for the class,
+    else the module's own v5 attributes; None where neither says."""
+    flags = tables().experts.get(type(module).__name__)
+    if flags is None and hasattr(module, "has_gate"):
+        flags = {f: getattr(module, f, False) for f in experts.FLAG_NAMES}
+    return flags
+
+
+def _gate_width(module, flags) -> int:
+    gate_up = module.gate_up_proj  # [E, 2 x width, hidden], or [E, hidden, 2 x width] when transposed
+    return gate_up.shape[-1 if flags["is_transposed"] else -2]
+
+
+def _gate_label(gate) -> str:
+    return "" if gate is None else f"{getattr(gate, 'label', 'te swiglu')}, "
+
+
+def _compiled_gate(module, flags):
+    """The family's own _apply_gate compiled (with the bias add where the experts have biases), where proven on
+    this GPU (ops/compiled_gate.py); (None, why) elsewhere."""
+    from .ops.compiled_gate import compiled_gate
+
+    return compiled_gate(module, _gate_width(module, flags), _device(module), bool(flags["has_bias"]))
 
 
 def _fp8_experts(module, flags, key, opts, expert_parallel, factory, label, reason, fp8_factory):
@@ -297,8 +373,9 @@ def _plan_loss(model, opts, plan) -> None:
     if not opts.loss:
         row.reason = "loss=False"
         return
-    user_skip = _skipped_by_user("lm_head", model.lm_head, opts.skip) if not callable(opts.skip) else (
-        "skip callable returned True" if opts.skip("", model) else None)
+    # globs match the head's path; a callable is asked about the model itself (path "")
+    user_skip = _skipped_by_user("", model, opts.skip) if callable(opts.skip) else \
+        _skipped_by_user("lm_head", model.lm_head, opts.skip)
     if user_skip:
         row.reason = user_skip
         return
@@ -323,9 +400,10 @@ def _plan_loss(model, opts, plan) -> None:
     plan.actions.append(Action(row, model, loss_backend=backend, loss_step=step))
 
 
-def _plan_sink_attention(module, row, plan) -> None:
+def _plan_sink_attention(model, module, row, backend, fallback_reason, plan) -> None:
     """Attention with learned sinks (GPT-OSS, ...): flex_attention + sink rescale where proven on this device
-    against the family's own eager function (ops/sink_attention.py); the implementation name stays."""
+    against the family's own eager function (ops/sink_attention.py), and Liger's RoPE where proven (as for SDPA
+    attention); the implementation name stays."""
     impl = getattr(module.config, "_attn_implementation", None)
     if impl != "eager":
         row.reason = f"model uses {impl!r} attention (chosen by the user); kept"
@@ -336,8 +414,38 @@ def _plan_sink_attention(module, row, plan) -> None:
         return
     window = getattr(module, "sliding_window", None)
     row.replacement = f"{sink_attention.NAME}[{f'window {window}' if window else 'causal'}]"
-    row.backend, row.status = "torch", "patched"
-    plan.actions.append(Action(row, module, install=sink_attention.install))
+    row.backend = "torch"
+    rope_label, fallback_reason = _plan_rope(model, module, backend, row, fallback_reason)
+    row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")
+    install = sink_attention.install
+    if rope_label:
+        from .ops import rope  # lazy: Liger only where it runs
+
+        install = _installs(sink_attention.install, rope.install)
+    plan.actions.append(Action(row, module, install=install))
+
+
+def _installs(*installs):
+    """One Action.install running each of `installs` on the module, their handles together."""
+    def install(module) -> list:
+        return [h for each in installs for h in each(module)]
+
+    return install
+
+
+def _plan_rope(model, module, backend, row, fallback_reason) -> tuple[str | None, str]:
+    """(Liger RoPE label or None, fallback reason): with the liger backend, the family's RoPE calls in this
+    attention module go to Liger's kernel where ops/rope.py proves it the family's function (row.replacement
+    and row.backend say so); where it does not, the reason joins fallback_reason."""
+    if backend != "liger":
+        return None, fallback_reason
+    from .ops import rope  # lazy: only reached with Liger usable on a GPU
+
+    rope_label, why = rope.prove(model, module)
+    if rope_label:
+        row.replacement, row.backend = f"{row.replacement} + {rope_label}", "liger"
+        return rope_label, fallback_reason
+    return None, "; ".join(r for r in (fallback_reason, why) if r)
 
 
 def _plan_mamba(module, row, plan) -> None:
@@ -383,9 +491,33 @@ def _plan_mlp(module, row, plan) -> None:
     plan.actions.append(Action(row, module, factory=mlp.GatedMLP.build))
 
 
+def _plan_gated_rmsnorm(module, row, plan) -> None:
+    """A Mamba2 mixer's gated, grouped RMSNorm (patches/ GATED_RMSNORM): the module swapped for GatedRMSNorm,
+    which runs mamba-ssm's Triton kernel for the dtype cases proven on this device against the family's own
+    forward (ops/gated_rmsnorm.py), else that forward. No backend choice: one kernel, or the family's norm."""
+    spec = tables().gated_rmsnorm[type(module).__name__]
+    device = _device(module)
+    why = gated_rmsnorm.why_not(module, device)
+    if why:
+        row.reason = why
+        return
+    proven = gated_rmsnorm.prove(module, spec["norm_before_gate"], device)
+    own = module.weight.dtype
+    ok = [case for case, why in proven.items() if why is None]
+    if not any(case[2] == own for case in ok):
+        row.reason = f"{gated_rmsnorm.NAME} not proven equal to {type(module).__name__} with {own} weights: " + \
+            "; ".join(why for case, why in proven.items() if case[2] == own)
+        return
+    others = [f"{gated_rmsnorm.case_name(c)} calls run the family's norm: {why}" for c, why in proven.items() if why]
+    row.replacement = f"GatedRMSNorm(mamba-ssm rmsnorm_fn, group {module.group_size})"
+    row.backend, row.status, row.reason = "mamba_ssm", "patched", "; ".join(others)
+    plan.actions.append(Action(row, module, factory=lambda m: gated_rmsnorm.GatedRMSNorm.build(
+        m, spec["norm_before_gate"], ok)))
+
+
 def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
     if sink_attention.has_sinks(module):
-        _plan_sink_attention(module, row, plan)
+        _plan_sink_attention(model, module, row, backend, fallback_reason, plan)
         return
     impl = getattr(module.config, "_attn_implementation", None)
     if impl != "sdpa" or not plan.supports_sdpa:
@@ -408,15 +540,8 @@ def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
         else:
             fallback_reason = "; ".join(r for r in (fallback_reason, f"{mla.NAME} not proven: {why}") if r)
     rope_label = None
-    # SDPA plus Liger's fused RoPE, where it is the family's RoPE (not under the fused MLA forward: it applies the RoPE)
-    if backend == "liger" and not fused_mla:
-        from .ops import rope  # lazy: only reached with Liger usable on a GPU
-
-        rope_label, why = rope.prove(model, module)
-        if rope_label:
-            row.replacement, row.backend = f"{row.replacement} + {rope_label}", "liger"
-        else:
-            fallback_reason = "; ".join(r for r in (fallback_reason, why) if r)
+    if not fused_mla:  # SDPA + Liger RoPE (not under the fused MLA forward: that applies the RoPE itself)
+        rope_label, fallback_reason = _plan_rope(model, module, backend, row, fallback_reason)
     row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")
     plan.actions.append(Action(row, module, attention_impl=impl, rope=rope_label is not None, mla=fused_mla))
 
@@ -437,12 +562,17 @@ def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool, expert_paral
     _plan_loss(model, opts, plan)
     fused_head = _fused_loss_head(model, plan)
     claimed: list[str] = []  # replaced modules' paths: their children belong to them
+    experts_rows: list[str] = []  # every experts row's path: one row per MoE block
     for path, module in model.named_modules():
         if isinstance(module, Replacement) or any(path.startswith(c + ".") for c in claimed):
             continue
         kind = kind_of(module)
         if kind is None:
             continue
+        if kind == "experts" and any(path.startswith(p + ".") for p in experts_rows) and _unrecognised_experts(module):
+            continue  # inside an MoE block already reported (NLLB's NllbMoeExperts, JetMoE's JetMoeParallelExperts)
+        if kind == "experts":
+            experts_rows.append(path)
         cls_name = type(module).__name__
         row = Row(path, kind, cls_name, "", "", "skipped")
         plan.rows.append(row)
@@ -458,6 +588,9 @@ def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool, expert_paral
             continue
         if kind == "mlp":  # the compiled product or the family's module: no backend choice
             _plan_mlp(module, row, plan)
+            continue
+        if kind == "rmsnorm" and cls_name in tables().gated_rmsnorm:  # likewise: mamba-ssm's kernel or stock
+            _plan_gated_rmsnorm(module, row, plan)
             continue
         backend, fallback_reason = backends.choose(backends.for_kind(opts.backend, kind), kind, _device(module))
 

@@ -328,7 +328,12 @@ def fused_loss_unproven(model, make_fused, cls=None) -> str | None:
         hidden_size = tiny.lm_head.weight.shape[1]
         reason = _head_path_errors(tiny, stub, make_fused(tiny), hidden_size, _num_experts(model))
     except Exception as exc:  # a probe never takes the program down: the stock loss stays
-        reason = f"head-path proof could not run: {type(exc).__name__}: {exc}"
+        # the model's own forward (or the fused one) failed on the proof's small inputs: nothing proven, so the
+        # fused loss is not used; say that first, the error after it (a bare "too many values to unpack" says
+        # nothing about the loss to someone reading the report)
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        reason = (f"fused loss not used: its proof could not run this model's forward on small inputs "
+                  f"({type(exc).__name__}{': ' + detail if detail else ''}); the model's own loss stays")
     _LOSS_CACHE[key] = reason
     return reason
 

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from .plan import Options, Row
 
 COLUMNS = ("path", "kind", "original", "replacement", "backend", "status", "reason")
+CUT = "\u2026"  # ends a table cell cut to its column's width
+
+
+def _fit(cell: str, width: int) -> str:
+    return cell if len(cell) <= width else cell[:width - 1] + CUT
 
 
 class Report:
@@ -37,11 +42,16 @@ class Report:
         return "; ".join(parts) if parts else "nothing to patch"
 
     def __str__(self):
+        """The rows as a table: columns cut at 60 characters, the reason at 200, a cut cell ending in CUT; each
+        Row's attributes keep the whole text."""
         table = [COLUMNS] + [tuple(str(getattr(r, c)) for c in COLUMNS) for r in self.rows]
         widths = [min(max(len(row[i]) for row in table), 60 if i < 6 else 200) for i in range(len(COLUMNS))]
-        lines = ["  ".join(cell[:w].ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+        cut = any(len(cell) > w for row in table for cell, w in zip(row, widths))
+        lines = ["  ".join(_fit(cell, w).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines + ["", self.summary()])
+        note = [f"({CUT} marks text cut to fit; the rows of report(model) / plan_report(model) hold all of it)"] \
+            if cut else []
+        return "\n".join(lines + ["", self.summary()] + note)
 
     def __repr__(self):
         return f"<moe_patch.Report {len(self.rows)} rows: {self.summary()}>"

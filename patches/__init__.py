@@ -12,6 +12,9 @@ Each file may define:
                                                         kernel each way (moe_patch/ops/mla.py); proven
   MLP          {gated MLP class name: "silu"}            -- down(silu(gate(x)) * up(x)) with the product fused
                                                         (moe_patch/ops/mlp.py); proven
+  GATED_RMSNORM {gated norm class name: {"norm_before_gate": bool}}
+                                                        -- on mamba-ssm's Triton gated RMSNorm (kind rmsnorm);
+                                                           the semantics declared here are proven, not assumed
 Experts decorated with `@use_experts_implementation` and attention modules that dispatch through
 `ALL_ATTENTION_FUNCTIONS` need no entry: they are found structurally.
 """

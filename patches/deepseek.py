@@ -6,7 +6,6 @@ _SIGMOID_GROUPED = dict(score="sigmoid", order="score_topk", renorm="norm_topk_p
 RMSNORM = {"DeepseekV3RMSNorm": "scale", "Glm4MoeRMSNorm": "scale", "NemotronHRMSNorm": "scale"}
 ROUTER = {"DeepseekV3TopkRouter": _SIGMOID_GROUPED, "Glm4MoeTopkRouter": _SIGMOID_GROUPED,
           "NemotronHTopkRouter": _SIGMOID_GROUPED}
-SKIP = {"NemotronHRMSNormGated": "gated, grouped norm of the Mamba2 mixer (takes the gate as a second input)"}
 # The dense layers' MLP and the shared experts: silu(gate) * up in one compiled kernel each way (moe_patch/ops/mlp.py;
 # opt-in, MOE_PATCH_FUSED_MLP=1).
 MLP = {"DeepseekV3MLP": "silu"}

@@ -95,3 +95,78 @@ def test_a_distributed_config_model_without_expert_parallelism_is_refused_with_w
                                                               r"takes over such models only with ep_size > 1") as info:
         moe_patch.apply(model)
     assert "\n" not in str(info.value) and not moe_patch.is_patched(model)
+
+
+def test_plan_report_follows_the_environment_like_apply(monkeypatch):
+    """plan_report shows what apply() would do in this process: MOE_PATCH_DISABLE / SKIP count for flags left
+    out; a flag given overrides its own kind only, as apply()'s do."""
+    monkeypatch.setenv("MOE_PATCH_DISABLE", "router")
+    monkeypatch.setenv("MOE_PATCH_SKIP", "model.layers.0.*")
+    planned = moe_patch.plan_report(build("qwen3_moe"))
+    applied = moe_patch.report(moe_patch.apply(build("qwen3_moe")))
+    assert [(r.path, r.status, r.reason) for r in planned] == [(r.path, r.status, r.reason) for r in applied]
+    assert all(r.reason == "router=False" for r in planned.where(kind="router"))
+    assert all(r.status == "skipped" for r in planned if r.path.startswith("model.layers.0."))
+    mixed = moe_patch.plan_report(build("qwen3_moe"), router=True, experts=False)
+    assert all(r.status == "patched" for r in mixed.where(kind="router") if not r.path.startswith("model.layers.0."))
+    reasons = {r.reason for r in mixed.where(kind="experts")}
+    assert reasons == {"experts=False"}, reasons  # the kind flag is checked before the skip globs
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    ("MOE_PATCH_BACKEND", "attention=torch,", {"backend": {"attention": "torch"}}),
+    ("MOE_PATCH_BACKEND", " loss=torch, ,router=torch ", {"backend": {"loss": "torch", "router": "torch"}}),
+    ("MOE_PATCH_BACKEND", "torch, ", {"backend": "torch"}),
+    ("MOE_PATCH_BACKEND", " , ", {}),
+    ("MOE_PATCH_DISABLE", "router, ", {"router": False}),
+    ("MOE_PATCH_SKIP", "lm_head, ,", {"skip": ("lm_head",)}),
+])
+def test_environment_lists_ignore_empty_items(monkeypatch, variable, value, expected):
+    """A trailing comma or a blank item in MOE_PATCH_BACKEND / DISABLE / SKIP is no item."""
+    from moe_patch import config
+
+    monkeypatch.setenv(variable, value)
+    assert config.from_environment() == expected
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("MOE_PATCH_BACKEND", "attention=torch,loss=tee", "MOE_PATCH_BACKEND: in 'loss=tee', unknown backend 'tee'"),
+    ("MOE_PATCH_BACKEND", "torch,te", "MOE_PATCH_BACKEND: unknown backend 'torch,te'"),
+    ("MOE_PATCH_BACKEND", "attention=", "MOE_PATCH_BACKEND: in 'attention=', unknown backend ''"),
+    ("MOE_PATCH_DISABLE", "router, routr,", "MOE_PATCH_DISABLE: unknown kind 'routr' (did you mean 'router'?)"),
+])
+def test_environment_bad_items_are_still_one_line_errors(monkeypatch, variable, value, message):
+    from moe_patch import config
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(moe_patch.PatchError) as caught:
+        config.from_environment()
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value), caught.value
+
+
+def test_explicit_argument_wins_over_a_bad_variable(monkeypatch):
+    """Explicit apply() arguments take precedence over the environment: a bad MOE_PATCH_BACKEND does not stop
+    apply(backend=...), while a call that leaves the backend to it still gets the one-line error."""
+    monkeypatch.setenv("MOE_PATCH_BACKEND", "trch")
+    model = moe_patch.apply(build("qwen3_moe"), backend="torch")
+    assert moe_patch.report(model).where(kind="experts")[0].status == "patched"
+    with pytest.raises(moe_patch.PatchError, match="MOE_PATCH_BACKEND: unknown backend 'trch'"):
+        moe_patch.apply(build("qwen3_moe"))
+
+
+def test_misused_arguments_are_one_line_errors_and_leave_the_model(monkeypatch):
+    """A skip callable of the wrong signature, a mesh that is not a DeviceMesh and a kind given two backends in
+    MOE_PATCH_BACKEND: each a one-line PatchError naming it, the model as it was."""
+    model = build("qwen3_moe")
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    for kwargs, fragment in ((dict(skip=lambda path: False), "skip callable failed on"),
+                             (dict(mesh="ep"), "mesh must be a torch.distributed DeviceMesh")):
+        with pytest.raises(moe_patch.PatchError) as caught:
+            moe_patch.apply(model, **kwargs)
+        assert fragment in str(caught.value) and "\n" not in str(caught.value), caught.value
+        assert [(n, type(m)) for n, m in model.named_modules()] == before
+    monkeypatch.setenv("MOE_PATCH_BACKEND", "loss=torch,loss=te")
+    with pytest.raises(moe_patch.PatchError, match="kind 'loss' given two backends"):
+        moe_patch.apply(model)
+    monkeypatch.setenv("MOE_PATCH_BACKEND", "loss=torch,loss=torch")  # the same twice: no conflict
+    moe_patch.apply(model)

@@ -73,6 +73,10 @@ def test_failure_while_building_replacements_leaves_model_untouched(monkeypatch)
     modules = dict(model.named_modules())
     from moe_patch.ops import experts
 
+    # the plan-time proof builds a GroupedExperts too and turns a failure there into "not proven" (stock kept):
+    # prove first (cached per class and widths), so that the constructor fails in the swap, which is under test
+    moe_patch.plan_report(build("mixtral"))
+
     def boom(self, original, flags):
         raise RuntimeError("constructor failed")
 

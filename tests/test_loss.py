@@ -41,6 +41,35 @@ def test_router_aux_loss_and_ignored_labels_and_num_items():
         assert rel_err(p.grad, g[n].grad) < 1e-4, n
 
 
+@pytest.mark.parametrize("case", ["all ignored", "one token", "num_items 0", "num_items 0 int", "num_items 7"])
+def test_a_batch_with_no_label_to_learn_gives_stock_loss_and_gradients(case):
+    """No valid label (every label -100; a one-token sequence, shifted away; Trainer's num_items_in_batch=0 for a
+    masked window): stock's loss is 0 / 0 = nan with zero gradients. The fused loss must give the same zeros, not
+    nan gradients that poison the weights at the next optimizer step; with num_items_in_batch > 0 the loss is 0."""
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    ids = inputs()
+    labels, kw = torch.full_like(ids, -100), {}
+    if case == "one token":
+        ids = labels = ids[:1, :1]
+    if case.startswith("num_items"):
+        n = int(case.split()[1])
+        kw = dict(num_items_in_batch=n if case.endswith("int") else torch.tensor(n))
+    losses = []
+    for model in (stock, patched):
+        model.train()
+        out = model(input_ids=ids, labels=labels, **kw)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    assert torch.isnan(losses[0]) == torch.isnan(losses[1]), losses
+    if not torch.isnan(losses[0]):
+        assert losses[1] == losses[0] == 0, losses
+    grads = dict(stock.named_parameters())
+    for name, p in patched.named_parameters():
+        if p.grad is not None or grads[name].grad is not None:
+            assert torch.isfinite(p.grad).all() and torch.equal(p.grad, grads[name].grad), name
+
+
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_router_logits_recorded_when_the_model_ran_before_apply(model_type):
     """Transformers installs its output recorders at the first forward, on the stock router modules: the

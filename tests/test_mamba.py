@@ -103,15 +103,20 @@ def _stand_in_kernel(drop_d=False):
     return kernel
 
 
-@pytest.fixture
-def cpu_kernel(monkeypatch):
-    monkeypatch.setattr(mamba_ssd, "KERNEL_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(mamba_ssd, "_PROOFS", {})
+def _kernel_on_cpu(monkeypatch, op):
+    """use(kernel): `op` (mamba_ssd or gated_rmsnorm) takes `kernel` as mamba-ssm's, on the CPU too, proofs afresh."""
+    monkeypatch.setattr(op, "KERNEL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(op, "_PROOFS", {})
 
     def use(kernel):
-        monkeypatch.setitem(mamba_ssd._KERNEL, "result", (kernel, ""))
+        monkeypatch.setitem(op._KERNEL, "result", (kernel, ""))
 
     return use
+
+
+@pytest.fixture
+def cpu_kernel(monkeypatch):
+    return _kernel_on_cpu(monkeypatch, mamba_ssd)
 
 
 def test_routing_only_the_patched_mixer_and_back(cpu_kernel):
@@ -239,3 +244,173 @@ def test_gpu_cache_call_runs_the_family_scan():
     with torch.no_grad():
         model.generate(ids, max_new_tokens=3, do_sample=False)
     assert mamba_ssd.FALLBACKS.get(reason, 0) > before
+
+
+# --- the mixer's gated RMSNorm on mamba-ssm's Triton rmsnorm_fn (moe_patch/ops/gated_rmsnorm.py) ---------------
+
+from moe_patch.ops import gated_rmsnorm  # noqa: E402
+
+
+def _stand_in_rmsnorm_fn(gate_after=False):
+    """mamba-ssm's rmsnorm_fn(x, weight, bias, z, eps, group_size, norm_before_gate) as documented in its
+    layernorm_gated.py (float32 inside, one rounding to x's dtype at the end), in torch, for CPU;
+    gate_after: a wrong kernel that always applies the gate after the norm."""
+    def rmsnorm_fn(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
+        assert bias is None
+        before = norm_before_gate or gate_after
+        v = x.float()
+        if z is not None and not before:
+            v = v * torch.nn.functional.silu(z.float())
+        groups = v.unflatten(-1, (-1, group_size or v.shape[-1]))
+        out = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight.float()
+        if z is not None and before:
+            out = out * torch.nn.functional.silu(z.float())
+        return out.to(x.dtype)
+
+    return rmsnorm_fn
+
+
+@pytest.fixture
+def cpu_norm_kernel(monkeypatch):
+    return _kernel_on_cpu(monkeypatch, gated_rmsnorm)
+
+
+def _norm_row(model):
+    (row,) = [r for r in moe_patch.report(model).where(kind="rmsnorm") if r.original == "NemotronHRMSNormGated"]
+    return row
+
+
+def test_gated_norm_stays_on_cpu_and_says_why():
+    model = _model()
+    moe_patch.apply(model)
+    row = _norm_row(model)
+    assert row.path == "model.layers.0.mixer.norm" and row.status == "skipped" and row.reason
+    assert type(model.model.layers[0].mixer.norm).__name__ == "NemotronHRMSNormGated"
+
+
+def test_gated_norm_disabled_with_the_rmsnorm_kind():
+    model = _model()
+    moe_patch.apply(model, rmsnorm=False)
+    assert _norm_row(model).reason == "rmsnorm=False"
+
+
+def test_gated_norm_swapped_equal_and_reverted(cpu_norm_kernel):
+    cpu_norm_kernel(_stand_in_rmsnorm_fn())
+    model = _model()
+    stock = copy.deepcopy(model)
+    norm = model.model.layers[0].mixer.norm
+    keys = list(model.state_dict())
+    moe_patch.apply(model)
+    row = _norm_row(model)
+    assert row.status == "patched" and row.backend == "mamba_ssm" and "group 32" in row.replacement, row
+    new = model.model.layers[0].mixer.norm
+    assert isinstance(new, gated_rmsnorm.GatedRMSNorm) and isinstance(new, type(norm))
+    assert new.weight is norm.weight and list(model.state_dict()) == keys
+    ids = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(0))
+    calls = gated_rmsnorm.CALLS["kernel"]
+    loss, ref = model(input_ids=ids, labels=ids).loss, stock(input_ids=ids, labels=ids).loss
+    assert gated_rmsnorm.CALLS["kernel"] == calls + 1  # one Mamba2 layer
+    assert rel_err(loss, ref) < 1e-6
+    loss.backward()
+    ref.backward()
+    for (name, p), q in zip(stock.named_parameters(), model.parameters()):
+        assert rel_err(q.grad, p.grad) < 1e-4, name
+    model.gradient_checkpointing_enable()
+    model(input_ids=ids, labels=ids).loss.backward()  # the recompute runs the kernel too
+    assert gated_rmsnorm.CALLS["kernel"] == calls + 3
+    moe_patch.revert(model)
+    assert model.model.layers[0].mixer.norm is norm and norm.weight is new.weight
+
+
+def test_gated_norm_bf16_model_proves_its_two_cases(cpu_norm_kernel):
+    """A bf16 model: its mixer hands the norm bf16 (mamba-ssm's scan) or float32 (the family's scan, as here on
+    CPU) scan outputs with bf16 gate and weight; both cases are proven and run the kernel."""
+    cpu_norm_kernel(_stand_in_rmsnorm_fn())
+    model = _model(torch.bfloat16)
+    stock = copy.deepcopy(model)
+    moe_patch.apply(model)
+    row = _norm_row(model)
+    assert row.status == "patched" and row.reason == "", row
+    assert model.model.layers[0].mixer.norm._moe_patch_gated["cases"] == {
+        (torch.bfloat16,) * 3, (torch.float32, torch.bfloat16, torch.bfloat16)}
+    ids = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(0))
+    calls = gated_rmsnorm.CALLS["kernel"]
+    loss = model(input_ids=ids, labels=ids).loss
+    assert gated_rmsnorm.CALLS["kernel"] == calls + 1
+    assert rel_err(loss.float(), stock(input_ids=ids, labels=ids).loss.float()) < 2e-2
+
+
+def test_gated_norm_unproven_calls_run_the_family_norm(cpu_norm_kernel):
+    cpu_norm_kernel(_stand_in_rmsnorm_fn())
+    model = _model()
+    moe_patch.apply(model)
+    norm = model.model.layers[0].mixer.norm
+    stock = copy.deepcopy(norm.original)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(4))
+    calls, before = gated_rmsnorm.CALLS["kernel"], dict(gated_rmsnorm.FALLBACKS)
+    with pytest.warns(UserWarning, match="family's own norm ran"):
+        out = norm(x)  # no gate: not what was proven
+    assert torch.equal(out, stock(x)) and gated_rmsnorm.CALLS["kernel"] == calls
+    gate = torch.randn(2, 5, 64, dtype=torch.float64)
+    assert torch.equal(norm(x.double(), gate), stock(x.double(), gate))  # an unproven dtype case
+    assert gated_rmsnorm.CALLS["kernel"] == calls
+    assert sum(gated_rmsnorm.FALLBACKS.values()) == sum(before.values()) + 2
+    assert any("no gate" in r for r in gated_rmsnorm.FALLBACKS) and any("float64" in r for r in gated_rmsnorm.FALLBACKS)
+
+
+def test_gated_norm_proof_rejects_a_wrong_kernel(cpu_norm_kernel):
+    cpu_norm_kernel(_stand_in_rmsnorm_fn(gate_after=True))
+    model = _model()
+    moe_patch.apply(model)
+    row = _norm_row(model)
+    assert row.status == "skipped" and "not proven equal" in row.reason and "output rel. error" in row.reason, row
+    assert type(model.model.layers[0].mixer.norm).__name__ == "NemotronHRMSNormGated"
+
+
+def test_gated_norm_proof_rejects_a_wrong_declaration(cpu_norm_kernel):
+    """patches/ declares norm_before_gate; a wrong declaration is caught by the proof, not trusted."""
+    cpu_norm_kernel(_stand_in_rmsnorm_fn())
+    result = gated_rmsnorm.prove(_model().model.layers[0].mixer.norm, True, torch.device("cpu"))
+    assert all(why and "output rel. error" in why for why in result.values()), result
+    result = gated_rmsnorm.prove(_model().model.layers[0].mixer.norm, False, torch.device("cpu"))
+    assert all(why is None for why in result.values()), result
+
+
+@pytest.mark.gpu
+def test_gpu_gated_norm_proof_at_nemotron_3_nano_widths():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    kernel, why = gated_rmsnorm.load_kernel()
+    if kernel is None:
+        pytest.skip(why)
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+
+    config = named_config("nemotron-3-nano-style", layers=1)
+    with torch.device("cuda"):
+        norm = NemotronHMamba2Mixer(config, layer_idx=0).norm.to(torch.bfloat16)
+    result = gated_rmsnorm.prove(norm, False, torch.device("cuda"))
+    result.update(gated_rmsnorm.prove(copy.deepcopy(norm).float(), False, torch.device("cuda")))
+    for key, errors in gated_rmsnorm.ERRORS.items():
+        print(key, {k: f"{v:.1e}" for k, v in errors.items()})
+    print({gated_rmsnorm.case_name(k): v for k, v in result.items()})
+    assert len(result) == len(gated_rmsnorm.CASES)
+    assert all(why is None for why in result.values()), result  # float32 cases too: the kernel is float32 inside
+    wrong = gated_rmsnorm.prove(norm, True, torch.device("cuda"))
+    assert all(why for why in wrong.values()), wrong
+
+
+def test_gated_norm_preview_for_a_gpu_from_a_cpu():
+    """`moe-patch report --device cuda` on a CPU machine: the row says what the GPU's apply() will decide."""
+    from moe_patch import backends
+    from moe_patch.plan import Options
+    from moe_patch.preview import preview
+
+    model = _model()
+    rows = list(moe_patch.plan_report(model))
+    gpu = {r.path: r for r in preview(model, rows, Options(), "cuda", {"mamba"})}  # a GPU with mamba-ssm (--with mamba)
+    assert gpu["model.layers.0.mixer.norm"].reason == gated_rmsnorm.ON_GPU_PREVIEW
+    if not backends.capabilities().mamba_ssm:  # a GPU without it: the family's norm, and why
+        bare = {r.path: r for r in preview(model, rows, Options(), "cuda", set())}
+        assert bare["model.layers.0.mixer.norm"].reason == gated_rmsnorm.load_kernel()[1] != ""
+    cpu = {r.path: r for r in preview(model, rows, Options(), "cpu", set())}
+    assert cpu["model.layers.0.mixer.norm"].reason == gated_rmsnorm.NOT_ON_CPU

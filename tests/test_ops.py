@@ -41,6 +41,9 @@ def test_experts_match_stock_module(model_type, routing, weighs, monkeypatch):
         patched.dispatcher = RowWeightingDispatcher()
         weigh = experts.weigh_rows
         monkeypatch.setattr(experts, "weigh_rows", lambda out, w: widths.append(out.shape[-1]) or weigh(out, w))
+        add_weigh = experts.add_bias_and_weigh  # biased experts: the bias add and the weighing in one call
+        monkeypatch.setattr(experts, "add_bias_and_weigh",
+                            lambda out, b, ids, w: widths.append(out.shape[-1]) or add_weigh(out, b, ids, w))
     g = torch.Generator().manual_seed(3)
     e, k, t = patched.num_experts, 2, 11
     hidden_dim = (stock.gate_up_proj if patched.has_gate else stock.up_proj).shape[1 if patched.is_transposed else 2]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import compiled
 from .base import Replacement
+from .compiled_gate import add_bias_and_weigh, add_expert_bias, switches
 
 FLAG_NAMES = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
 
@@ -153,8 +154,11 @@ def scatter_weighted(out, order, weights, num_tokens, top_k, hidden_dtype):
     return slots.view(num_tokens, top_k, out.shape[-1]).sum(dim=1).to(hidden_dtype)
 
 
-# attributes GroupedExperts sets and changes itself (sharding sets the local expert count)
-_MANAGED = frozenset(FLAG_NAMES) | {"up_name", "num_experts", "num_global_experts", "grad_factor"}
+# attributes GroupedExperts sets and changes itself (sharding sets the local expert count), and nn.Module's
+# `training`: from_pretrained returns eval mode, so a model patched right after loading is put in train() before
+# it trains; that must not switch the fused gate off (te_gate proves TE's SwiGLU in both modes; the compiled gate
+# runs the family's own _apply_gate, which torch.compile re-traces for the mode)
+_MANAGED = frozenset(FLAG_NAMES) | {"up_name", "num_experts", "num_global_experts", "grad_factor", "training"}
 
 
 class GroupedExperts(Replacement):
@@ -190,8 +194,7 @@ class GroupedExperts(Replacement):
             self.dispatcher = LocalDispatcher()
 
     def _gate_switches(self) -> tuple:
-        return tuple((k, v) for k, v in vars(self).items()
-                     if isinstance(v, (bool, int, float, str)) and not k.startswith("_") and k not in _MANAGED)
+        return switches(self, _MANAGED)
 
     def expert_weight(self, name: str) -> torch.Tensor:
         """A stacked expert parameter as the plain local tensor the kernels take (under
@@ -221,17 +224,27 @@ class GroupedExperts(Replacement):
         x = d.x
         offs = torch.cumsum(d.counts, 0).to(torch.int32)
         expert_ids = d.expert_ids() if self.has_bias else None
-        bias = (lambda name: self.expert_weight(name + "_bias")[expert_ids]) if self.has_bias else (lambda name: None)
-        h = self._linear(x, self.up_name, offs, bias(self.up_name))
-        # TE's fused SwiGLU where it was proven to be the family's gate, else the family's own gate (or
-        # activation) on its original module
-        # (the family's code runs on this module: its attributes, adopted from the original, are the ones a user
-        # reads and sets after apply())
-        if self.has_gate:
-            fused = self._fused_gate is not None and self._gate_switches() == self._gate_proven
-            h = self._fused_gate(h) if fused else self._apply_gate(h)
+
+        def biased(name, x):
+            """Projection `name` of the rows x, plus each row's expert bias (compiled_gate.add_expert_bias: the bias
+            gathered inside one compiled kernel on CUDA; its gradient sums each expert's rows in one GEMM)."""
+            out = self._linear(x, name, offs, None)
+            return add_expert_bias(out, self.expert_weight(name + "_bias"), expert_ids) if self.has_bias else out
+
+        # a fused gate (TE's SwiGLU, or the family's own gate compiled: compiled_gate.py) where it was proven to be
+        # the family's gate with the switches the module has now, else the family's own gate (or activation) on
+        # its original module (the family's code runs on this module: its attributes, adopted from the original,
+        # are the ones a user reads and sets after apply())
+        fused = self.has_gate and self._fused_gate is not None and self._gate_switches() == self._gate_proven
+        if fused and getattr(self._fused_gate, "takes_bias", False):  # the bias add inside the gate's kernels
+            h = self._fused_gate(self._linear(x, self.up_name, offs, None), self.expert_weight(self.up_name + "_bias"),
+                                 expert_ids)
         else:
-            h = self.act_fn(h)
+            h = biased(self.up_name, x)
+            if self.has_gate:
+                h = self._fused_gate(h) if fused else self._apply_gate(h)
+            else:
+                h = self.act_fn(h)
         # rows weighted by the module (d.weights): before the down projection where that is the same linear
         # map ((h * w) @ W == (h @ W) * w without a bias or a norm after it, and no dtype promotion), since
         # the intermediate rows are narrower than the hidden ones (768 against 2048 wide in Qwen3-30B-A3B)
@@ -239,7 +252,11 @@ class GroupedExperts(Replacement):
                 and d.weights.dtype == h.dtype)
         if fold:
             h = weigh_rows(h, d.weights)
-        out = self._linear(h, "down_proj", offs, bias("down_proj"))
+        if self.has_bias and d.weights is not None and not self.has_post_expert_norm:
+            # bias add and row weighting in one compiled kernel each way (compiled_gate.add_bias_and_weigh)
+            return add_bias_and_weigh(self._linear(h, "down_proj", offs, None), self.expert_weight("down_proj_bias"),
+                                      expert_ids, d.weights)
+        out = biased("down_proj", h)
         if self.has_post_expert_norm:
             out = self.post_expert_norm(out)
         if d.weights is not None and not fold:
@@ -259,7 +276,7 @@ class GroupedExperts(Replacement):
 
     def extra_repr(self) -> str:
         flags = ", ".join(n for n in FLAG_NAMES if getattr(self, n))
-        gate = ", fused gate" if self._fused_gate is not None else ""
+        gate = f", {getattr(self._fused_gate, 'label', 'fused gate')}" if self._fused_gate is not None else ""
         gate += ", fp8 rowwise" if self._fp8_cache is not None else ""
         return (f"{super().extra_repr()}, experts={self.num_experts}/{self.num_global_experts}, "
                 f"dispatcher={self.dispatcher.name}{gate}, {flags or 'no flags'}")

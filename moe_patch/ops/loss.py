@@ -218,11 +218,15 @@ def causal_lm_loss(hidden, head, labels, backend, num_items_in_batch=None, shift
     if ignore_index != IGNORE:  # the kernels know -100 only
         shift_labels = torch.where(shift_labels == ignore_index, IGNORE, shift_labels)
     total = (_liger_sum if backend == "liger" else _chunked_sum)(hidden, head.weight, head.bias, shift_labels, step)
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
-    return total / (shift_labels != IGNORE).sum()
+    n_valid = (shift_labels != IGNORE).sum()
+    denom = n_valid if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=total.device)
+    # No label to learn from and nothing to divide by (every label -100, a one-token sequence, Trainer's
+    # num_items_in_batch=0 for a masked window): stock's loss is 0 / 0 = nan with zero gradients, since
+    # cross_entropy leaves ignored rows at zero whatever the incoming gradient. total / 0 would send inf into the
+    # backward here, and 0 * inf = nan into every gradient: one such step would poison the weights. So divide by
+    # 1 there and add the nan to the value only. Elsewhere this is total / denom + 0.0, unchanged.
+    empty = (n_valid == 0) & (denom == 0)
+    return total / torch.where(empty, 1, denom) + torch.where(empty, float("nan"), 0.0)
 
 
 def head_changed(model, head) -> str | None:

@@ -28,7 +28,10 @@ length that is not a multiple of the chunk; float32 (relative error < 1e-5 outpu
 (< 2e-2, against the stock forward in float32 on the same bf16 values); gradients of the input and of every
 parameter (in_proj, conv1d weight and bias, dt_bias, A_log, D, norm, out_proj). The kernel computes its dot
 products in TF32 for float32 inputs (Triton's tl.dot default), so float32 is expected to stay stock: the report
-says so with the measured error.
+says so with the measured error. Only the dtypes the model hands its mixers are proven (proof_dtypes): its own,
+and bfloat16 too for a float32 model (autocast). A bfloat16 model's mixers get no float32 scan calls, and proving
+float32 there would compile and autotune every SSD kernel a second time at apply() (minutes on a cold Triton
+cache) for a case that stays on the family's scan anyway.
 """
 from __future__ import annotations
 
@@ -92,22 +95,26 @@ def load_bare(package: str, submodule: str):
             del sys.modules[package]
 
 
+def load_function(submodule: str, name: str, what: str):
+    """(`name` from mamba-ssm's `submodule`, "") or (None, why not), without `import mamba_ssm` (load_bare).
+    `what` names it in the reason. Not cached: each caller caches its own (load_kernel here, gated_rmsnorm's)."""
+    try:
+        found = importlib.util.find_spec(PACKAGE) is not None
+    except (ImportError, ValueError):  # blocked (sys.modules entry None) or a broken install
+        found = False
+    if not found:
+        return None, ("mamba-ssm is not installed (pip install 'moe_patch[mamba]'; its Triton kernels need no CUDA "
+                      "build: MAMBA_SKIP_CUDA_BUILD=TRUE)")
+    try:
+        return getattr(load_bare(PACKAGE, submodule), name), ""
+    except (ImportError, AttributeError) as exc:
+        return None, f"mamba-ssm's {what} could not be imported: {exc}"
+
+
 def load_kernel():
     """(mamba_chunk_scan_combined, "") or (None, why not). Cached."""
     if "result" not in _KERNEL:
-        try:
-            found = importlib.util.find_spec(PACKAGE) is not None
-        except (ImportError, ValueError):  # blocked (sys.modules entry None) or a broken install
-            found = False
-        if not found:
-            _KERNEL["result"] = (None, "mamba-ssm is not installed (pip install 'moe_patch[mamba]'; its Triton "
-                                       "kernels need no CUDA build: MAMBA_SKIP_CUDA_BUILD=TRUE)")
-        else:
-            try:
-                fn = getattr(load_bare(PACKAGE, KERNEL_MODULE), KERNEL_NAME)
-                _KERNEL["result"] = (fn, "")
-            except (ImportError, AttributeError) as exc:
-                _KERNEL["result"] = (None, f"mamba-ssm's Triton SSD kernels could not be imported: {exc}")
+        _KERNEL["result"] = load_function(KERNEL_MODULE, KERNEL_NAME, "Triton SSD kernels")
     return _KERNEL["result"]
 
 
@@ -323,22 +330,32 @@ def rel_err_or_none(a, b) -> str:
     return "no gradient" if a is None else f"{probe.rel_err(a, b):.1e}"
 
 
+def proof_dtypes(module) -> tuple:
+    """The scan dtypes a model hands this mixer: its own; and bfloat16 too where it is float32 (autocast)."""
+    own = next(module.parameters()).dtype
+    return (torch.float32, torch.bfloat16) if own == torch.float32 else (own,)
+
+
 def prove(module, fn_name: str, device) -> dict:
     """{torch.float32: reason or None, torch.bfloat16: reason or None}: whether the mixer's forward with its scan
-    on the kernel equals its own stock forward on `device` (see the module docstring). Cached per (class, widths,
-    chunk size, dt_limit, device)."""
+    on the kernel equals its own stock forward on `device` (see the module docstring); a dtype outside
+    proof_dtypes(module) gets the reason it was not probed. Cached per (class, widths, chunk size, dt_limit,
+    device, dtypes)."""
     from .. import probe
 
+    dtypes = proof_dtypes(module)
     key = (type(module), tuple((n, tuple(p.shape)) for n, p in module.named_parameters()), module.chunk_size,
-           tuple(module.time_step_limit), str(device))
+           tuple(module.time_step_limit), str(device), dtypes)
     if key in _PROOFS:
         return _PROOFS[key]
-    result = {}
+    result = {d: f"not probed: the model's weights are {str(dtypes[0]).replace('torch.', '')}, whose mixers get "
+                 f"no {str(d).replace('torch.', '')} scan calls" for d in (torch.float32, torch.bfloat16)
+              if d not in dtypes}
     hidden = next(p for n, p in module.named_parameters() if n.endswith("in_proj.weight")).shape[1]
     seq = 2 * module.chunk_size + 37  # a partial last chunk, and state carried across two chunk boundaries
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(2, seq, hidden, generator=g)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         try:
             new = _stand_in(module, dtype, device)
             ref = copy.deepcopy(new).float()  # the family's own forward, in float32 on the same values

@@ -47,21 +47,36 @@ def _modeling_module(attention_module):
     return sys.modules[type(attention_module).__module__]
 
 
-def prove(model, attention_module) -> tuple[str | None, str]:
-    """(label, "") if a Liger kernel equals this family's apply_rotary_pos_emb on the model's own cos/sin,
-    else (None, why not). One probe per modeling module per process; the model is not changed."""
+def why_not_by_source(attention_module) -> str | None:
+    """Why Liger's kernel cannot stand in for this attention module's RoPE, read from its modeling module and the
+    source of its forward alone (nothing runs, so a model on the meta device will do: `moe-patch report`'s GPU
+    preview asks this too), or None where only the numeric proof (prove) can tell. The kernel replaces the
+    module's global `apply_rotary_pos_emb` and nothing else, so a forward that calls no RoPE function (Nemotron-H's
+    attention) or another one as well (DeepSeek-V3's `apply_rotary_pos_emb_interleave`) keeps its own."""
     mod = _modeling_module(attention_module)
-    stock = getattr(mod, "apply_rotary_pos_emb", None)
-    if stock is None:
-        return None, "no apply_rotary_pos_emb in the family's modeling module: stock RoPE"
+    if getattr(mod, "apply_rotary_pos_emb", None) is None:
+        return "no apply_rotary_pos_emb in the family's modeling module: stock RoPE"
     try:
         source = inspect.getsource(type(attention_module).forward)
     except (OSError, TypeError):
         source = ""
     others = sorted(set(re.findall(r"\b(apply_rotary_pos_emb\w+|apply_rotary_emb\w*)\(", source)))
-    if "apply_rotary_pos_emb(" not in source or others:
-        return None, f"attention forward does not call apply_rotary_pos_emb only ({', '.join(others) or 'no call'}): " \
-                     "stock RoPE"
+    if "apply_rotary_pos_emb(" not in source and not others:
+        return "the attention forward calls no apply_rotary_pos_emb (it applies no RoPE there): no Liger RoPE"
+    if others:
+        return f"the attention forward calls {', '.join(others)} (Liger's kernel stands in for apply_rotary_pos_emb " \
+               "only): stock RoPE"
+    return None
+
+
+def prove(model, attention_module) -> tuple[str | None, str]:
+    """(label, "") if a Liger kernel equals this family's apply_rotary_pos_emb on the model's own cos/sin,
+    else (None, why not). One probe per modeling module per process; the model is not changed."""
+    why = why_not_by_source(attention_module)
+    if why is not None:
+        return None, why
+    mod = _modeling_module(attention_module)
+    stock = mod.apply_rotary_pos_emb
     rotary = _rotary_embedding(model)
     if rotary is None:
         return None, "no rotary embedding module found: stock RoPE"

@@ -255,6 +255,12 @@ def _stand_in(module, device, dtype, generator):
     return clone
 
 
+NOT_ON_CPU = "flex_attention has no backward on CPU: the family's eager attention stays"
+ON_GPU_PREVIEW = ("on a GPU: flex_attention with the learned sinks (causal, or this layer's sliding window) where "
+                  "apply() proves it equal to the family's eager attention there, else eager stays; with Liger, "
+                  "the RoPE on Liger's kernel where proven the family's")
+
+
 def prove(module, device) -> str | None:
     """None if sink_attention_forward equals the family's own eager_attention_forward on `device` (float32:
     rel. error < 1e-5 forward, < 1e-4 gradients of q, k, v and sinks; bfloat16: < 2e-2, against eager in float32
@@ -267,7 +273,7 @@ def prove(module, device) -> str | None:
     if eager is None:
         return f"{modname} has no eager_attention_forward"
     if device.type != "cuda":
-        return "flex_attention has no backward on CPU: the family's eager attention stays"
+        return NOT_ON_CPU
     heads = module.sinks.shape[0]
     kv_groups = getattr(module, "num_key_value_groups", None)
     head_dim = getattr(module, "head_dim", None)

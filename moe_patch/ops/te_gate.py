@@ -9,6 +9,8 @@ it is used; a family whose gate differs (GPT-OSS's clamped, interleaved one) kee
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .. import probe
@@ -29,12 +31,15 @@ def fused_swiglu(module, width: int, device: torch.device):
 
 
 def _probe(module, width, device):
+    was_training = module.training
     try:
         import transformer_engine.pytorch as te
 
         op = te.ops.SwiGLU()
         g = torch.Generator(device=device).manual_seed(0)
-        for dtype in (torch.float32, torch.bfloat16):
+        # in training and in eval mode: the fused gate is kept across model.train() / eval() (GroupedExperts'
+        # switches leave `training` out), so a family gate that depended on the mode must fail here
+        for dtype, module.training in itertools.product((torch.float32, torch.bfloat16), (True, False)):
             x = (torch.randn(64, width, device=device, generator=g) * 2).to(dtype)
             w = torch.randn(64, width // 2, device=device, generator=g).to(dtype)
             x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -51,4 +56,34 @@ def _probe(module, width, device):
                 return None, f"TE SwiGLU gradient differs from the family's gate (rel. error {err:.1e}, {dtype})"
     except Exception as exc:  # a probe never takes the program down: the family's gate stays
         return None, f"TE SwiGLU probe failed: {type(exc).__name__}: {exc}"
+    finally:
+        module.training = was_training
     return op, ""
+
+
+def swiglu_formula(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2 x width] -> [..., width]: SiLU(a) * b with a, b the first and second halves of the last dimension,
+    the formula TE's `ops.SwiGLU` documents (transformer_engine.pytorch.ops.SwiGLU): the reference the GPU preview
+    holds a family's gate against."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(a) * b
+
+
+def not_swiglu_on_cpu(module, width: int) -> str | None:
+    """Why the family's gate is not TE's SwiGLU, told on this CPU from the formula TE documents (swiglu_formula)
+    in fp32: `moe-patch report --device cuda` names the gate the GPU would keep (GPT-OSS's clamped, interleaved
+    one fails here, as on the GPU). None where they agree, or where the gate cannot run here (it reads weights on
+    the meta device): only the GPU's own proof (fused_swiglu) decides then."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, width, generator=g) * 4  # beyond GPT-OSS's clamp limit (7) in places
+    try:
+        ref = module._apply_gate(x)
+    except Exception:
+        return None
+    out = swiglu_formula(x)
+    if ref.shape != out.shape:
+        return f"TE's SwiGLU gives {tuple(out.shape)} where the family's gate gives {tuple(ref.shape)}"
+    err = probe.rel_err(out, ref)
+    if not err < probe.TOL[torch.float32]:
+        return f"TE's SwiGLU (SiLU(first half) x second half) is not the family's gate (rel. error {err:.1e}, fp32)"
+    return None

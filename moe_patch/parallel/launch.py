@@ -44,7 +44,7 @@ def ep_size() -> int | None:
     raw = os.environ.get("MOE_PATCH_EP", "").strip()
     if not raw:
         return None
-    if not raw.isdigit() or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:  # (str.isdigit also takes '²', which int() refuses)
         raise MeshError(f"MOE_PATCH_EP={raw!r}: expected a positive integer (the expert-parallel size)")
     return int(raw)
 

@@ -45,6 +45,9 @@ def validate(model, mesh, dispatcher: str = "auto", max_tokens_per_rank: int | N
         raise PatchError(f"dispatcher must be one of {list(dispatch.NAMES)}, got {dispatcher!r}")
     if max_tokens_per_rank is not None and (not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1):
         raise PatchError(f"max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
+    if not hasattr(mesh, "get_group"):  # checked first: a str or a size is not a mesh, initialised or not
+        raise MeshError(f"mesh must be a torch.distributed DeviceMesh with an 'ep' dimension "
+                         f"(init_device_mesh(...)), got {type(mesh).__name__} {mesh!r}")
     if not dist.is_available() or not dist.is_initialized():
         raise MeshError("expert parallelism needs torch.distributed initialised (torchrun + init_process_group)")
     ep_mesh = _ep_mesh(mesh)
