@@ -69,6 +69,32 @@ def test_fused_forward_matches_the_family_at_deepseek_v3_widths(interleave, q_lo
         assert rel_err(gp[name], g) < 1e-4, name
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize("layout", ["batch, seq, heads, dim", "batch, heads, seq, dim"])
+def test_backward_is_the_forwards_gradient_in_either_gradient_layout(interleave, layout):
+    """_backward (q's, kv's and k_rot's gradients, three functions) against autograd through _forward and the
+    family's RoPE function, fp32, random cos / sin (the adjoint is exact for any), with the output gradients in
+    the storage `assemble` returns ([batch, seq, heads, dim]: flattened as views) and in SDPA's usual one
+    ([batch, heads, seq, dim]: flattened by a copy)."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as family
+
+    b, s, heads, nope, rope, v = 2, 7, 3, 6, 4, 5
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, s, heads * (nope + rope), generator=g, requires_grad=True)
+    kv = torch.randn(b, s, heads * (nope + v), generator=g, requires_grad=True)
+    k_rot = torch.randn(b, s, rope, generator=g, requires_grad=True)
+    cos, sin = torch.randn(1, s, rope, generator=g), torch.randn(1, s, rope, generator=g)
+    fn = family.apply_rotary_pos_emb_interleave if interleave else family.apply_rotary_pos_emb
+    outs = mla._forward(q, kv, k_rot, cos, sin, fn, nope)
+    grads = [torch.randn(o.shape, generator=g) for o in outs]  # [batch, seq, heads, dim]
+    if layout == "batch, heads, seq, dim":
+        grads = [d.transpose(1, 2).contiguous().transpose(1, 2) for d in grads]
+    ref = torch.autograd.grad(outs, (q, kv, k_rot), grads)
+    got = mla._backward(*grads, cos, sin, nope, interleave)
+    for name, a, r in zip(("q", "kv", "k_rot"), got, ref):
+        assert a.shape == r.shape and rel_err(a, r) < 1e-5, name
+
+
 def test_apply_fuses_mla_and_the_model_equals_stock():
     """apply() proves and installs the fused forward on every DeepSeek-V3 attention module; the whole model's
     logits, loss and every gradient equal stock's (fp32); revert() removes it; a patched model deep-copies and
@@ -177,5 +203,6 @@ def test_compiled_fused_forward_on_cuda_matches_the_family_in_bf16(interleave):
     assert rel_err(gx, ref_gx) < 2e-2
     for name, g in ref_gp.items():
         assert rel_err(gp[name], g) < 2e-2, name
-    for fn in (mla._forward, mla._backward):
-        assert compiled._CACHE.get(fn) not in (None, fn), fn.__name__  # compiled, and did not fall back
+    for fn in (mla._forward, mla._q_grad, mla._kv_grad, mla._k_rot_grad):  # compiled, and did not fall back
+        entries = [v for (f, _widths), v in compiled._CACHE.items() if f is fn]
+        assert entries and fn not in entries, fn.__name__

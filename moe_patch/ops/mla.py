@@ -16,13 +16,15 @@ RoPE function, but on the [batch, seq, heads, dim] layout the projections produc
 `unsqueeze_dim=2`), and returns query / key / value as [batch, heads, seq, dim] views of [batch, seq, heads,
 dim] storage: torch's SDPA (cuDNN, flash) takes that layout as is and writes its output in it, so the
 transpose back after attention is free as well. The backward is written out (`_rope_adjoint`: the transpose of
-each RoPE rotation, in float32), so that q's, kv_b_proj output's (key and value halves together) and k_rot's
-gradients come out of one pass. On CUDA both directions run torch.compile'd without autograd (compiled.run:
-inductor fuses each into one kernel); elsewhere eagerly: the reference the CPU tests check.
+each RoPE rotation, in float32) as three functions: q's gradient and kv_b_proj output's (key and value halves
+together), each a pointwise pass, and k_rot's, a sum over the heads. On CUDA the forward and each of those run
+torch.compile'd without autograd (compiled.run: widths static, row counts dynamic); elsewhere eagerly: the
+reference the CPU tests check.
 
-Opt-in (MOE_PATCH_FUSED_MLA=1), because it is not faster yet: on an H200 at the deepseek-v3-style shape the
-compiled backward is one Triton kernel of 1.03 ms per layer (AOTAutograd's own derivative of the forward: 2.5 ms),
-where its bytes need about 0.2 ms, and the whole step was slower with it (CHANGELOG.md, Unreleased).
+Opt-in (MOE_PATCH_FUSED_MLA=1), because it was not faster: on an H200 at the deepseek-v3-style shape, before
+compiled.run kept widths static and before the backward was split, the compiled backward was one Triton kernel
+of 1.03 ms per layer (AOTAutograd's own derivative of the forward: 2.5 ms), where its bytes need about 0.2 ms, and
+the whole step was slower with it (CHANGELOG.md, Unreleased). The present form is not measured yet.
 
 How it is wired: the attention module keeps its class and its own forward; install() sets an instance
 attribute `forward` (MLAForward, a plain object so the model still pickles and deep-copies) that runs the
@@ -92,35 +94,68 @@ def _rope_adjoint(g, cos, sin, interleave: bool):
     return torch.cat((g1 * c1 + g2 * s2, g2 * c2 - g1 * s1), dim=-1)
 
 
+def _q_grad(d_query, cos, sin, nope: int, interleave: bool):
+    """q's gradient [batch, seq, heads x (nope + rope)] from query's, d_query [batch, seq, heads x (nope + rope)]
+    (a [batch, seq, heads, dim] gradient with its heads flattened into the width, so that compiled.run compiles
+    every width static): the pass columns as they are, the rotary ones through `_rope_adjoint` in float32, one
+    rounding to d_query's dtype. Pointwise: one pass over the gradient."""
+    b, s = d_query.shape[:2]
+    d = d_query.view(b, s, -1, nope + cos.shape[-1])
+    cos, sin = cos.float().unsqueeze(2), sin.float().unsqueeze(2)
+    dq_rot = _rope_adjoint(d[..., nope:].float(), cos, sin, interleave)
+    return torch.cat((d[..., :nope], dq_rot.to(d.dtype)), dim=-1).view(b, s, -1)
+
+
+def _kv_grad(d_key, d_value, nope: int, heads: int):
+    """kv_b_proj output's gradient [batch, seq, heads x (nope + v)]: per head the key's pass columns, then the
+    value's; d_key [batch, seq, heads x (nope + rope)], d_value [batch, seq, heads x v]. A pointwise copy; the
+    key's rotary columns go to k_rot (`_k_rot_grad`)."""
+    b, s = d_key.shape[:2]
+    d_value = d_value.view(b, s, heads, -1).to(d_key.dtype)
+    return torch.cat((d_key.view(b, s, heads, -1)[..., :nope], d_value), dim=-1).view(b, s, -1)
+
+
+def _k_rot_grad(d_key, cos, sin, nope: int, interleave: bool):
+    """k_rot's gradient [batch, seq, rope]: the key's rotary columns summed over the heads (k_rot is expanded to
+    every head), in float32, then through `_rope_adjoint` (the same rotation for every head, so the sum may come
+    first); one rounding to d_key's dtype. A reduction over the heads, compiled on its own."""
+    b, s = d_key.shape[:2]
+    width = cos.shape[-1]
+    d = d_key.view(b, s, -1, nope + width)[..., nope:].float().sum(dim=2, keepdim=True)
+    cos, sin = cos.float().unsqueeze(2), sin.float().unsqueeze(2)
+    return _rope_adjoint(d, cos, sin, interleave).squeeze(2).to(d_key.dtype)
+
+
 def _backward(d_query, d_key, d_value, cos, sin, nope: int, interleave: bool):
     """Gradients of q, kv ([batch, seq, heads x dim]) and k_rot ([batch, seq, rope]) from those of query, key,
-    value ([batch, seq, heads, dim]); arithmetic in float32, one rounding to the gradients' dtype."""
-    b, s, h = d_query.shape[:3]
-    dtype = d_query.dtype
-    cos, sin = cos.float().unsqueeze(2), sin.float().unsqueeze(2)
-    dq_rot = _rope_adjoint(d_query[..., nope:].float(), cos, sin, interleave)
-    dq = torch.cat((d_query[..., :nope].float(), dq_rot), dim=-1).to(dtype).view(b, s, -1)
-    dkv = torch.cat((d_key[..., :nope], d_value.to(d_key.dtype)), dim=-1).view(b, s, -1)
-    dk_rot = _rope_adjoint(d_key[..., nope:].float().sum(dim=2, keepdim=True), cos, sin, interleave)
-    return dq, dkv, dk_rot.squeeze(2).to(dtype)
+    value ([batch, seq, heads, dim]); arithmetic in float32, one rounding to the gradients' dtype. Three
+    functions, each compiled on its own on CUDA (compiled.run): q's and kv's gradients pointwise, k_rot's a
+    reduction over the heads (this file's first form, one kernel for all three compiled with every size dynamic,
+    took 1.03 ms per layer at the deepseek-v3-style shape on an H200: CHANGELOG.md). The heads go into the width
+    so that compiled.run compiles every width static (flatten: a view where each position's heads lie together,
+    as in the [batch, seq, heads, dim] storage `assemble` returns; else a copy)."""
+    heads = d_query.shape[2]
+    d_query, d_key, d_value = d_query.flatten(2), d_key.flatten(2), d_value.flatten(2)
+    dq = compiled.run(_q_grad, d_query, cos, sin, nope, interleave)
+    dkv = compiled.run(_kv_grad, d_key, d_value, nope, heads)
+    dk_rot = compiled.run(_k_rot_grad, d_key, cos, sin, nope, interleave)
+    return dq, dkv, dk_rot
 
 
 class _Assemble(torch.autograd.Function):
-    """_forward / _backward, each compiled without autograd on CUDA (compiled.run: one fused kernel each way,
-    no AOTAutograd runtime around it), eager elsewhere. Saves only cos / sin."""
+    """_forward compiled without autograd on CUDA (compiled.run: no AOTAutograd runtime around it), _backward's
+    three functions likewise; eager elsewhere. Saves only cos / sin."""
 
     @staticmethod
     def forward(ctx, q, kv, k_rot, cos, sin, rope, nope: int, interleave: bool):
         ctx.save_for_backward(cos, sin)
         ctx.nope, ctx.interleave, ctx.k_rot_dtype = nope, interleave, k_rot.dtype
-        args = (q, kv, k_rot, cos, sin, rope, nope)
-        return compiled.run(_forward, *args) if compiled.active(q) else _forward(*args)
+        return compiled.run(_forward, q, kv, k_rot, cos, sin, rope, nope)
 
     @staticmethod
     def backward(ctx, d_query, d_key, d_value):
         cos, sin = ctx.saved_tensors
-        args = (d_query, d_key, d_value, cos, sin, ctx.nope, ctx.interleave)
-        dq, dkv, dk_rot = compiled.run(_backward, *args) if compiled.active(d_query) else _backward(*args)
+        dq, dkv, dk_rot = _backward(d_query, d_key, d_value, cos, sin, ctx.nope, ctx.interleave)
         return dq, dkv, dk_rot.to(ctx.k_rot_dtype), None, None, None, None, None
 
 
