@@ -140,3 +140,22 @@ def test_a_child_swapped_inside_a_replaced_mlp_goes_into_the_replacement(monkeyp
     assert rel_err(dense(x), stock.model.layers[0].mlp(x)) < 1e-5
     moe_patch.revert(patched)
     assert [type(m) for m in patched.modules()] == [type(m) for m in stock.modules()]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a preview only where there is no GPU")
+def test_gpu_preview_names_the_compiled_mlp():
+    """`moe-patch report --device cuda` (no backend choice for kind mlp): the GPU preview names the compiled
+    GatedMLP, proven there at apply(); the CPU plan names the eager one. It raised KeyError: 'mlp' before."""
+    from moe_patch.cli import _build_on_meta
+    from moe_patch.plan import Options
+    from moe_patch.preview import preview
+    from moe_patch.shapes import tiny_config
+
+    model = _build_on_meta(tiny_config("deepseek_v3"))
+    rows = [r for r in moe_patch.plan_report(model).rows if r.kind == "mlp"]
+    assert rows and all(r.status == "patched" and r.replacement.endswith("(eager: no compiler on this device)")
+                        for r in rows), rows
+    gpu = [r for r in preview(model, rows, Options(), "cuda", {"te", "liger"}) if r.kind == "mlp"]
+    assert len(gpu) == len(rows)
+    assert all(r.status == "patched" and r.replacement == mlp.NAME and "where proven on the GPU" in r.reason
+               for r in gpu), gpu
