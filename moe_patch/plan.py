@@ -532,7 +532,7 @@ def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
     device = _device(module)
     row.replacement, row.backend = f"{attention.describe(device)} (kernel priority set by the module)", "torch"
     fused_mla = False
-    # MLA (DeepSeek-V3): q / k / v assembled by one fused kernel each way; opt-in (ops/mla.py: not faster yet)
+    # MLA (DeepSeek-V3): q / k / v assembled by fused compiled kernels; opt-in (ops/mla.py: not measured faster)
     if type(module).__name__ in tables().mla and config.flag(mla.OPT_IN):
         why = mla.prove(model, module)
         if why is None:

@@ -1,4 +1,4 @@
-"""Multi-head latent attention (DeepSeek-V2/V3 MLA): query, key and value assembled in one fused kernel each way.
+"""Multi-head latent attention (DeepSeek-V2/V3 MLA): query, key and value assembled by fused compiled kernels.
 
 What the family computes between its projections and the attention kernel (transformers'
 modeling_deepseek_v3.py, `DeepseekV3Attention.forward` and `expand_kv`), on tensors laid out
