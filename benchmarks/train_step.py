@@ -147,6 +147,8 @@ def child(args) -> dict:
                                      for r in moe_patch.report(model).where(kind="mamba")} |
                                     {f"{r.status}: {r.replacement} {r.reason}".strip()  # the mixers' gated norms
                                      for r in moe_patch.report(model).where(kind="rmsnorm") if "Gated" in r.original})
+        info["mlp_rows"] = sorted({f"{r.status}: {r.replacement} {r.reason}".strip()
+                                   for r in moe_patch.report(model).where(kind="mlp")})
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -171,6 +173,10 @@ def child(args) -> dict:
         info["gated_norm_calls"] = gated_rmsnorm.CALLS["kernel"]  # the mixers' gated norms on mamba-ssm's kernel
         info["mamba_fallbacks"].update({f"gated norm: {k}": v for k, v in gated_rmsnorm.FALLBACKS.items()})
         info["proof_errors"] = {str(k): v for k, v in {**mamba_ssd.ERRORS, **gated_rmsnorm.ERRORS}.items()}
+    if args.child.startswith("patched"):
+        from moe_patch.ops import mla
+
+        info["mla_fallbacks"] = dict(mla.FALLBACKS)  # MLA attention calls that ran the family's forward, by reason
     return dict(variant=args.child, tokens_per_s=tokens / total, tflops=flops / total / 1e12,
                 gpu=torch.cuda.get_device_name(), torch=torch.__version__, **t, **info)
 
@@ -281,9 +287,12 @@ def print_sweep(results, args):
                   + (f"; fallbacks {r['mamba_fallbacks']}" if r.get("mamba_fallbacks") else ""))
     for r in ok:
         if r.get("attention_rows"):
-            print(f"{r['shape']:<22} attention: " + "; ".join(r["attention_rows"])[:300])
+            print(f"{r['shape']:<22} attention: " + "; ".join(r["attention_rows"])[:300]
+                  + (f"; MLA calls on the family's forward: {r['mla_fallbacks']}" if r.get("mla_fallbacks") else ""))
         if r.get("experts_rows"):
             print(f"{r['shape']:<22} experts: " + "; ".join(r["experts_rows"])[:300])
+        if r.get("mlp_rows"):
+            print(f"{r['shape']:<22} mlp: " + "; ".join(r["mlp_rows"])[:300])
 
 
 def sweep_chart(results, path):

@@ -464,7 +464,7 @@ def _parser():
     rep.add_argument("--backend", help="auto | torch | te | liger, or per kind: loss=torch,experts=te "
                                         "(default: MOE_PATCH_BACKEND, else auto)")
     rep.add_argument("--disable", help="comma-separated kinds to leave alone (attention, rmsnorm, linear, experts, "
-                                       "router, loss, mamba), besides MOE_PATCH_DISABLE's")
+                                       "router, loss, mamba, mlp), besides MOE_PATCH_DISABLE's")
     rep.add_argument("--skip", help="comma-separated module-path globs to leave alone (default: MOE_PATCH_SKIP)")
     rep.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "gpu"),
                      help="plan for this device (auto: this machine's; gpu: cuda); cuda on a CPU machine is a preview")

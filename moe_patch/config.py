@@ -9,6 +9,8 @@ MOE_PATCH_BACKEND=auto|torch|te|liger     or per kind: loss=torch,experts=te
 MOE_PATCH_QUIET=1                 auto-patching does not print its one line per patched model
 MOE_PATCH_COMPILE=0               keep the small torch.compile'd helpers eager (ops/compiled.py)
 MOE_PATCH_FP8_EXPERTS=1           under fp8="current" the experts' grouped GEMMs run FP8 too (opt-in: slower on H200)
+MOE_PATCH_FUSED_MLA=0             DeepSeek-V3's MLA q/k/v assembly back on the family's code (on by default)
+MOE_PATCH_FUSED_MLP=1             declared gated MLPs with silu(gate)*up compiled (opt-in: not measured alone)
 
 Kind and backend names are read case-insensitively ("Loss=Torch" is "loss=torch": every canonical name is lower
 case, so no two names meet); module-path globs (MOE_PATCH_SKIP, skip=) are matched as written.
@@ -22,9 +24,10 @@ import os
 
 from .errors import PatchError
 
-KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss", "mamba")
-# the kinds with a backend choice (mamba runs mamba-ssm's kernel or the family's scan: nothing to choose)
-BACKEND_KINDS = tuple(k for k in KINDS if k != "mamba")
+KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss", "mamba", "mlp")
+# the kinds with a backend choice (mamba runs mamba-ssm's kernel or the family's scan, mlp the compiled product or
+# the family's module: nothing to choose)
+BACKEND_KINDS = tuple(k for k in KINDS if k not in ("mamba", "mlp"))
 BACKENDS = ("auto", "torch", "te", "liger")
 # Which kinds each backend implements today (backends.py chooses among these). torch implements every kind (for
 # "linear" that means keeping nn.Linear, which already is cuBLAS on GPU). te: experts with TE's fused permute /
@@ -37,8 +40,8 @@ IMPLEMENTED = {
     "liger": frozenset({"rmsnorm", "loss", "attention"}),
     "te": frozenset({"experts", "linear", "rmsnorm", "router"}),
 }
-DEFAULTS = dict(attention=True, rmsnorm=True, linear=True, experts=True, router=True, loss=True, mamba=True, skip=(),
-                backend="auto")
+DEFAULTS = dict(attention=True, rmsnorm=True, linear=True, experts=True, router=True, loss=True, mamba=True, mlp=True,
+                skip=(), backend="auto")
 VARIABLES = {
     "MOE_PATCH": "1: patch every model Transformers builds in this process (the start-up hook)",
     "MOE_PATCH_DISABLE": f"comma-separated kinds to leave alone ({', '.join(KINDS)})",
@@ -48,6 +51,8 @@ VARIABLES = {
     "MOE_PATCH_COMPILE": "0: keep the small torch.compile'd helpers eager",
     "MOE_PATCH_EP": "expert-parallel size when auto-patching under torchrun",
     "MOE_PATCH_FP8_EXPERTS": "1: under fp8='current' the experts' GEMMs run FP8 too (measured slower on H200)",
+    "MOE_PATCH_FUSED_MLA": "0: DeepSeek-V3's MLA q/k/v assembly stays the family's (default: compiled kernels)",
+    "MOE_PATCH_FUSED_MLP": "1: gated MLPs declared in patches/ run silu(gate)*up compiled (opt-in: not measured alone)",
 }
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("", "0", "false", "no", "off")
@@ -125,7 +130,9 @@ def _backend() -> dict:
 OPTION_VARIABLES = {"MOE_PATCH_DISABLE": _disable, "MOE_PATCH_SKIP": _skip, "MOE_PATCH_BACKEND": _backend}
 # every variable read here, likewise (`moe-patch env` runs these to say whether a value set is accepted)
 READERS = {"MOE_PATCH": enabled, "MOE_PATCH_QUIET": quiet,
-           "MOE_PATCH_FP8_EXPERTS": lambda: flag("MOE_PATCH_FP8_EXPERTS"), **OPTION_VARIABLES}
+           "MOE_PATCH_FP8_EXPERTS": lambda: flag("MOE_PATCH_FP8_EXPERTS"),
+           "MOE_PATCH_FUSED_MLA": lambda: flag("MOE_PATCH_FUSED_MLA", default=True),
+           "MOE_PATCH_FUSED_MLP": lambda: flag("MOE_PATCH_FUSED_MLP"), **OPTION_VARIABLES}
 
 
 def from_environment() -> dict:

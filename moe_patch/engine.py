@@ -87,7 +87,8 @@ def _backend(backend):
 
 def _changes(old: Options, new: Options) -> str:
     """'skip: () -> ('lm_head',); loss: True -> False' (the options that differ)."""
-    fields = [f for f in ("attention", "rmsnorm", "linear", "experts", "router", "loss", "mamba", "skip", "backend", "fp8")
+    fields = [f for f in ("attention", "rmsnorm", "linear", "experts", "router", "loss", "mamba", "mlp", "skip",
+                          "backend", "fp8")
               if getattr(old, f) != getattr(new, f)]
     return "; ".join(f"{f}: {getattr(old, f)!r} -> {getattr(new, f)!r}" for f in fields) or "the same options"
 
@@ -121,7 +122,7 @@ def plan_report(model, **flags) -> Report:
 
 
 def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, experts=None, router=None, loss=None,
-          mamba=None, skip=None, backend=None, fp8=None, **parallel_options):
+          mamba=None, mlp=None, skip=None, backend=None, fp8=None, **parallel_options):
     """Rewrite `model` in place for fast MoE training and return it (the same object).
 
     Every kind flag defaults to True, skip to (), backend to "auto"; an argument left out (None) is taken
@@ -140,7 +141,7 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
     On any error the model is left exactly as it was. See README.md for the flags.
     """
     given = dict(attention=attention, rmsnorm=rmsnorm, linear=linear, experts=experts, router=router, loss=loss,
-                 mamba=mamba, skip=skip, backend=_backend(backend))
+                 mamba=mamba, mlp=mlp, skip=skip, backend=_backend(backend))
     from .parallel import distributed_config
 
     hf_config = distributed_config.config(model)  # from_pretrained(distributed_config=DistributedConfig(ep_size>1))

@@ -15,6 +15,8 @@ class FamilyTables:
     experts: dict = field(default_factory=dict)
     skip: dict = field(default_factory=dict)
     mamba: dict = field(default_factory=dict)  # Mamba2 mixer class -> its module-level chunk-scan function
+    mla: dict = field(default_factory=dict)  # MLA attention class -> what the fused q/k/v assembly replaces
+    mlp: dict = field(default_factory=dict)  # gated MLP class -> its activation (GatedMLP, ops/mlp.py)
     gated_rmsnorm: dict = field(default_factory=dict)  # gated norm class -> {"norm_before_gate": bool}
 
 
@@ -34,7 +36,7 @@ def tables() -> FamilyTables:
         for model_type in getattr(mod, "MODEL_TYPES", ()):
             out.model_types[model_type] = info.name
         for attr, table in (("RMSNORM", out.rmsnorm), ("ROUTER", out.router), ("EXPERTS", out.experts),
-                            ("SKIP", out.skip), ("MAMBA", out.mamba),
+                            ("SKIP", out.skip), ("MAMBA", out.mamba), ("MLA", out.mla), ("MLP", out.mlp),
                             ("GATED_RMSNORM", out.gated_rmsnorm)):
             for cls_name, value in getattr(mod, attr, {}).items():
                 if cls_name in table and table[cls_name] != value:

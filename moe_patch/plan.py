@@ -17,10 +17,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import backends, probe
+from . import backends, config, probe
 from .errors import PatchError
 from .families import tables
-from .ops import attention, experts, gated_rmsnorm, loss, mamba_ssd, rmsnorm, router, sink_attention
+from .ops import attention, compiled, experts, gated_rmsnorm, loss, mamba_ssd, mla, mlp, rmsnorm, router, \
+    sink_attention
 from .ops.base import Replacement
 
 
@@ -42,6 +43,7 @@ class Action:
     factory: Callable[[nn.Module], nn.Module] | None = None  # module swaps
     attention_impl: str | None = None  # attention: the implementation it had
     rope: bool = False  # attention: RoPE calls go to the proven fused kernel (ops/rope.py)
+    mla: bool = False  # attention: MLA's q / k / v assembly on the proven fused forward (ops/mla.py)
     loss_backend: str | None = None  # loss: the root model's forward gets the fused loss
     loss_step: str = "compiled"  # loss, chunked: the kernel of each chunk's softmax gradient (ops/loss.py STEPS)
     install: Callable[[nn.Module], list] | None = None  # routes the module's kernel; returns removable handles
@@ -56,6 +58,7 @@ class Options:
     router: bool = True
     loss: bool = True
     mamba: bool = True
+    mlp: bool = True
     skip: tuple | Callable = ()
     backend: str | dict = "auto"
     fp8: str | None = None
@@ -184,6 +187,8 @@ def kind_of(module: nn.Module) -> str | None:
     cls = type(module)
     if cls.__name__ in tables().mamba:
         return "mamba"
+    if cls.__name__ in tables().mlp:
+        return "mlp"
     if _recognised_experts(module) or _unrecognised_experts(module):
         return "experts"
     weight = module._parameters.get("weight")
@@ -491,6 +496,27 @@ def _plan_mamba(module, row, plan) -> None:
     plan.actions.append(Action(row, module, install=mamba_ssd.installer(fn_name, ok)))
 
 
+def _plan_mlp(module, row, plan) -> None:
+    """A gated MLP a family declares (patches/: MLP): GatedMLP where proven equal to the module on its device
+    (fp32 and bf16, outputs and input gradients, the module's widths); its projections stay its own children."""
+    if not config.flag(mlp.OPT_IN):
+        row.reason = f"opt-in ({mlp.OPT_IN}=1): {mlp.NAME} is proven equal but not measured faster on its own yet"
+        return
+    why = mlp.why_not(module)
+    if why is None:
+        widths = tuple((getattr(module, n).in_features, getattr(module, n).out_features)
+                       for n in ("gate_proj", "up_proj", "down_proj"))
+        why = probe.proven_equal(module, mlp.GatedMLP.build, module.gate_proj.in_features, ("mlp", widths),
+                                 device=_device(module))
+    if why is not None:
+        row.reason = f"{mlp.NAME} not proven equal to {type(module).__name__}: {why}"
+        return
+    compiled_here = _device(module).type == "cuda" and compiled.enabled()
+    row.replacement = mlp.NAME + ("" if compiled_here else " (eager: no compiler on this device)")
+    row.backend, row.status = "torch", "patched"
+    plan.actions.append(Action(row, module, factory=mlp.GatedMLP.build))
+
+
 def _plan_gated_rmsnorm(module, row, plan) -> None:
     """A Mamba2 mixer's gated, grouped RMSNorm (patches/ GATED_RMSNORM): the module swapped for GatedRMSNorm,
     which runs mamba-ssm's Triton kernel for the dtype cases proven on this device against the family's own
@@ -531,9 +557,19 @@ def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
         return
     device = _device(module)
     row.replacement, row.backend = f"{attention.describe(device)} (kernel priority set by the module)", "torch"
-    rope_label, fallback_reason = _plan_rope(model, module, backend, row, fallback_reason)  # SDPA + Liger RoPE
+    fused_mla = False
+    # MLA (DeepSeek-V3): q / k / v assembled by fused compiled kernels (ops/mla.py); MOE_PATCH_FUSED_MLA=0: off
+    if type(module).__name__ in tables().mla and config.flag(mla.SWITCH, default=True):
+        why = mla.prove(model, module)
+        if why is None:
+            row.replacement, fused_mla = f"{row.replacement} + {mla.NAME}{mla.describe(device)}", True
+        else:
+            fallback_reason = "; ".join(r for r in (fallback_reason, f"{mla.NAME} not proven: {why}") if r)
+    rope_label = None
+    if not fused_mla:  # SDPA + Liger RoPE (not under the fused MLA forward: that applies the RoPE itself)
+        rope_label, fallback_reason = _plan_rope(model, module, backend, row, fallback_reason)
     row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")
-    plan.actions.append(Action(row, module, attention_impl=impl, rope=rope_label is not None))
+    plan.actions.append(Action(row, module, attention_impl=impl, rope=rope_label is not None, mla=fused_mla))
 
 
 def _fused_loss_head(model: nn.Module, plan: Plan):
@@ -575,6 +611,9 @@ def make_plan(model: nn.Module, opts: Options, supports_sdpa: bool, expert_paral
             continue
         if kind == "mamba":  # mamba-ssm's kernel or the family's own scan: no backend choice
             _plan_mamba(module, row, plan)
+            continue
+        if kind == "mlp":  # the compiled product or the family's module: no backend choice
+            _plan_mlp(module, row, plan)
             continue
         if kind == "rmsnorm" and cls_name in tables().gated_rmsnorm:  # likewise: mamba-ssm's kernel or stock
             _plan_gated_rmsnorm(module, row, plan)

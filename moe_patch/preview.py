@@ -18,7 +18,8 @@ import re
 import torch
 
 from . import backends, plan
-from .ops import attention, compiled, compiled_gate, gated_rmsnorm, mamba_ssd, rope, sink_attention, te_gate
+from .ops import attention, compiled, compiled_gate, gated_rmsnorm, mamba_ssd, mla, mlp, rope, sink_attention, \
+    te_gate
 from .plan import Options, Row
 
 PACKAGES = {"te": "te", "liger": "liger", "mamba": "mamba_ssm"}  # --with NAME -> the Capabilities field it turns on
@@ -50,6 +51,10 @@ def _label(row: Row, module, backend: str, target: torch.device, caps) -> tuple[
     gpu = target.type == "cuda"
     if row.kind == "attention":
         label = attention.describe(target)  # the kernel priority the module's hooks set there
+        if mla.NAME in row.replacement:  # proven here on the eager reference; a GPU proves its compiled kernels
+            compiled_there = gpu and compiled.enabled()
+            return f"{label} + {mla.NAME}{mla.describe(target)}", "torch", "", \
+                _proven_there(f"the compiled {mla.NAME}", "the family's forward") if compiled_there else ""
         if backend == "liger":
             why = rope.why_not_by_source(module)  # the check rope.prove makes first, before anything runs
             if why:  # apply() keeps the SDPA row on torch and says why, as here
@@ -120,6 +125,13 @@ def preview(model, rows, opts: Options, device: str, with_: set) -> list[Row]:
         if row.kind == "rmsnorm" and row.backend == "mamba_ssm":  # proven on this machine's GPU
             if target.type != "cuda":
                 row.replacement, row.backend, row.status, row.reason = "", "", "skipped", gated_rmsnorm.NOT_ON_CPU
+            continue
+        if row.kind == "mlp":  # no backend choice (plan._plan_mlp): the compiled product on a GPU, where proven
+            if row.status == "patched" and target.type == "cuda" and compiled.enabled():
+                row.replacement = mlp.NAME
+                row.reason = _proven_there(f"the compiled {mlp.NAME}", f"the family's {row.original}")
+            elif row.status == "patched":
+                row.replacement, row.reason = f"{mlp.NAME} (eager: no compiler on this device)", ""
             continue
         if row.status == "skipped" and row.kind != "linear" or row.reason.endswith("=False") or \
                 row.reason.startswith("matched skip pattern") or row.reason.startswith("skip callable"):

@@ -35,7 +35,11 @@ def build(model, plan) -> list:
 
 def swap(model, plan, built, record: Record) -> None:
     rows = [a.row for a in plan.actions if a.factory is not None]
+    replaced = {}  # id(original module) -> its replacement: a child swapped inside a replaced module (a gated
+    # MLP's projections under fp8) goes into the replacement, which is what runs and what state_dict() reads
     for (parent, child, new), row in zip(built, rows):
+        parent = replaced.get(id(parent), parent)
+        replaced[id(getattr(parent, child))] = new
         setattr(parent, child, new)
         record.swaps.append((parent, child, new))
         impl = getattr(getattr(new.original, "config", None), "_experts_implementation", None)
@@ -45,11 +49,12 @@ def swap(model, plan, built, record: Record) -> None:
     for action in plan.actions:
         if action.attention_impl is None:
             continue
-        handles = _hook_attention(action.module, action.rope, record)
+        extras = (action.rope, action.mla)
+        handles = _hook_attention(action.module, extras, record)
         record.attention_modules.append(action.module)
-        record.attention.append([action.row, action.module, action.rope, handles, dataclasses.replace(action.row)])
+        record.attention.append([action.row, action.module, extras, handles, dataclasses.replace(action.row)])
     for row, module in plan.attention_later:  # not on sdpa at apply(): proven if switched to it later
-        record.attention.append([row, module, False, [], None])
+        record.attention.append([row, module, (False, False), [], None])
     for action in plan.actions:
         if action.install is not None:  # kernels routed by the module's own hooks (ops/sink_attention.py)
             record.hooks += action.install(action.module)
@@ -60,8 +65,15 @@ def swap(model, plan, built, record: Record) -> None:
     follow_switches(model, record)
 
 
-def _hook_attention(module, rope: bool, record: Record) -> list:
+def _hook_attention(module, extras: tuple, record: Record) -> list:
+    """The attention hooks, plus what `extras` = (rope, mla) says was proven: Liger's RoPE (ops/rope.py), MLA's
+    fused q / k / v forward (ops/mla.py)."""
+    rope, fused_mla = extras
     handles = attention_op.install(module)
+    if fused_mla:
+        from .ops import mla as mla_op
+
+        handles += mla_op.install(module)
     if rope:
         from .ops import rope as rope_op  # lazy: Liger only where it runs
 
@@ -110,7 +122,7 @@ def replan(model, record: Record) -> None:
     implementation at apply() and is switched to "sdpa" is proven then (attention.prove) and patched if
     proven. The report rows follow."""
     for entry in record.attention:
-        row, module, rope, handles, planned = entry
+        row, module, extras, handles, planned = entry
         impl = module.config._attn_implementation
         hooked = attention_op.is_patched(module)
         if impl != attention_op.IMPLEMENTATION:
@@ -134,7 +146,7 @@ def replan(model, record: Record) -> None:
                 planned = entry[4] = dataclasses.replace(row, replacement=label, backend="torch", status="patched",
                                                          reason="")
                 record.attention_modules.append(module)
-            entry[3] = _hook_attention(module, rope, record)
+            entry[3] = _hook_attention(module, extras, record)
             _restore_row(row, planned)
     for entry in record.experts:
         row, parent, child, new, applied, planned = entry

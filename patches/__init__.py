@@ -8,6 +8,10 @@ Each file may define:
   SKIP         {class name: reason}                     -- known not to be replaceable, and why
   MAMBA        {Mamba2 mixer class name: name of the module-level chunk-scan function it calls}
                                                         -- routed to mamba-ssm's Triton SSD kernel; proven
+  MLA          {MLA attention class name: what is fused}  -- q / k / v assembly (RoPE, cats) in compiled
+                                                        kernels (moe_patch/ops/mla.py); proven
+  MLP          {gated MLP class name: "silu"}            -- down(silu(gate(x)) * up(x)) with the product fused
+                                                        (moe_patch/ops/mlp.py); proven
   GATED_RMSNORM {gated norm class name: {"norm_before_gate": bool}}
                                                         -- on mamba-ssm's Triton gated RMSNorm (kind rmsnorm);
                                                            the semantics declared here are proven, not assumed

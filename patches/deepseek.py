@@ -6,3 +6,10 @@ _SIGMOID_GROUPED = dict(score="sigmoid", order="score_topk", renorm="norm_topk_p
 RMSNORM = {"DeepseekV3RMSNorm": "scale", "Glm4MoeRMSNorm": "scale", "NemotronHRMSNorm": "scale"}
 ROUTER = {"DeepseekV3TopkRouter": _SIGMOID_GROUPED, "Glm4MoeTopkRouter": _SIGMOID_GROUPED,
           "NemotronHTopkRouter": _SIGMOID_GROUPED}
+# The dense layers' MLP and the shared experts: silu(gate) * up in one compiled kernel each way (moe_patch/ops/mlp.py;
+# opt-in, MOE_PATCH_FUSED_MLP=1).
+MLP = {"DeepseekV3MLP": "silu"}
+# Multi-head latent attention: the RoPE of the rotary columns, the query / key cats and the value split between the
+# projections and SDPA, fused (moe_patch/ops/mla.py; MOE_PATCH_FUSED_MLA=0 turns it off). Only classes whose forward is
+# DeepSeek-V3's: sparse-indexer variants (DeepSeek-V3.2, GLM-5 DSA) select keys in between and are not listed.
+MLA = {"DeepseekV3Attention": "q / k / v assembly (RoPE of the rotary columns, query and key cats, value split)"}

@@ -330,7 +330,7 @@ def state_dict_problems(stock, patched) -> list:
     return out[:4]
 
 
-KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss")
+KINDS = ("attention", "rmsnorm", "linear", "experts", "router", "loss", "mlp")
 
 
 def check(pkg: str, diagnose: bool = True) -> dict:

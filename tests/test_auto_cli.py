@@ -58,7 +58,7 @@ def test_hook_runs_once_per_process_and_a_bad_variable_warns_once():
     assert out.returncode == 0 and out.stdout.strip() == "host ran"
     warnings = [line for line in out.stderr.splitlines() if "MOE_PATCH_DISABLE" in line]
     assert warnings == ["moe_patch: auto-patch is off: MOE_PATCH_DISABLE: unknown kind 'routr' (did you mean "
-                        "'router'?); valid: attention, rmsnorm, linear, experts, router, loss, mamba"], out.stderr
+                        "'router'?); valid: attention, rmsnorm, linear, experts, router, loss, mamba, mlp"], out.stderr
     out = _run(PTH_TWICE, MOE_PATCH="maybe")
     assert out.returncode == 0 and out.stderr.count("MOE_PATCH='maybe' is not understood") == 1, out.stderr
     out = _run(PTH_TWICE, MOE_PATCH="1", MOE_PATCH_DISABLED="router")  # a mistyped variable name

@@ -1,0 +1,81 @@
+"""Gated MLPs (a dense layer's MLP, a shared expert): `silu(gate) * up` in one fused kernel each way.
+
+What the family computes (transformers' modeling_deepseek_v3.py, `DeepseekV3MLP.forward`):
+
+    down_proj(act_fn(gate_proj(x)) * up_proj(x))        act_fn = SiLU
+
+Eagerly, the product is a SiLU kernel and a multiply forward, and three kernels backward (the gradient of
+each factor and SiLU's backward), with SiLU's output kept for the backward besides both factors: on the
+deepseek-v3-style dense layer (intermediate 10,944, 16k tokens) each of those tensors is 358 MB. GatedMLP keeps
+the family's three projections (the same modules, whatever they are: nn.Linear, TE's, a LoRA wrapper) and runs
+the product in `silu_mul`: one compiled kernel each way on CUDA (compiled.run; the backward recomputes
+sigmoid(gate) instead of keeping SiLU's output), and eagerly elsewhere (the exact reference the CPU tests check).
+
+Used only for classes a family file declares (patches/*.py: MLP) and only where proven at plan time: a
+throw-away copy of the family's module against GatedMLP on random inputs, fp32 and bf16, outputs and input and
+weight gradients (probe.proven_equal), on the module's device (so a GPU proves the compiled kernel).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import compiled
+from .base import Replacement
+
+NAME = "GatedMLP(silu*up fused)"
+OPT_IN = "MOE_PATCH_FUSED_MLP"  # opt-in: proven equal, but measured only together with the fused MLA (CHANGELOG.md)
+
+
+def _silu_mul(gate, up):
+    """silu(gate) * up in float32, one rounding to the inputs' dtype (the compiled forward)."""
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def _silu_mul_backward(grad, gate, up):
+    """d gate = grad * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate) (SiLU's derivative, as torch's
+    silu_backward); d up = grad * silu(gate). float32 arithmetic, one rounding each."""
+    g, u, d = gate.float(), up.float(), grad.float()
+    s = torch.sigmoid(g)
+    return (d * u * s * (1 + g * (1 - s))).to(gate.dtype), (d * g * s).to(up.dtype)
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        if compiled.active(gate):
+            return compiled.run(_silu_mul, gate, up)
+        return F.silu(gate) * up  # the family's own two ops (the CPU reference)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return compiled.run(_silu_mul_backward, grad, gate, up)  # eager off CUDA (compiled.run)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, same shape and dtype; one fused kernel each way on CUDA (compiled), eager elsewhere."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        return F.silu(gate) * up
+    return _SiluMul.apply(gate, up)
+
+
+class GatedMLP(Replacement):
+    """The family's gated MLP with its product in silu_mul; the projections are the module's own children."""
+
+    kind = "mlp"
+
+    def forward(self, x):
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def why_not(module) -> str | None:
+    """Why GatedMLP cannot stand in for this module, seen without running anything (None: the proof decides)."""
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        if not isinstance(getattr(module, name, None), torch.nn.Linear):
+            return f"no {name} linear layer: not the gated MLP layout (gate_proj, up_proj, down_proj)"
+    if not isinstance(getattr(module, "act_fn", None), torch.nn.SiLU) and \
+            type(getattr(module, "act_fn", None)).__name__ not in ("SiLUActivation", "SiLU"):
+        return f"activation {type(getattr(module, 'act_fn', None)).__name__} is not SiLU"
+    return None

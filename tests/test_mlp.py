@@ -1,0 +1,161 @@
+"""Gated MLPs a family declares (DeepSeek-V3's dense layer and shared experts) on GatedMLP (moe_patch/ops/mlp.py):
+silu(gate) * up fused, against the family's module."""
+import copy
+
+import pytest
+import torch
+
+import moe_patch
+from moe_patch.ops import mlp
+from util import build, rel_err
+
+
+@pytest.fixture(autouse=True)
+def opted_in(monkeypatch):
+    """GatedMLP is opt-in (not measured faster on its own yet): these tests turn it on."""
+    monkeypatch.setenv(mlp.OPT_IN, "1")
+
+
+def _pair():
+    stock = build("deepseek_v3")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    return stock, patched
+
+
+def test_dense_and_shared_expert_mlps_are_replaced_and_equal_stock():
+    """fp32 CPU: every declared MLP is replaced (the dense layer's and each shared expert), its output, input and
+    weight gradients equal the family's module (< 1e-5 / < 1e-4); revert() gives the family's modules back with
+    the same children."""
+    stock, patched = _pair()
+    rows = list(moe_patch.report(patched).where(kind="mlp"))
+    assert [r.path for r in rows] == ["model.layers.0.mlp", "model.layers.1.mlp.shared_experts",
+                                      "model.layers.2.mlp.shared_experts"]
+    assert all(r.status == "patched" and r.replacement.startswith(mlp.NAME) for r in rows)
+    named_s, named_p = dict(stock.named_modules()), dict(patched.named_modules())
+    for row in rows:
+        s, p = named_s[row.path], named_p[row.path]
+        assert isinstance(p, mlp.GatedMLP) and isinstance(p, type(s))
+        x = torch.randn(3, 7, stock.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ys, yp = s(xs), p(xp)
+        assert rel_err(yp, ys) < 1e-5
+        w = torch.randn(ys.shape, generator=torch.Generator().manual_seed(1))
+        (ys * w).sum().backward()
+        (yp * w).sum().backward()
+        assert rel_err(xp.grad, xs.grad) < 1e-4
+        for (name, a), b in zip(s.named_parameters(), p.parameters()):
+            assert rel_err(b.grad, a.grad) < 1e-4, name
+    children = {n: m for n, m in named_p.items() if n.startswith("model.layers.0.mlp.")}
+    moe_patch.revert(patched)
+    assert type(patched.model.layers[0].mlp).__name__ == "DeepseekV3MLP"
+    assert all(dict(patched.named_modules())[n] is m for n, m in children.items())
+
+
+def test_silu_mul_backward_formula_matches_autograd():
+    g = torch.Generator().manual_seed(0)
+    gate, up, dy = (torch.randn(64, 48, generator=g) * 3 for _ in range(3))
+    a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    (torch.nn.functional.silu(a) * b).backward(dy)
+    dg, du = mlp._silu_mul_backward(dy, gate, up)
+    assert dg.dtype == du.dtype == torch.float32
+    assert rel_err(dg, a.grad) < 1e-6 and rel_err(du, b.grad) < 1e-6
+
+
+def test_another_activation_keeps_the_familys_module():
+    patched = moe_patch.apply(build("deepseek_v3", hidden_act="gelu"))
+    rows = list(moe_patch.report(patched).where(kind="mlp"))
+    assert rows and all(r.status == "skipped" and "is not SiLU" in r.reason for r in rows), rows
+    assert not any(isinstance(m, mlp.GatedMLP) for m in patched.modules())
+
+
+def test_a_wrong_kernel_is_refused(monkeypatch):
+    class Wrong(mlp.GatedMLP):
+        def forward(self, x):
+            return super().forward(x) * 1.001
+
+    monkeypatch.setattr(mlp.GatedMLP, "build", Wrong.build)
+    monkeypatch.setattr(moe_patch.probe, "_CACHE", {})
+    patched = moe_patch.apply(build("deepseek_v3"))
+    rows = list(moe_patch.report(patched).where(kind="mlp"))
+    assert rows and all(r.status == "skipped" and "not proven equal" in r.reason for r in rows), rows
+
+
+def test_off_by_default_with_the_reason(monkeypatch):
+    monkeypatch.delenv(mlp.OPT_IN)
+    patched = moe_patch.apply(build("deepseek_v3"))
+    rows = list(moe_patch.report(patched).where(kind="mlp"))
+    assert rows and all(r.status == "skipped" and mlp.OPT_IN in r.reason for r in rows), rows
+    assert not any(isinstance(m, mlp.GatedMLP) for m in patched.modules())
+
+
+def test_mlp_false_leaves_them():
+    patched = moe_patch.apply(build("deepseek_v3"), mlp=False)
+    assert all(r.reason == "mlp=False" for r in moe_patch.report(patched).where(kind="mlp"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_silu_mul_on_cuda(dtype):
+    """The compiled kernels at the deepseek-v3-style dense width (10,944): output and both gradients against the
+    family's two ops (bf16 < 2e-2; fp32 < 1e-5 / 1e-4), compiled both ways."""
+    from moe_patch.ops import compiled
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    gate, up = (torch.randn(4096, 10944, device="cuda", generator=g).to(dtype) * 2 for _ in range(2))
+    dy = torch.randn(4096, 10944, device="cuda", generator=g).to(dtype)
+    a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    c, d = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    ref, out = torch.nn.functional.silu(a) * b, mlp.silu_mul(c, d)
+    ref.backward(dy)
+    out.backward(dy)
+    tol, grad_tol = (2e-2, 2e-2) if dtype == torch.bfloat16 else (1e-5, 1e-4)
+    assert out.dtype == ref.dtype and rel_err(out, ref) < tol
+    assert rel_err(c.grad, a.grad) < grad_tol and rel_err(d.grad, b.grad) < grad_tol
+    for fn in (mlp._silu_mul, mlp._silu_mul_backward):  # compiled (per widths), and did not fall back
+        entries = [v for (f, _widths), v in compiled._CACHE.items() if f is fn]
+        assert entries and fn not in entries, fn.__name__
+
+
+def test_a_child_swapped_inside_a_replaced_mlp_goes_into_the_replacement(monkeypatch):
+    """A projection replaced by the linear kind (TELinear under fp8 on a GPU; here a stand-in) lands in GatedMLP,
+    which is what runs and what state_dict() reads; revert() gives every original module back in place."""
+    from moe_patch import plan
+    from moe_patch.ops.base import Replacement
+
+    class MarkedLinear(Replacement):
+        kind = "linear"
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight, self._parameters.get("bias"))
+
+    monkeypatch.setitem(plan.PROPOSE, "linear", lambda module, backend, opts: (MarkedLinear.build, "Marked", ""))
+    stock = build("deepseek_v3")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    dense = patched.model.layers[0].mlp
+    assert isinstance(dense, mlp.GatedMLP)
+    assert all(isinstance(getattr(dense, n), MarkedLinear) for n in ("gate_proj", "up_proj", "down_proj"))
+    assert stock.state_dict().keys() == patched.state_dict().keys()
+    x = torch.randn(2, 5, stock.config.hidden_size)
+    assert rel_err(dense(x), stock.model.layers[0].mlp(x)) < 1e-5
+    moe_patch.revert(patched)
+    assert [type(m) for m in patched.modules()] == [type(m) for m in stock.modules()]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a preview only where there is no GPU")
+def test_gpu_preview_names_the_compiled_mlp():
+    """`moe-patch report --device cuda` (no backend choice for kind mlp): the GPU preview names the compiled
+    GatedMLP, proven there at apply(); the CPU plan names the eager one. It raised KeyError: 'mlp' before."""
+    from moe_patch.cli import _build_on_meta
+    from moe_patch.plan import Options
+    from moe_patch.preview import preview
+    from moe_patch.shapes import tiny_config
+
+    model = _build_on_meta(tiny_config("deepseek_v3"))
+    rows = [r for r in moe_patch.plan_report(model).rows if r.kind == "mlp"]
+    assert rows and all(r.status == "patched" and r.replacement.endswith("(eager: no compiler on this device)")
+                        for r in rows), rows
+    gpu = [r for r in preview(model, rows, Options(), "cuda", {"te", "liger"}) if r.kind == "mlp"]
+    assert len(gpu) == len(rows)
+    assert all(r.status == "patched" and r.replacement == mlp.NAME and "where proven on the GPU" in r.reason
+               for r in gpu), gpu
