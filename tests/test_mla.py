@@ -188,6 +188,38 @@ def test_calls_outside_the_proof_run_the_familys_forward():
     assert mla.FALLBACKS == {"positional arguments": 1}
 
 
+def test_a_rope_or_forward_changed_after_apply_runs_the_class_forward(monkeypatch):
+    """The backward is written for the RoPE the proof ran: a RoPE function (or class forward) put in its place after
+    apply() sends the calls to the class's forward, which runs it with autograd's own gradients."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as family
+
+    stock = build("deepseek_v3")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    p_attn = patched.model.layers[1].self_attn
+    assert mla.is_installed(p_attn)
+    x = torch.randn(1, 8, stock.config.hidden_size)
+    cos_sin = stock.model.rotary_emb(x, torch.arange(8)[None])
+    seen = []
+    for name in ("apply_rotary_pos_emb", "apply_rotary_pos_emb_interleave"):
+        original = getattr(family, name)
+
+        def doubled(q, k, cos, sin, *args, _original=original, **kwargs):  # a different RoPE: twice the angle
+            seen.append(1)
+            return _original(q, k, cos * cos - sin * sin, 2 * sin * cos, *args, **kwargs)
+
+        monkeypatch.setattr(family, name, doubled)
+    mla.FALLBACKS.clear()
+    x.requires_grad_()
+    out = p_attn(hidden_states=x, position_embeddings=cos_sin, attention_mask=None)[0]
+    assert seen and list(mla.FALLBACKS) == ["the family's RoPE function was changed after apply() (the backward is "
+                                            "written for the proven one)"]
+    monkeypatch.undo()
+    monkeypatch.setattr(type(p_attn), "forward", lambda self, *a, **k: (x * 0, None))
+    mla.FALLBACKS.clear()
+    p_attn(hidden_states=x, position_embeddings=cos_sin, attention_mask=None)
+    assert list(mla.FALLBACKS) == ["the class's forward was changed after apply()"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("interleave", [True, False])

@@ -62,6 +62,12 @@ def _rope(module):
     return mod.apply_rotary_pos_emb_interleave if module.config.rope_interleave else mod.apply_rotary_pos_emb
 
 
+def _rope_functions(module) -> tuple:
+    """The family module's two RoPE functions as they are now (rotate-half, interleaved)."""
+    mod = _family(module)
+    return mod.apply_rotary_pos_emb, mod.apply_rotary_pos_emb_interleave
+
+
 def _forward(q, kv, k_rot, cos, sin, rope, nope: int):
     """query, key, value, each [batch, seq, heads, dim] in its own storage, from q [batch, seq, heads x (nope +
     rope)], kv [batch, seq, heads x (nope + v)], k_rot [batch, seq, rope] and the model's cos / sin [batch or 1,
@@ -187,6 +193,9 @@ class MLAForward:
 
     def __init__(self, module):
         self.module = module
+        # what the proof ran: the class's forward (the fused forward is its copy) and the family's RoPE functions
+        # (the forward calls the current one; the backward is written for these); a later change runs the class
+        self.proven = (type(module).forward, _rope_functions(module))
 
     @property
     def __signature__(self):
@@ -210,6 +219,10 @@ class MLAForward:
             return "a KV cache (generation)"
         if module.config._attn_implementation != "sdpa":
             return f"attention implementation {module.config._attn_implementation!r}"
+        if type(module).forward is not self.proven[0]:
+            return "the class's forward was changed after apply()"
+        if _rope_functions(module) != self.proven[1]:
+            return "the family's RoPE function was changed after apply() (the backward is written for the proven one)"
         hidden = kwargs.get("hidden_states")
         pos = kwargs.get("position_embeddings")
         if hidden is None or hidden.dim() != 3 or not isinstance(pos, (tuple, list)) or len(pos) != 2:
@@ -248,6 +261,9 @@ class _Handle:
 
     def __init__(self, module):
         self.module = module
+        # what the proof ran: the class's forward (the fused forward is its copy) and the family's RoPE functions
+        # (the forward calls the current one; the backward is written for these); a later change runs the class
+        self.proven = (type(module).forward, _rope_functions(module))
 
     def remove(self) -> None:
         if isinstance(vars(self.module).get("forward"), MLAForward):
