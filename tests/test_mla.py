@@ -19,6 +19,17 @@ def opted_in(monkeypatch):
     monkeypatch.setenv(mla.SWITCH, "1")
 
 
+def _assert_fused_equals_family(module, x, cos_sin, mask, tol: float, grad_tol: float):
+    """The fused forward against the class's: output within tol, the hidden states' and every parameter's gradient
+    within grad_tol (relative error)."""
+    ref, ref_gx, ref_gp = _forward_and_grads(module, x, cos_sin, mask, fused=False)
+    out, gx, gp = _forward_and_grads(module, x, cos_sin, mask, fused=True)
+    assert rel_err(out, ref) < tol
+    assert rel_err(gx, ref_gx) < grad_tol
+    for name, g in ref_gp.items():
+        assert rel_err(gp[name], g) < grad_tol, name
+
+
 def _attention_pair(config):
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
 
@@ -61,12 +72,7 @@ def test_fused_forward_matches_the_family_at_deepseek_v3_widths(interleave, q_lo
         pad[0, :5] = 0
         mask = masking_utils.create_causal_mask(config=config, inputs_embeds=x, attention_mask=pad, cache=None,
                                                 position_ids=positions, allow_is_causal_skip=False)
-    ref, ref_gx, ref_gp = _forward_and_grads(module, x, cos_sin, mask, fused=False)
-    out, gx, gp = _forward_and_grads(module, x, cos_sin, mask, fused=True)
-    assert rel_err(out, ref) < 1e-5
-    assert rel_err(gx, ref_gx) < 1e-4
-    for name, g in ref_gp.items():
-        assert rel_err(gp[name], g) < 1e-4, name
+    _assert_fused_equals_family(module, x, cos_sin, mask, 1e-5, 1e-4)
 
 
 @pytest.mark.parametrize("interleave", [True, False])
@@ -234,12 +240,7 @@ def test_compiled_fused_forward_on_cuda_matches_the_family_in_bf16(interleave):
     module, rotary = module.to("cuda", torch.bfloat16), rotary.to("cuda")
     x = torch.randn(2, 512, config.hidden_size, device="cuda").to(torch.bfloat16)
     cos_sin = rotary(x, torch.arange(512, device="cuda")[None])
-    ref, ref_gx, ref_gp = _forward_and_grads(module, x, cos_sin, None, fused=False)
-    out, gx, gp = _forward_and_grads(module, x, cos_sin, None, fused=True)
-    assert rel_err(out, ref) < 2e-2
-    assert rel_err(gx, ref_gx) < 2e-2
-    for name, g in ref_gp.items():
-        assert rel_err(gp[name], g) < 2e-2, name
+    _assert_fused_equals_family(module, x, cos_sin, None, 2e-2, 2e-2)
     for fn in (mla._forward, mla._q_grad, mla._kv_grad, mla._k_rot_grad):  # compiled, and did not fall back
         entries = [v for (f, _widths), v in compiled._CACHE.items() if f is fn]
         assert entries and fn not in entries, fn.__name__
