@@ -23,6 +23,28 @@ def test_training_with_labels_builds_no_logits_and_eval_is_stock():
     assert rel_err(out.logits, ref.logits) < 1e-5 and rel_err(out.loss, ref.loss) < 1e-5
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("use_cache", [None, False])
+def test_packed_position_ids_give_stock_loss_and_gradients(family, use_cache):
+    """position_ids restarting inside a row (packed sequences) without an attention_mask: Transformers masks the
+    sequences apart only without a KV cache, and stock builds one in training (config.use_cache): the fused path
+    must not drop it there, or its mask, loss and gradients differ from stock's."""
+    stock = build(family)
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    ids = inputs()
+    cut = ids.shape[1] // 2
+    pos = torch.cat([torch.arange(cut), torch.arange(ids.shape[1] - cut)])[None].expand(ids.shape[0], -1)
+    kw = dict(input_ids=ids, labels=ids, position_ids=pos, **({} if use_cache is None else {"use_cache": use_cache}))
+    out, ref = patched(**kw), stock(**kw)
+    assert out.logits is None  # the fused path ran
+    assert rel_err(out.loss, ref.loss) < 1e-5
+    out.loss.backward()
+    ref.loss.backward()
+    grads = dict(stock.named_parameters())
+    for name, p in patched.named_parameters():
+        assert rel_err(p.grad, grads[name].grad) < 1e-4, name
+
+
 def test_router_aux_loss_and_ignored_labels_and_num_items():
     stock = build("mixtral", output_router_logits=True, router_aux_loss_coef=0.02)
     patched = moe_patch.apply(copy.deepcopy(stock))

@@ -15,7 +15,9 @@ over non-ignored tokens. The rest of the forward (the router aux-loss term with 
 as set now, the outputs) is the model's own code. That this is the model's loss is proven at apply time on
 the class's own forward (probe.fused_loss_unproven) and checked again at each call (FusedLossForward).
 Effect on outputs: in that training case `outputs.logits` is None (as with Liger's own patches), and
-the KV cache too unless `use_cache=True` is passed (stock fills a KV cache nobody reads in training); in eval
+the KV cache too unless `use_cache=True` is passed (stock fills a KV cache nobody reads in training), except where
+position_ids are given without an attention_mask (with no cache Transformers would mask packed sequences apart,
+which stock with its cache does not: the cache is left as stock has it); in eval
 or without labels the stock forward runs unchanged and returns logits.
 """
 from __future__ import annotations
@@ -189,6 +191,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 None, None)
 
 
+def _packing_found_without_cache(args, kwargs) -> bool:
+    """Whether dropping the KV cache could change the attention mask: Transformers looks for packed sequences in
+    position_ids (and masks across them) only when the 2-D attention_mask is None and there is no cache
+    (masking_utils._preprocess_mask_arguments), and stock builds a cache in training where config.use_cache is
+    set. There the cache is left as stock would have it, so the mask is stock's (a packed batch attends across
+    its sequences under stock's defaults, and so it does here)."""
+    if len(args) > 1:  # attention_mask / position_ids given by position: not read here, so keep stock's cache
+        return True
+    return kwargs.get("position_ids") is not None and kwargs.get("attention_mask") is None
+
+
 def _scaled(grad, scale):
     """grad * scale in fp32, rounded once to grad's dtype. Compiled on GPU: eager, a bf16 tensor times an
     fp32 scalar tensor takes torch's non-vectorised mixed-dtype kernel (1.2 ms for lm_head's gradient)."""
@@ -327,7 +340,7 @@ class FusedLossForward:
             return causal_lm_loss(captured["hidden"], head, labels, self.backend, num_items_in_batch, shift_labels,
                                   self.step, ignore_index)
 
-        if "use_cache" in self.__signature__.parameters:
+        if "use_cache" in self.__signature__.parameters and not _packing_found_without_cache(args, kwargs):
             # no KV cache unless asked for: a training step never reads it (stock builds and fills one)
             kwargs.setdefault("use_cache", False)
         handle = getattr(model, model.base_model_prefix).register_forward_hook(grab)
