@@ -559,7 +559,9 @@ def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
     row.replacement, row.backend = f"{attention.describe(device)} (kernel priority set by the module)", "torch"
     fused_mla = False
     # MLA (DeepSeek-V3): q / k / v assembled by fused compiled kernels (ops/mla.py); MOE_PATCH_FUSED_MLA=0: off
-    if type(module).__name__ in tables().mla and config.flag(mla.SWITCH, default=True):
+    if type(module).__name__ in tables().mla and not config.flag(mla.SWITCH, default=True):
+        row.replacement += f" ({mla.NAME} off: {mla.SWITCH}=0)"
+    elif type(module).__name__ in tables().mla:
         why = mla.prove(model, module)
         if why is None:
             row.replacement, fused_mla = f"{row.replacement} + {mla.NAME}{mla.describe(device)}", True

@@ -51,7 +51,7 @@ def _label(row: Row, module, backend: str, target: torch.device, caps) -> tuple[
     gpu = target.type == "cuda"
     if row.kind == "attention":
         label = attention.describe(target)  # the kernel priority the module's hooks set there
-        if mla.NAME in row.replacement:  # proven here on the eager reference; a GPU proves its compiled kernels
+        if f"+ {mla.NAME}" in row.replacement:  # proven here on the eager reference; a GPU proves its compiled kernels
             compiled_there = gpu and compiled.enabled()
             return f"{label} + {mla.NAME}{mla.describe(target)}", "torch", "", \
                 _proven_there(f"the compiled {mla.NAME}", "the family's forward") if compiled_there else ""

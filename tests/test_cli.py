@@ -338,12 +338,17 @@ def _gpu_preview(family, **overrides):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a preview only where there is no GPU")
-def test_gpu_preview_claims_no_rope_the_attention_forward_never_calls():
+def test_gpu_preview_claims_no_rope_the_attention_forward_never_calls(monkeypatch):
     """Nemotron-H's attention has no RoPE call, DeepSeek-V3's calls apply_rotary_pos_emb_interleave: rope.prove turns
     Liger's RoPE down for both from the source, and the preview says so (stock SDPA row on torch, a fallback with
-    that reason) instead of claiming `+ Liger RoPE`. Qwen3-MoE's keeps the Liger RoPE preview."""
-    from moe_patch.ops import rope
+    that reason) instead of claiming `+ Liger RoPE`. Qwen3-MoE's keeps the Liger RoPE preview. DeepSeek-V3's fused
+    MLA (which applies the family's RoPE itself) is turned off here; by default its row is the fused MLA."""
+    from moe_patch.ops import mla, rope
 
+    _, rows = _gpu_preview("deepseek_v3")
+    assert all(r.replacement.endswith(f"+ {mla.NAME}") and r.status == "patched" for r in rows.values()
+               if r.kind == "attention"), rows
+    monkeypatch.setenv(mla.SWITCH, "0")
     for family in ("nemotron_h", "deepseek_v3"):
         model, rows = _gpu_preview(family, **({"rope_interleave": True} if family == "deepseek_v3" else {}))
         attn = [r for r in rows.values() if r.kind == "attention"]

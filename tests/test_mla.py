@@ -150,7 +150,8 @@ def test_on_by_default_and_off_by_its_variable(monkeypatch):
     monkeypatch.setenv(mla.SWITCH, "0")
     patched = moe_patch.apply(build("deepseek_v3"))
     rows = list(moe_patch.report(patched).where(kind="attention"))
-    assert rows and all(r.status == "patched" and mla.NAME not in r.replacement for r in rows)
+    assert rows and all(r.status == "patched" and r.replacement.endswith(f"({mla.NAME} off: {mla.SWITCH}=0)")
+                        for r in rows)
     assert not any(mla.is_installed(m) for m in patched.modules())
 
 
@@ -194,9 +195,10 @@ def test_calls_outside_the_proof_run_the_familys_forward():
     assert mla.FALLBACKS == {"positional arguments": 1}
 
 
-def test_a_rope_or_forward_changed_after_apply_runs_the_class_forward(monkeypatch):
-    """The backward is written for the RoPE the proof ran: a RoPE function (or class forward) put in its place after
-    apply() sends the calls to the class's forward, which runs it with autograd's own gradients."""
+def test_code_changed_after_apply_or_autocast_runs_the_class_forward(monkeypatch):
+    """The fused forward and its backward are written for the code the proof ran: a RoPE function, rotate_half,
+    expand_kv (class or instance) or class forward put in its place after apply() sends the calls to the class's
+    forward, which runs it with autograd's own gradients; so does autocast, which the proof does not run."""
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as family
 
     stock = build("deepseek_v3")
@@ -217,13 +219,22 @@ def test_a_rope_or_forward_changed_after_apply_runs_the_class_forward(monkeypatc
     mla.FALLBACKS.clear()
     x.requires_grad_()
     out = p_attn(hidden_states=x, position_embeddings=cos_sin, attention_mask=None)[0]
-    assert seen and list(mla.FALLBACKS) == ["the family's RoPE function was changed after apply() (the backward is "
-                                            "written for the proven one)"]
+    assert seen and len(mla.FALLBACKS) == 1 and "apply_rotary_pos_emb" in next(iter(mla.FALLBACKS))
     monkeypatch.undo()
-    monkeypatch.setattr(type(p_attn), "forward", lambda self, *a, **k: (x * 0, None))
+    for target, name in ((type(p_attn), "forward"), (type(p_attn), "expand_kv"), (p_attn, "expand_kv"),
+                         (family, "rotate_half")):
+        monkeypatch.setattr(target, name, lambda *a, **k: None)  # never called by the fused path: it must not run
+        mla.FALLBACKS.clear()
+        try:
+            p_attn(hidden_states=x, position_embeddings=cos_sin, attention_mask=None)
+        except Exception:
+            pass  # the class's forward ran the stand-in
+        assert len(mla.FALLBACKS) == 1 and "changed after apply()" in next(iter(mla.FALLBACKS)), name
+        monkeypatch.undo()
     mla.FALLBACKS.clear()
-    p_attn(hidden_states=x, position_embeddings=cos_sin, attention_mask=None)
-    assert list(mla.FALLBACKS) == ["the class's forward was changed after apply()"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        p_attn(hidden_states=x, position_embeddings=cos_sin, attention_mask=None)
+    assert list(mla.FALLBACKS) and "autocast" in next(iter(mla.FALLBACKS))
 
 
 @pytest.mark.gpu

@@ -49,7 +49,8 @@ SWITCH = "MOE_PATCH_FUSED_MLA"  # on unless set to an off word (module docstring
 # the attribute names of the family's MLA module that the fused forward reads (DeepseekV3Attention's)
 ATTRIBUTES = ("q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank",
               "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj", "scaling", "config")
-FALLBACKS: dict = {}  # reason -> calls of a marked module that ran the class's forward
+FALLBACKS: dict = {}  # reason -> calls of a marked module that ran the class's forward (warned once per reason)
+_GENERATION = "a KV cache (generation)"
 
 
 def _family(module):
@@ -62,10 +63,17 @@ def _rope(module):
     return mod.apply_rotary_pos_emb_interleave if module.config.rope_interleave else mod.apply_rotary_pos_emb
 
 
-def _rope_functions(module) -> tuple:
-    """The family module's two RoPE functions as they are now (rotate-half, interleaved)."""
+_PROVEN_NAMES = ("the class's forward", "expand_kv", "the family's apply_rotary_pos_emb",
+                 "the family's apply_rotary_pos_emb_interleave", "the family's rotate_half")
+
+
+def _proven_code(module) -> tuple:
+    """The code the fused forward stands for, as it is now (names in _PROVEN_NAMES): the class's forward, the
+    module's expand_kv (an instance attribute or the class's), the family module's RoPE functions and rotate_half."""
     mod = _family(module)
-    return mod.apply_rotary_pos_emb, mod.apply_rotary_pos_emb_interleave
+    expand = getattr(module, "expand_kv", None)
+    return (type(module).forward, getattr(expand, "__func__", expand), getattr(mod, "apply_rotary_pos_emb", None),
+            getattr(mod, "apply_rotary_pos_emb_interleave", None), getattr(mod, "rotate_half", None))
 
 
 def _forward(q, kv, k_rot, cos, sin, rope, nope: int):
@@ -193,9 +201,10 @@ class MLAForward:
 
     def __init__(self, module):
         self.module = module
-        # what the proof ran: the class's forward (the fused forward is its copy) and the family's RoPE functions
-        # (the forward calls the current one; the backward is written for these); a later change runs the class
-        self.proven = (type(module).forward, _rope_functions(module))
+        # what the proof ran: the class's forward and expand_kv (the fused forward is their copy) and the family's
+        # RoPE functions (the forward calls the current one; the backward is written for these); a later change
+        # runs the class's forward
+        self.proven = _proven_code(module)
 
     @property
     def __signature__(self):
@@ -206,6 +215,10 @@ class MLAForward:
         module = self.module
         why = self.why_stock(args, kwargs)
         if why is not None:
+            if why not in FALLBACKS and why != _GENERATION:  # generation's cached calls are routine, not news
+                import warnings
+
+                warnings.warn(f"moe_patch: {NAME} not used for this call, the class's forward ran: {why}", stacklevel=2)
             FALLBACKS[why] = FALLBACKS.get(why, 0) + 1
             return type(module).forward(module, *args, **kwargs)
         return fused_forward(module, **kwargs)
@@ -216,17 +229,19 @@ class MLAForward:
         if args:
             return "positional arguments"
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
-            return "a KV cache (generation)"
+            return _GENERATION
         if module.config._attn_implementation != "sdpa":
             return f"attention implementation {module.config._attn_implementation!r}"
-        if type(module).forward is not self.proven[0]:
-            return "the class's forward was changed after apply()"
-        if _rope_functions(module) != self.proven[1]:
-            return "the family's RoPE function was changed after apply() (the backward is written for the proven one)"
+        now = _proven_code(module)
+        if now != self.proven:
+            changed = [name for name, a, b in zip(_PROVEN_NAMES, now, self.proven) if a is not b]
+            return f"{', '.join(changed)} changed after apply() (the fused forward and backward are the proven code's)"
         hidden = kwargs.get("hidden_states")
         pos = kwargs.get("position_embeddings")
         if hidden is None or hidden.dim() != 3 or not isinstance(pos, (tuple, list)) or len(pos) != 2:
             return "not the decoder layer's call (hidden_states, position_embeddings=(cos, sin))"
+        if torch.is_autocast_enabled(hidden.device.type):
+            return "autocast (the fused assembly is proven in the parameters' dtype, without autocast)"
         if pos[0].dim() != 3 or pos[0].shape[-1] != module.qk_rope_head_dim:
             return f"cos / sin of shape {tuple(pos[0].shape)}"
         return None
@@ -261,9 +276,10 @@ class _Handle:
 
     def __init__(self, module):
         self.module = module
-        # what the proof ran: the class's forward (the fused forward is its copy) and the family's RoPE functions
-        # (the forward calls the current one; the backward is written for these); a later change runs the class
-        self.proven = (type(module).forward, _rope_functions(module))
+        # what the proof ran: the class's forward and expand_kv (the fused forward is their copy) and the family's
+        # RoPE functions (the forward calls the current one; the backward is written for these); a later change
+        # runs the class's forward
+        self.proven = _proven_code(module)
 
     def remove(self) -> None:
         if isinstance(vars(self.module).get("forward"), MLAForward):
