@@ -135,11 +135,18 @@ READERS = {"MOE_PATCH": enabled, "MOE_PATCH_QUIET": quiet,
            "MOE_PATCH_FUSED_MLP": lambda: flag("MOE_PATCH_FUSED_MLP"), **OPTION_VARIABLES}
 
 
+# yes/no variables with no apply() argument, read where their replacement is planned
+FEATURE_FLAGS = ("MOE_PATCH_FP8_EXPERTS", "MOE_PATCH_FUSED_MLA", "MOE_PATCH_FUSED_MLP")
+
+
 def from_environment() -> dict:
-    """Only the options the environment sets; unknown values raise PatchError naming the variable."""
+    """Only the options the environment sets; unknown values (of those and of FEATURE_FLAGS) raise PatchError naming
+    the variable."""
     out = {}
     for read in OPTION_VARIABLES.values():
         out.update(read())
+    for name in FEATURE_FLAGS:
+        READERS[name]()
     return out
 
 
@@ -203,6 +210,8 @@ def resolve(explicit: dict) -> dict:
     for name, read in OPTION_VARIABLES.items():
         if not set(OPTION_KEYS[name]) <= given:
             env.update(read())
+    for name in FEATURE_FLAGS:  # read deep in the plan, for some families only: a bad value is refused here, for all
+        READERS[name]()
     return {k: explicit[k] if k in given else env.get(k, DEFAULTS[k]) for k in DEFAULTS}
 
 

@@ -180,6 +180,19 @@ def test_environment_bad_items_are_still_one_line_errors(monkeypatch, variable, 
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value), caught.value
 
 
+@pytest.mark.parametrize("variable", ["MOE_PATCH_FUSED_MLA", "MOE_PATCH_FUSED_MLP", "MOE_PATCH_FP8_EXPERTS"])
+def test_a_bad_feature_flag_is_refused_for_every_family(monkeypatch, variable):
+    """Yes/no variables read deep in the plan for some families only (the fused MLA: DeepSeek-V3) are refused by
+    apply() for any model, as MOE_PATCH_BACKEND is, not accepted silently where no family reads them."""
+    monkeypatch.setenv(variable, "junk")
+    model = build("qwen3_moe")
+    before = _modules(model)
+    with pytest.raises(moe_patch.PatchError) as info:
+        moe_patch.apply(model)
+    assert str(info.value).startswith(f"{variable}='junk' is not understood") and "\n" not in str(info.value)
+    assert _modules(model) == before and not moe_patch.is_patched(model)
+
+
 def test_explicit_argument_wins_over_a_bad_variable(monkeypatch):
     """Explicit apply() arguments take precedence over the environment: a bad MOE_PATCH_BACKEND does not stop
     apply(backend=...), while a call that leaves the backend to it still gets the one-line error."""
