@@ -185,6 +185,9 @@ def _per_kind(pairs, source: str) -> dict:
     """{kind: backend} from (kind, name, the item as the user wrote it) triples, names lower-cased."""
     per_kind = {}
     for kind, name, item in pairs:
+        if isinstance(kind, str) and kind.lower() in KINDS and kind.lower() not in BACKEND_KINDS:
+            raise PatchError(f"{source}: in {item}, kind {kind.lower()!r} has no backend to choose (one kernel or the "
+                             f"family's code); kinds with a backend: {', '.join(BACKEND_KINDS)}")
         if not (isinstance(kind, str) and kind.lower() in BACKEND_KINDS):
             raise PatchError(f"{source}: in {item}, " + unknown("kind", kind, BACKEND_KINDS))
         kind = kind.lower()

@@ -25,6 +25,7 @@ def _modules(model):
                                      "valid for loss: auto, torch, liger (te: no loss kernel, falls back to torch)"),
     (dict(backend="experts=torch,loss=trch"), "backend: in 'loss=trch', unknown backend 'trch'"),
     (dict(backend=["torch"]), "backend must be a backend name (auto, torch, te, liger), per kind as"),
+    (dict(backend="mamba=torch"), "backend: in 'mamba=torch', kind 'mamba' has no backend to choose"),
 ])
 def test_bad_arguments_are_one_line_and_change_nothing(kwargs, message):
     model = build("qwen3_moe")

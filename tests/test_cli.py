@@ -65,7 +65,7 @@ def test_report_follows_the_environment_unless_a_flag_says_otherwise(configs):
     assert "router=False" in flags.stdout and "experts=False" in flags.stdout
     assert "matched skip pattern" not in flags.stdout
     one_line_error(cli("report", path, MOE_PATCH_BACKEND="mamba=torch"),  # no backend choice for mamba
-                   "MOE_PATCH_BACKEND: in 'mamba=torch', unknown kind 'mamba'")
+                   "MOE_PATCH_BACKEND: in 'mamba=torch', kind 'mamba' has no backend to choose")
     one_line_error(cli("report", path, MOE_PATCH_DISABLE="routr"), "MOE_PATCH_DISABLE: unknown kind 'routr'",
                    "(did you mean 'router'?)")
 
