@@ -120,7 +120,7 @@ def test_apply_fuses_mla_and_the_model_equals_stock():
     for name, g in grads_s.items():
         assert rel_err(grads_p[name], g) < 1e-4, name
     # the training forward (fused loss: no cache) took the fused path; the logits forward (a cache) did not
-    assert set(mla.FALLBACKS) == {"a KV cache (generation)"}
+    assert set(mla.FALLBACKS) == {mla._GENERATION}
     for clone in (copy.deepcopy(patched), pickle.loads(pickle.dumps(patched))):
         for m in clone.modules():
             if type(m).__name__ == "DeepseekV3Attention":
@@ -138,7 +138,7 @@ def test_generation_with_a_cache_runs_the_familys_forward():
     mla.FALLBACKS.clear()
     kwargs = dict(max_new_tokens=4, do_sample=False)
     assert torch.equal(patched.generate(ids, **kwargs), stock.generate(ids, **kwargs))
-    assert mla.FALLBACKS.get("a KV cache (generation)", 0) > 0
+    assert mla.FALLBACKS.get(mla._GENERATION, 0) > 0
 
 
 def test_on_by_default_and_off_by_its_variable(monkeypatch):

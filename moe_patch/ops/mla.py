@@ -50,7 +50,7 @@ SWITCH = "MOE_PATCH_FUSED_MLA"  # on unless set to an off word (module docstring
 ATTRIBUTES = ("q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank",
               "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj", "scaling", "config")
 FALLBACKS: dict = {}  # reason -> calls of a marked module that ran the class's forward (warned once per reason)
-_GENERATION = "a KV cache (generation)"
+_GENERATION = "a KV cache (generation; or use_cache on in training, as with packed position_ids)"
 
 
 def _family(module):
