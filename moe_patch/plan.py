@@ -500,7 +500,7 @@ def _plan_mlp(module, row, plan) -> None:
     """A gated MLP a family declares (patches/: MLP): GatedMLP where proven equal to the module on its device
     (fp32 and bf16, outputs and input gradients, the module's widths); its projections stay its own children."""
     if not config.flag(mlp.OPT_IN):
-        row.reason = f"opt-in ({mlp.OPT_IN}=1): {mlp.NAME} is proven equal but not measured faster on its own yet"
+        row.reason = f"opt-in ({mlp.OPT_IN}=1): {mlp.NAME} is proven equal but not measured faster"
         return
     why = mlp.why_not(module)
     if why is None:

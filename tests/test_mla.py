@@ -195,6 +195,20 @@ def test_calls_outside_the_proof_run_the_familys_forward():
     assert mla.FALLBACKS == {"positional arguments": 1}
 
 
+def test_code_changed_between_two_applies_is_proven_again(monkeypatch):
+    """A proof is kept per process for the code it ran: a rotate_half changed after one model's apply() is proven
+    (and found unequal to the hand-written backward) for the next model, not taken from the first one's proof."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as family
+
+    assert mla.is_installed(moe_patch.apply(build("deepseek_v3")).model.layers[1].self_attn)
+    original = family.rotate_half
+    monkeypatch.setattr(family, "rotate_half", lambda x: 2 * original(x))  # another rotation
+    patched = moe_patch.apply(build("deepseek_v3"))
+    assert not any(mla.is_installed(m) for m in patched.modules())
+    rows = list(moe_patch.report(patched).where(kind="attention"))
+    assert rows and all(r.status == "fallback" and f"{mla.NAME} not proven" in r.reason for r in rows), rows
+
+
 def test_code_changed_after_apply_or_autocast_runs_the_class_forward(monkeypatch):
     """The fused forward and its backward are written for the code the proof ran: a RoPE function, rotate_half,
     expand_kv (class or instance) or class forward put in its place after apply() sends the calls to the class's

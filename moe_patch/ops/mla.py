@@ -307,7 +307,7 @@ def prove(model, module) -> str | None:
     batch 2, with a left-padded row (a materialised mask) and without padding (the causal kernel), both RoPE
     layouts the config can select (rope_interleave True / False), on the module's device and dtype (CPU fp32
     for a model on meta). Tolerances: probe.TOL / GRAD_TOL of the dtype (fp32 1e-5 / 1e-4, bf16 2e-2).
-    One proof per (class, parameter shapes, device, dtype) per process."""
+    One proof per (class, parameter shapes, device, dtype, the code it stands for: _proven_code) per process."""
     from .. import probe
     from .attention import _fresh, _inputs, probe_device
 
@@ -318,7 +318,7 @@ def prove(model, module) -> str | None:
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
     if device.type == "cpu" and dtype not in (torch.float32, torch.float64):
         dtype = torch.float32
-    key = (type(module), tuple(tuple(p.shape) for p in module.parameters()), str(device), dtype)
+    key = (type(module), tuple(tuple(p.shape) for p in module.parameters()), str(device), dtype, _proven_code(module))
     if key in _PROOFS:
         return _PROOFS[key]
     reason = None
