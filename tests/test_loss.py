@@ -145,6 +145,22 @@ def test_chunking_covers_every_row(monkeypatch, rows):
         assert rel_err(patched.get_parameter(name).grad, stock.get_parameter(name).grad) < 1e-4, name
 
 
+@pytest.mark.parametrize("vocab,total", [(201088, 8190), (102400, 16380), (151936, 16380), (131072, 8190),
+                                         (201088, 2600), (201088, 100), (50000, 1)])
+def test_chunks_are_as_few_and_as_equal_as_the_byte_cap_allows(vocab, total):
+    """The chunked loss covers `total` rows in as many chunks as full CHUNK_BYTES chunks would take, of equal size
+    (whole 256-row tiles), not full ones and a small remainder (GPT-OSS-20B's 8,190 rows: 4 x 2,048, not
+    3 x 2,560 + 510); one chunk never holds more than a tile of rows over the cap."""
+    from moe_patch.ops import loss
+
+    cap = loss.chunk_rows(vocab, 2)
+    rows = loss.chunk_rows(vocab, 2, total)
+    chunks = -(-total // rows)
+    assert chunks == -(-total // cap) and rows <= cap + 255
+    last = total - (chunks - 1) * rows
+    assert 0 < last <= rows and (chunks == 1 or rows - last < 256 * chunks), (rows, last)
+
+
 def test_tuple_outputs_keep_their_positions():
     """return_dict=False gives (loss, logits, ...) exactly as stock (the fused path would drop the logits)."""
     stock = build("qwen3_moe")

@@ -201,6 +201,25 @@ def test_expert_counts_match_bincount_without_a_host_read():
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_offsets_and_expert_ids_are_repeat_interleave(device):
+    """grouped_mm's offsets and each row's expert (biased experts gather their bias by it) from the counts, in one
+    compiled call on CUDA: the same integers as cumsum and repeat_interleave(arange(E), counts), with experts that
+    got no rows (first, middle, last) and no rows at all."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from moe_patch.ops.experts import Dispatched
+
+    for counts in ([0, 3, 0, 0, 5, 1, 0], [4], [0, 0, 0], [2, 0, 7, 0]):
+        c = torch.tensor(counts, dtype=torch.int64, device=device)
+        d = Dispatched(torch.zeros(int(c.sum()), 8, device=device), c, None)
+        offs, ids = d.offsets_and_expert_ids()
+        assert offs.dtype == torch.int32 and torch.equal(offs.cpu(), torch.cumsum(c, 0).int().cpu())
+        ref = torch.repeat_interleave(torch.arange(len(counts), device=device), c)
+        assert ids.dtype == torch.int64 and torch.equal(ids.cpu(), ref.cpu()), counts
+        assert torch.equal(d.offsets().cpu(), offs.cpu())
+
+
 @pytest.mark.parametrize("model_type", MOE_FAMILIES)
 def test_compiled_rmsnorm_formula_is_the_familys(model_type):
     """The forward and backward formulas compiled on GPU (ops/rmsnorm.py), run eagerly here: equal to each

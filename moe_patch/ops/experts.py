@@ -80,10 +80,24 @@ class Dispatched:
     # then only sums); None where the combine weighs the rows
     weights: torch.Tensor | None = None
 
-    def expert_ids(self) -> torch.Tensor:
-        """[S] local expert of each row (only biased experts need it; output_size: no host sync)."""
-        experts = torch.arange(self.counts.shape[0], device=self.counts.device)
-        return torch.repeat_interleave(experts, self.counts, output_size=self.x.shape[0])
+    def offsets(self) -> torch.Tensor:
+        """[local experts] int32 cumulative row ends: grouped_mm's `offs`."""
+        return torch.cumsum(self.counts, 0).to(torch.int32)
+
+    def offsets_and_expert_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """offsets() and [S] int64 local expert of each row (biased experts gather their bias rows by it), in one
+        compiled call on CUDA (compiled.run: two kernels, where the eager ops are six kernels behind four
+        dispatches, and the forward of a MoE layer is host-bound in its routing stretch); no host sync."""
+        return compiled.run(_offsets_and_expert_ids, self.counts, self.x)
+
+
+def _offsets_and_expert_ids(counts: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """counts [E] int64, rows [S, ...] grouped by expert -> (cumulative ends [E] int32, expert of each row [S]
+    int64). Row r is in expert e where ends[e - 1] <= r < ends[e]: the first end greater than r (experts with no
+    rows have ends[e - 1] == ends[e] and are passed over), what repeat_interleave(arange(E), counts) gives."""
+    ends = torch.cumsum(counts, 0)
+    ids = torch.searchsorted(ends, torch.arange(rows.shape[0], device=ends.device), right=True)
+    return ends.to(torch.int32), ids
 
 
 def expert_counts(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -222,8 +236,7 @@ class GroupedExperts(Replacement):
     def compute(self, d: Dispatched):
         """Grouped expert MLP over rows already grouped by local expert."""
         x = d.x
-        offs = torch.cumsum(d.counts, 0).to(torch.int32)
-        expert_ids = d.expert_ids() if self.has_bias else None
+        offs, expert_ids = d.offsets_and_expert_ids() if self.has_bias else (d.offsets(), None)
 
         def biased(name, x):
             """Projection `name` of the rows x, plus each row's expert bias (compiled_gate.add_expert_bias: the bias
