@@ -139,10 +139,8 @@ def test_fused_rope_routing_is_per_model(monkeypatch):
     def wrong(q, k, cos, sin):  # rotates the other way
         return family(q, k, cos, -sin)
 
-    monkeypatch.setattr(rope, "_CACHE", {})
-    monkeypatch.setattr(rope, "_PROVEN", {})
-    monkeypatch.setattr(rope, "_STOCK", {})
-    monkeypatch.setattr(rope, "_SHAPES", {})
+    for name in ("_CACHE", "_PROVEN", "_RESTORE", "_SHAPES"):
+        monkeypatch.setattr(rope, name, {})
     monkeypatch.setattr(rope, "_liger_candidates", lambda: [("wrong rope", wrong, lambda w: w)])
     label, why = rope.prove(patched, attn[0])
     assert label is None and "not the family's" in why and "wrong rope" in why
@@ -166,7 +164,8 @@ def test_fused_rope_routing_is_per_model(monkeypatch):
             out = torch.compile(patched, backend="eager")(input_ids=ids).logits
         assert rel_err(out, ref) < 1e-5
         module = sys.modules[type(attn[0]).__module__]
-        assert module.apply_rotary_pos_emb is rope._STOCK[module.__name__]  # put back after each forward
+        assert module.apply_rotary_pos_emb is sys.modules[type(attn[0]).__module__].apply_rotary_pos_emb \
+            and module.apply_rotary_pos_emb not in rope._RESTORE  # the family's function, put back after each forward
         # a second model of the family with another head width: both call shapes are proven and used
         other = moe_patch.apply(build("qwen3_moe", head_dim=8))
         other_attn = [m for m in other.modules() if type(m).__name__.endswith("Attention")]
@@ -183,6 +182,61 @@ def test_fused_rope_routing_is_per_model(monkeypatch):
     with torch.no_grad():
         patched(input_ids=ids)
     assert not calls
+
+
+def test_fused_rope_follows_a_family_function_replaced_after_apply(monkeypatch):
+    """A family's apply_rotary_pos_emb replaced after apply() (by the user, or another library's patch) runs as the
+    model would run it, with one warning, and stays in place after the forward (the hooks put back only what they
+    installed); apply() on a model after that proves the new function itself, not the earlier verdict. Before,
+    the kernel proven for the old function ran and the forward hook put the old function back."""
+    import sys
+
+    from moe_patch.ops import rope
+
+    for name in ("_CACHE", "_PROVEN", "_RESTORE", "_SHAPES"):
+        monkeypatch.setattr(rope, name, {})
+    monkeypatch.setattr(rope, "_WARNED", set())
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    attn = [m for m in patched.modules() if type(m).__name__.endswith("Attention")]
+    module = sys.modules[type(attn[0]).__module__]
+    family = module.apply_rotary_pos_emb
+    kernel_calls, replaced_calls = [], []
+
+    def spy(q, k, cos, sin):
+        kernel_calls.append(q.shape)
+        return family(q, k, cos, sin)
+
+    def replacement(q, k, cos, sin, *args, **kwargs):  # a different RoPE: rotates the other way
+        replaced_calls.append(q.shape)
+        return family(q, k, cos, -sin, *args, **kwargs)
+
+    monkeypatch.setattr(rope, "_liger_candidates", lambda: [("spy rope", spy, lambda w: w)])
+    assert rope.prove(patched, attn[0]) == ("spy rope", "")
+    handles = [h for m in attn for h in rope.install(m)]
+    ids = inputs()
+    try:
+        kernel_calls.clear()  # (the proof's own calls)
+        with torch.no_grad():
+            patched(input_ids=ids)
+        assert len(kernel_calls) == len(attn) and not replaced_calls
+        monkeypatch.setattr(module, "apply_rotary_pos_emb", replacement)
+        kernel_calls.clear()
+        with pytest.warns(RuntimeWarning, match="replaced after apply"):
+            with torch.no_grad():
+                out = patched(input_ids=ids).logits
+        assert not kernel_calls and len(replaced_calls) == len(attn)
+        assert module.apply_rotary_pos_emb is replacement  # not reverted by the forward hook
+        stock_out = copy.deepcopy(stock)
+        with torch.no_grad():
+            ref = stock_out(input_ids=ids).logits  # stock with the replacement in place
+        assert rel_err(out, ref) < 1e-5
+        # a model patched now: the replacement is what is proven (it is not the family's RoPE: refused)
+        label, why = rope.prove(patched, attn[0])
+        assert label is None and "not the family's" in why
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def test_expert_counts_match_bincount_without_a_host_read():

@@ -17,15 +17,20 @@ from __future__ import annotations
 import inspect
 import re
 import sys
+import warnings
 
 import torch
 
 from .. import probe
 
-_STOCK: dict = {}  # modeling module name -> its apply_rotary_pos_emb (what the hooks put back)
-_SHAPES: dict = {}  # modeling module name -> {(q head width, cos width, device type): fused kernel}
-_PROVEN: dict = {}  # modeling module name -> the function the hooks install during a patched forward
-_CACHE: dict = {}  # (modeling module name, cos width) -> (candidate or None, reason)
+# Everything is keyed by the family function the proof was made against (the module's global at apply() time), not
+# by the module alone: a function replaced after a proof (by the user, or by another library's patch) is not
+# given the proof of the one it replaced.
+_SHAPES: dict = {}  # (modeling module name, family function) -> {(q head width, cos width, device type): fused}
+_PROVEN: dict = {}  # (modeling module name, family function) -> the function the hooks install during a forward
+_RESTORE: dict = {}  # that installed function -> the family function the forward hook puts back
+_CACHE: dict = {}  # (modeling module name, cos width, family function) -> (candidate or None, reason)
+_WARNED: set = set()  # (modeling module name, replacement) already warned about
 
 
 def _liger_candidates():
@@ -71,12 +76,14 @@ def why_not_by_source(attention_module) -> str | None:
 
 def prove(model, attention_module) -> tuple[str | None, str]:
     """(label, "") if a Liger kernel equals this family's apply_rotary_pos_emb on the model's own cos/sin,
-    else (None, why not). One probe per modeling module per process; the model is not changed."""
+    else (None, why not). One probe per modeling module, rotary width and family function per process (a function
+    replaced since an earlier proof is proven anew); the model is not changed."""
     why = why_not_by_source(attention_module)
     if why is not None:
         return None, why
     mod = _modeling_module(attention_module)
     stock = mod.apply_rotary_pos_emb
+    stock = _RESTORE.get(stock, stock)  # (proven while a patched forward has the kernel's function installed)
     rotary = _rotary_embedding(model)
     if rotary is None:
         return None, "no rotary embedding module found: stock RoPE"
@@ -87,7 +94,7 @@ def prove(model, attention_module) -> tuple[str | None, str]:
         cos, _ = rotary(x, torch.arange(8, device=device)[None])
     except Exception as exc:  # an unusual rotary signature: not worth a guess
         return None, f"rotary embedding not callable as (x, position_ids) ({type(exc).__name__}): stock RoPE"
-    key = (mod.__name__, cos.shape[-1])
+    key = (mod.__name__, cos.shape[-1], stock)
     if key not in _CACHE:
         _CACHE[key] = _probe(stock, rotary, cos.shape[-1], device)
     found, why = _CACHE[key]
@@ -97,10 +104,11 @@ def prove(model, attention_module) -> tuple[str | None, str]:
     head_dim = getattr(attention_module, "head_dim", q_width)
     if head_dim != q_width:  # the call shape proven would never occur: say so rather than claim the kernel
         return None, f"partial rotary ({q_width} of head dim {head_dim}): stock RoPE"
-    _STOCK.setdefault(mod.__name__, stock)
-    # every proven call shape of this family (two models of one family may differ in head or rotary width)
-    _SHAPES.setdefault(mod.__name__, {})[(q_width, cos.shape[-1], device.type)] = fused
-    _PROVEN.setdefault(mod.__name__, _call(_STOCK[mod.__name__], _SHAPES[mod.__name__]))
+    # every proven call shape of this family function (two models of one family may differ in head or rotary width)
+    _SHAPES.setdefault((mod.__name__, stock), {})[(q_width, cos.shape[-1], device.type)] = fused
+    if (mod.__name__, stock) not in _PROVEN:
+        call = _PROVEN[(mod.__name__, stock)] = _call(stock, _SHAPES[(mod.__name__, stock)])
+        _RESTORE[call] = stock
     return label, ""
 
 
@@ -156,15 +164,26 @@ def _call(stock, shapes):
 
 def _enter(module, args):
     mod = sys.modules[type(module).__module__]
-    call = _PROVEN.get(mod.__name__)
-    if call is not None:  # (None in a process that unpickled the model without proving: stock RoPE)
+    current = getattr(mod, "apply_rotary_pos_emb", None)
+    call = _PROVEN.get((mod.__name__, current))
+    if call is not None:
         mod.apply_rotary_pos_emb = call
+    elif current not in _RESTORE and any(name == mod.__name__ for name, _ in _PROVEN):
+        # the family function was replaced after the proof: the replacement runs (what the model itself would
+        # call), not the kernel proven for the function it replaced. (No proof at all, e.g. a process that
+        # unpickled the model without proving: stock RoPE, nothing to say.)
+        if (mod.__name__, current) not in _WARNED:
+            _WARNED.add((mod.__name__, current))
+            warnings.warn(f"moe_patch: {mod.__name__}.apply_rotary_pos_emb was replaced after apply(): the "
+                          "replacement runs, not the fused RoPE proven for the function it replaced (apply() "
+                          "again to prove it)", RuntimeWarning, stacklevel=2)
 
 
 def _leave(module, args, output):
     mod = sys.modules[type(module).__module__]
-    if mod.__name__ in _STOCK:
-        mod.apply_rotary_pos_emb = _STOCK[mod.__name__]
+    stock = _RESTORE.get(getattr(mod, "apply_rotary_pos_emb", None))
+    if stock is not None:  # only what _enter installed is put back: a function set since is left as it is
+        mod.apply_rotary_pos_emb = stock
 
 
 def install(attention_module) -> list:
