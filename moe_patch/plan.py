@@ -565,6 +565,9 @@ def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
         why = mla.prove(model, module)
         if why is None:
             row.replacement, fused_mla = f"{row.replacement} + {mla.NAME}{mla.describe(device)}", True
+            # the attention backend picks the RoPE kernel only, which the fused MLA does not call (it applies the
+            # family's RoPE itself): why that backend is unavailable (Liger not installed) is not this row's
+            fallback_reason = None
         else:
             fallback_reason = "; ".join(r for r in (fallback_reason, f"{mla.NAME} not proven: {why}") if r)
     rope_label = None

@@ -155,6 +155,22 @@ def test_on_by_default_and_off_by_its_variable(monkeypatch):
     assert not any(mla.is_installed(m) for m in patched.modules())
 
 
+def test_row_does_not_carry_the_rope_backends_reason(monkeypatch):
+    """The attention backend picks the RoPE kernel only; the fused MLA applies the family's RoPE itself. So on a GPU
+    without Liger the DeepSeek row is patched with no fallback reason (it read "fallback: liger_kernel is not
+    installed" while the fused MLA ran), and a family that does use that kernel (Qwen3) still says why not."""
+    from moe_patch import backends
+
+    choose = backends.choose
+    monkeypatch.setattr(backends, "choose", lambda names, kind, device: (
+        ("torch", "liger_kernel is not installed") if kind == "attention" else choose(names, kind, device)))
+    rows = list(moe_patch.report(moe_patch.apply(build("deepseek_v3"))).where(kind="attention"))
+    assert rows and all(r.status == "patched" and mla.NAME in r.replacement and not r.reason for r in rows)
+    monkeypatch.setenv(mla.SWITCH, "0")
+    rows = list(moe_patch.report(moe_patch.apply(build("deepseek_v3"))).where(kind="attention"))
+    assert rows and all(r.status == "fallback" and "liger_kernel is not installed" in r.reason for r in rows)
+
+
 def test_switching_attention_implementation_turns_it_off_and_on():
     patched = moe_patch.apply(build("deepseek_v3"))
     attn = [m for m in patched.modules() if type(m).__name__ == "DeepseekV3Attention"]
