@@ -141,6 +141,31 @@ def test_generation_with_a_cache_runs_the_familys_forward():
     assert mla.FALLBACKS.get(mla._GENERATION, 0) > 0
 
 
+def test_a_cache_in_training_is_warned_once_and_generation_is_not(recwarn):
+    """A training forward that gets a KV cache (no labels, or packed position_ids without a mask: Transformers builds
+    one unless use_cache=False) runs the class's forward, equal to stock, and says so once; generation's cached
+    calls stay quiet. Both are counted by reason."""
+    stock = build("deepseek_v3")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(6), torch.arange(4)]).expand(2, -1)
+    mla.FALLBACKS.clear()
+    for m in (stock, patched):
+        m.train()
+    with pytest.warns(UserWarning, match="KV cache in a training forward"):
+        loss_p = patched(input_ids=ids, labels=ids, position_ids=pos).loss
+    loss_s = stock(input_ids=ids, labels=ids, position_ids=pos).loss
+    assert rel_err(loss_p, loss_s) < 1e-5
+    recwarn.clear()
+    patched(input_ids=ids, labels=ids, position_ids=pos)  # once per reason
+    assert not [w for w in recwarn if "KV cache" in str(w.message)]
+    assert mla.FALLBACKS.get(mla._TRAINING_CACHE, 0) > 0
+    with torch.no_grad():
+        patched.eval().generate(ids[:1, :4], max_new_tokens=2, do_sample=False)
+    assert mla.FALLBACKS.get(mla._GENERATION, 0) > 0
+    assert not [w for w in recwarn if "generation" in str(w.message)]
+
+
 def test_on_by_default_and_off_by_its_variable(monkeypatch):
     monkeypatch.delenv(mla.SWITCH)
     patched = moe_patch.apply(build("deepseek_v3"))

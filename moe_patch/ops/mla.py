@@ -50,7 +50,13 @@ SWITCH = "MOE_PATCH_FUSED_MLA"  # on unless set to an off word (module docstring
 ATTRIBUTES = ("q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank",
               "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj", "scaling", "config")
 FALLBACKS: dict = {}  # reason -> calls of a marked module that ran the class's forward (warned once per reason)
-_GENERATION = "a KV cache (generation; or use_cache on in training, as with packed position_ids)"
+_GENERATION = "a KV cache (generation)"
+# a cache in a training forward (module in training mode, gradients on): Transformers builds one unless use_cache=False
+# is passed (a forward without labels, or packed position_ids with no attention_mask, where the fused loss leaves
+# stock's cache: dropping it would change the mask). Warned once: such a user silently loses the fused MLA otherwise.
+_TRAINING_CACHE = ("a KV cache in a training forward (Transformers builds one unless use_cache=False is passed; "
+                   "moe_patch's fused loss leaves it on where dropping it would change the mask: packed position_ids "
+                   "without an attention_mask)")
 
 
 def _family(module):
@@ -229,7 +235,7 @@ class MLAForward:
         if args:
             return "positional arguments"
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
-            return _GENERATION
+            return _TRAINING_CACHE if module.training and torch.is_grad_enabled() else _GENERATION
         if module.config._attn_implementation != "sdpa":
             return f"attention implementation {module.config._attn_implementation!r}"
         now = _proven_code(module)
