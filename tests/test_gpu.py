@@ -463,3 +463,31 @@ def test_triton_rowwise_quantisation_matches_the_torch_formula():
         mismatch = (data.float() != ref_data.float()).float().mean().item()
         assert mismatch < 1e-3, (k, mismatch)  # division rounding may move a tie by one e4m3 step
         assert rel_err(data.float() * scale[:, None], x.float()) < 0.04
+
+
+def test_liger_rope_is_the_one_the_patched_forward_calls():
+    """With Liger, each patched attention module's forward calls the proven kernel's function (the hooks swap the
+    family module's global in and back), the model's logits equal stock's, and the global is the family's again
+    after the forward: the proof's key (the family function) is found on the GPU too."""
+    import sys
+
+    from moe_patch.backends import capabilities
+    from moe_patch.ops import rope
+
+    if not capabilities().liger:
+        pytest.skip("needs Liger-Kernel")
+    stock = build("qwen3_moe", dtype=torch.bfloat16).cuda()
+    patched = moe_patch.apply(copy.deepcopy(stock), backend="liger")
+    attn = [m for m in patched.modules() if type(m).__name__.endswith("Attention")]
+    module = sys.modules[type(attn[0]).__module__]
+    family = module.apply_rotary_pos_emb
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(module.apply_rotary_pos_emb)) for m in attn]
+    ids = torch.randint(0, 256, (2, 64), device="cuda")
+    with torch.no_grad():
+        ref, out = stock(input_ids=ids).logits, patched(input_ids=ids).logits
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(attn) and all(f in rope._RESTORE and f is not family for f in seen)
+    assert module.apply_rotary_pos_emb is family
+    assert rel_err(out.float(), ref.float()) < 2e-2
