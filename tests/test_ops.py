@@ -128,8 +128,8 @@ def test_fused_rope_routing_is_per_model(monkeypatch):
     stock = build("qwen3_moe")
     patched = moe_patch.apply(copy.deepcopy(stock))
     attn = [m for m in patched.modules() if type(m).__name__.endswith("Attention")]
-    family = sys.modules[type(attn[0]).__module__].apply_rotary_pos_emb
-    family = getattr(family, "__wrapped__", family)
+    original = sys.modules[type(attn[0]).__module__].apply_rotary_pos_emb  # the global the hooks must put back
+    family = getattr(original, "__wrapped__", original)
     calls = []
 
     def spy(q, k, cos, sin):
@@ -164,8 +164,7 @@ def test_fused_rope_routing_is_per_model(monkeypatch):
             out = torch.compile(patched, backend="eager")(input_ids=ids).logits
         assert rel_err(out, ref) < 1e-5
         module = sys.modules[type(attn[0]).__module__]
-        assert module.apply_rotary_pos_emb is sys.modules[type(attn[0]).__module__].apply_rotary_pos_emb \
-            and module.apply_rotary_pos_emb not in rope._RESTORE  # the family's function, put back after each forward
+        assert module.apply_rotary_pos_emb is original  # the family's function, put back after each forward
         # a second model of the family with another head width: both call shapes are proven and used
         other = moe_patch.apply(build("qwen3_moe", head_dim=8))
         other_attn = [m for m in other.modules() if type(m).__name__.endswith("Attention")]
