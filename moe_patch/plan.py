@@ -541,6 +541,14 @@ def _plan_gated_rmsnorm(module, row, plan) -> None:
         m, spec["norm_before_gate"], ok)))
 
 
+def without_rope_kernel_reason(reason: str | None, device, caps=None) -> str | None:
+    """An attention row's fallback reason under the fused MLA: under "auto" the attention backend picks the RoPE
+    kernel only (Liger's), which the fused MLA does not call (it applies the family's RoPE itself), so why Liger is
+    unavailable is not that row's; any other reason (a backend asked for by name with no attention kernel) is.
+    `caps`: another machine's capabilities (the GPU preview, preview.py)."""
+    return None if reason and reason == backends.unavailable("liger", device, caps) else reason
+
+
 def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
     if sink_attention.has_sinks(module):
         _plan_sink_attention(model, module, row, backend, fallback_reason, plan)
@@ -565,9 +573,7 @@ def _plan_attention(model, module, row, backend, fallback_reason, plan) -> None:
         why = mla.prove(model, module)
         if why is None:
             row.replacement, fused_mla = f"{row.replacement} + {mla.NAME}{mla.describe(device)}", True
-            # the attention backend picks the RoPE kernel only, which the fused MLA does not call (it applies the
-            # family's RoPE itself): why that backend is unavailable (Liger not installed) is not this row's
-            fallback_reason = None
+            fallback_reason = without_rope_kernel_reason(fallback_reason, device)
         else:
             fallback_reason = "; ".join(r for r in (fallback_reason, f"{mla.NAME} not proven: {why}") if r)
     rope_label = None

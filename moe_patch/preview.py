@@ -144,6 +144,8 @@ def preview(model, rows, opts: Options, device: str, with_: set) -> list[Row]:
                 row.reason = ("auto keeps nn.Linear in bf16 (TE's bf16 Linear measured slower); "
                               "TE runs linear under fp8=")
             continue
+        if row.kind == "attention" and f"+ {mla.NAME}" in row.replacement:  # as apply() reports it there
+            fallback = plan.without_rope_kernel_reason(fallback, target, caps) or ""
         row.replacement, row.backend, why, extra = _label(row, model.get_submodule(row.path), backend, target, caps)
         row.status = "fallback" if fallback or why else "patched"
         row.reason = "; ".join(r for r in (fallback, why, extra) if r)

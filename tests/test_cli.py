@@ -365,6 +365,31 @@ def test_gpu_preview_claims_no_rope_the_attention_forward_never_calls(monkeypatc
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a preview only where there is no GPU")
+def test_gpu_preview_of_the_fused_mla_row_has_no_rope_backend_reason():
+    """`moe-patch report deepseek_v3 --device cuda` without Liger: the fused MLA applies the family's RoPE itself, so
+    the row is patched without Liger's unavailability, as apply() on that GPU reports it (it read "fallback:
+    liger_kernel is not installed" in the preview only). Qwen3-MoE's row, whose RoPE Liger would run, keeps it."""
+    from moe_patch import backends
+    from moe_patch.cli import _build_on_meta
+    from moe_patch.ops import mla
+    from moe_patch.plan import Options
+    from moe_patch.preview import capabilities, preview
+
+    if backends.unavailable("liger", torch.device("cuda"), capabilities("cuda", set())) is None:
+        pytest.skip("Liger is installed here: no preview without it")
+    for family in ("deepseek_v3", "qwen3_moe"):
+        model = _build_on_meta(tiny_config(family))
+        rows = [r for r in preview(model, moe_patch.plan_report(model), Options(), "cuda", set())
+                if r.kind == "attention"]
+        assert rows, family
+        if family == "deepseek_v3":
+            assert all(mla.NAME in r.replacement and r.status == "patched" and "liger" not in r.reason
+                       for r in rows), rows
+        else:
+            assert all(r.status == "fallback" and "liger_kernel is not installed" in r.reason for r in rows), rows
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a preview only where there is no GPU")
 def test_gpu_preview_names_the_gate_the_gpu_would_use():
     """TE's SwiGLU only for gated experts whose gate is SwiGLU: none for Nemotron-H's ungated relu^2 experts, the
     compiled family gate for GPT-OSS's clamped one (what plan._propose_experts picks there with TE), TE's SwiGLU for

@@ -187,13 +187,31 @@ def test_row_does_not_carry_the_rope_backends_reason(monkeypatch):
     from moe_patch import backends
 
     choose = backends.choose
-    monkeypatch.setattr(backends, "choose", lambda names, kind, device: (
-        ("torch", "liger_kernel is not installed") if kind == "attention" else choose(names, kind, device)))
+    liger_why = backends.unavailable("liger", torch.device("cuda"), backends.Capabilities(
+        cuda=True, device_name="", compute_capability=(9, 0), torch_version="", transformers_version="",
+        grouped_mm=True, te=False, liger=False, deep_ep=False))  # what "auto" says on a GPU without Liger
+    monkeypatch.setattr(backends, "choose", lambda names, kind, device, caps=None: (
+        ("torch", liger_why) if kind == "attention" else choose(names, kind, device, caps)))
     rows = list(moe_patch.report(moe_patch.apply(build("deepseek_v3"))).where(kind="attention"))
     assert rows and all(r.status == "patched" and mla.NAME in r.replacement and not r.reason for r in rows)
     monkeypatch.setenv(mla.SWITCH, "0")
     rows = list(moe_patch.report(moe_patch.apply(build("deepseek_v3"))).where(kind="attention"))
     assert rows and all(r.status == "fallback" and "liger_kernel is not installed" in r.reason for r in rows)
+
+
+def test_row_keeps_a_named_backends_fallback_reason(monkeypatch):
+    """Only Liger's unavailability (the RoPE kernel "auto" looks for) is dropped from the fused MLA's row: a backend
+    asked for by name that has no attention kernel (backend="te" on a GPU with TE) is a fallback from what the user
+    asked, and the row still says so, as Qwen3's does."""
+    from moe_patch import backends
+
+    choose = backends.choose
+    why = "te has no attention implementation in moe_patch yet"  # choose("te", "attention", cuda) with TE installed
+    monkeypatch.setattr(backends, "choose", lambda names, kind, device, caps=None: (
+        ("torch", why) if kind == "attention" else choose(names, kind, device, caps)))
+    for family in ("deepseek_v3", "qwen3_moe"):
+        rows = list(moe_patch.report(moe_patch.apply(build(family))).where(kind="attention"))
+        assert rows and all(r.status == "fallback" and why in r.reason for r in rows), (family, rows)
 
 
 def test_switching_attention_implementation_turns_it_off_and_on():

@@ -128,8 +128,8 @@ def test_fused_rope_routing_is_per_model(monkeypatch):
     stock = build("qwen3_moe")
     patched = moe_patch.apply(copy.deepcopy(stock))
     attn = [m for m in patched.modules() if type(m).__name__.endswith("Attention")]
-    family = sys.modules[type(attn[0]).__module__].apply_rotary_pos_emb
-    family = getattr(family, "__wrapped__", family)
+    original = sys.modules[type(attn[0]).__module__].apply_rotary_pos_emb  # the global the hooks must put back
+    family = getattr(original, "__wrapped__", original)
     calls = []
 
     def spy(q, k, cos, sin):
@@ -164,8 +164,7 @@ def test_fused_rope_routing_is_per_model(monkeypatch):
             out = torch.compile(patched, backend="eager")(input_ids=ids).logits
         assert rel_err(out, ref) < 1e-5
         module = sys.modules[type(attn[0]).__module__]
-        assert module.apply_rotary_pos_emb is sys.modules[type(attn[0]).__module__].apply_rotary_pos_emb \
-            and module.apply_rotary_pos_emb not in rope._RESTORE  # the family's function, put back after each forward
+        assert module.apply_rotary_pos_emb is original  # the family's function, put back after each forward
         # a second model of the family with another head width: both call shapes are proven and used
         other = moe_patch.apply(build("qwen3_moe", head_dim=8))
         other_attn = [m for m in other.modules() if type(m).__name__.endswith("Attention")]
@@ -237,6 +236,62 @@ def test_fused_rope_follows_a_family_function_replaced_after_apply(monkeypatch):
     finally:
         for h in handles:
             h.remove()
+
+
+def test_replaced_rope_warning_gives_advice_that_works(monkeypatch):
+    """The warning for a family RoPE function replaced after apply() says how to get the fused kernel proven for the
+    replacement, and that advice works. apply() again on the patched model is a no-op (same options: the model is
+    returned as it is, nothing is proven), so "apply() again" alone left the kernel off; revert, then apply, proves it.
+    Through apply() itself on CPU: the attention backend is taken as Liger's and the kernel is a stand-in."""
+    import sys
+    import warnings
+
+    from moe_patch import backends
+    from moe_patch.ops import rope
+
+    for name in ("_CACHE", "_PROVEN", "_RESTORE", "_SHAPES"):
+        monkeypatch.setattr(rope, name, {})
+    monkeypatch.setattr(rope, "_WARNED", set())
+    choose = backends.choose
+    monkeypatch.setattr(backends, "choose", lambda names, kind, device, caps=None: (
+        ("liger", "") if kind == "attention" else choose(names, kind, device, caps)))
+    stock = build("qwen3_moe")
+    attn_cls = next(type(m) for m in stock.modules() if type(m).__name__.endswith("Attention"))
+    module = sys.modules[attn_cls.__module__]
+    family = module.apply_rotary_pos_emb
+    kernel_calls = []
+
+    def spy(q, k, cos, sin):
+        kernel_calls.append(q.shape)
+        return family(q, k, cos, sin)
+
+    def replacement(q, k, cos, sin, *args, **kwargs):  # e.g. another library's wrapper: the same RoPE
+        return family(q, k, cos, sin, *args, **kwargs)
+
+    monkeypatch.setattr(rope, "_liger_candidates", lambda: [("spy rope", spy, lambda w: w)])
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    n_attn = sum(isinstance(m, attn_cls) for m in patched.modules())
+    assert all("spy rope" in r.replacement for r in moe_patch.report(patched).where(kind="attention"))
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", replacement)
+    ids = inputs()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="replaced after apply") as record:
+        patched(input_ids=ids)
+    (message,) = [str(w.message) for w in record if "replaced after apply" in str(w.message)]
+    assert "revert" in message, message  # the way to prove the replacement, not a no-op
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert moe_patch.apply(patched) is patched  # apply() again: the same options, nothing proven anew
+        kernel_calls.clear()
+        with torch.no_grad():
+            patched(input_ids=ids)
+        assert not kernel_calls
+        moe_patch.apply(moe_patch.revert(patched))  # what the warning says: the replacement is proven and used
+        kernel_calls.clear()
+        with torch.no_grad():
+            out = patched(input_ids=ids).logits
+            ref = stock(input_ids=ids).logits
+    assert len(kernel_calls) == n_attn and rel_err(out, ref) < 1e-5
+    assert module.apply_rotary_pos_emb is replacement
 
 
 def test_expert_counts_match_bincount_without_a_host_read():

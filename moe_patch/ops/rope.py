@@ -175,8 +175,9 @@ def _enter(module, args):
         if (mod.__name__, current) not in _WARNED:
             _WARNED.add((mod.__name__, current))
             warnings.warn(f"moe_patch: {mod.__name__}.apply_rotary_pos_emb was replaced after apply(): the "
-                          "replacement runs, not the fused RoPE proven for the function it replaced (apply() "
-                          "again to prove it)", RuntimeWarning, stacklevel=2)
+                          "replacement runs, not the fused RoPE proven for the function it replaced "
+                          "(moe_patch.revert(model), then moe_patch.apply(model), to prove the replacement: apply() "
+                          "on the patched model alone changes nothing)", RuntimeWarning, stacklevel=2)
 
 
 def _leave(module, args, output):
