@@ -151,6 +151,23 @@ def test_routing_only_the_patched_mixer_and_back(cpu_kernel):
     assert mamba_ssd._MARK not in mixer.__dict__ and not mixer._forward_hooks and not mixer._forward_pre_hooks
 
 
+def test_a_scan_set_after_apply_stays_after_revert(cpu_kernel, monkeypatch):
+    """The family's mamba2_chunk_scan set by the user after apply() (moe_patch's router replaced) is left in place by
+    revert(): only the function apply() set is put back."""
+    cpu_kernel(_stand_in_kernel())
+    family = importlib.import_module(FAMILY)
+    original = family.mamba2_chunk_scan
+    model = moe_patch.apply(_model())
+    assert family.mamba2_chunk_scan is not original
+
+    def users_scan(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(family, "mamba2_chunk_scan", users_scan)
+    moe_patch.revert(model)
+    assert family.mamba2_chunk_scan is users_scan
+
+
 def test_proof_rejects_a_wrong_kernel(cpu_kernel):
     cpu_kernel(_stand_in_kernel(drop_d=True))
     family = importlib.import_module(FAMILY)

@@ -238,6 +238,51 @@ def test_fused_rope_follows_a_family_function_replaced_after_apply(monkeypatch):
             h.remove()
 
 
+def test_an_unhashable_rope_callable_is_called_not_a_crash(monkeypatch):
+    """The proofs are keyed by the family function: a callable object without __hash__ set as the family's
+    apply_rotary_pos_emb (after apply(), or before it) runs as the model would run it, with one warning after
+    apply(), and prove() refuses it with the reason; nothing raises TypeError in the forward hooks."""
+    import sys
+
+    from moe_patch.ops import rope
+
+    for name in ("_CACHE", "_PROVEN", "_RESTORE", "_SHAPES"):
+        monkeypatch.setattr(rope, name, {})
+    monkeypatch.setattr(rope, "_WARNED", set())
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    attn = [m for m in patched.modules() if type(m).__name__.endswith("Attention")]
+    module = sys.modules[type(attn[0]).__module__]
+    family = module.apply_rotary_pos_emb
+    monkeypatch.setattr(rope, "_liger_candidates", lambda: [("same rope", family, lambda w: w)])
+    assert rope.prove(patched, attn[0]) == ("same rope", "")
+    handles = [h for m in attn for h in rope.install(m)]
+
+    class Rope:  # __eq__ without __hash__: unhashable
+        calls = 0
+
+        def __eq__(self, other):
+            return self is other
+
+        def __call__(self, *args, **kwargs):
+            Rope.calls += 1
+            return family(*args, **kwargs)
+
+    unhashable = Rope()
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", unhashable)
+    try:
+        with torch.no_grad(), pytest.warns(RuntimeWarning, match="replaced after apply"):
+            out = patched(input_ids=inputs()).logits
+        assert Rope.calls == len(attn) and module.apply_rotary_pos_emb is unhashable
+        with torch.no_grad():
+            assert rel_err(out, stock(input_ids=inputs()).logits) < 1e-5
+        label, why = rope.prove(patched, attn[0])
+        assert label is None and "unhashable" in why
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_replaced_rope_warning_gives_advice_that_works(monkeypatch):
     """The warning for a family RoPE function replaced after apply() says how to get the fused kernel proven for the
     replacement, and that advice works. apply() again on the patched model is a no-op (same options: the model is

@@ -170,6 +170,33 @@ def test_masks_built_by_the_family_are_checked_in_one_pass_and_builders_restored
     assert (modeling_gpt_oss.create_causal_mask, modeling_gpt_oss.create_sliding_window_causal_mask) == originals
 
 
+def test_functions_set_while_installed_stay_after_the_last_removal(monkeypatch):
+    """A family function the user (or another library) sets while moe_patch routes it (eager_attention_forward, the
+    mask builders) is what the model calls, and the last handle's removal leaves it there: only what install() set
+    is put back (it overwrote the user's function with the one from before)."""
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    model, _ = _module_and_masks()
+    handles = sink_attention.install(model.model.layers[1].self_attn)
+    try:
+        def users_eager(*args, **kwargs):
+            return sink_attention._ORIGINAL["transformers.models.gpt_oss.modeling_gpt_oss"](*args, **kwargs)
+
+        def users_mask(*args, **kwargs):
+            return None
+
+        monkeypatch.setattr(modeling_gpt_oss, "eager_attention_forward", users_eager)
+        monkeypatch.setattr(modeling_gpt_oss, "create_causal_mask", users_mask)
+        sliding = modeling_gpt_oss.create_sliding_window_causal_mask  # still moe_patch's wrapper
+        assert sliding.__wrapped__ is not None
+    finally:
+        for h in handles:
+            h.remove()
+    assert modeling_gpt_oss.eager_attention_forward is users_eager
+    assert modeling_gpt_oss.create_causal_mask is users_mask
+    assert modeling_gpt_oss.create_sliding_window_causal_mask is sliding.__wrapped__  # not replaced: put back
+
+
 def test_plan_on_cpu_keeps_eager_with_reason_and_names_nothing_new():
     model = build("gpt_oss")
     patched = moe_patch.apply(model)

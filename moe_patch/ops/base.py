@@ -23,6 +23,14 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
+def restore_global(module, name: str, ours, original) -> None:
+    """Put `original` back as `module.<name>` where moe_patch had set `ours` (a family module's function routed
+    while patched models use it: sink attention, mask builders, the Mamba2 scan), but only if `ours` is still
+    there: a function the user (or another library) set since is what the model calls, and stays."""
+    if getattr(module, name, None) is ours:
+        setattr(module, name, original)
+
+
 def current_params_into(inner: nn.Module, owner: nn.Module) -> None:
     """Point `inner`, a module kept outside the module tree (a TE module), at `owner`'s *current* Parameter
     objects. FSDP2 (sharded at rest, unsharded for each forward), load_state_dict(assign=True) and friends

@@ -49,6 +49,8 @@ import weakref
 import torch
 from torch import nn
 
+from .base import restore_global
+
 NAME = "mamba_chunk_scan_combined (mamba-ssm Triton SSD)"
 PACKAGE = "mamba_ssm"
 KERNEL_MODULE = "mamba_ssm.ops.triton.ssd_combined"
@@ -56,6 +58,7 @@ KERNEL_NAME = "mamba_chunk_scan_combined"
 _MARK = "_moe_patch_mamba_ssd"  # on a marked mixer: {"dtypes": frozenset, "chunk_size": int, "dt_limit": tuple}
 _ACTIVE = contextvars.ContextVar("moe_patch_mamba_mixer", default=None)  # the marked mixer whose forward runs
 _ORIGINAL: dict = {}  # (python module name, function name) -> the function it had
+_INSTALLED: dict = {}  # (python module name, function name) -> the dispatcher set there (put back only if still there)
 _USERS: dict = {}  # (python module name, function name) -> number of marked mixers
 FALLBACKS: dict = {}  # reason -> calls of a marked mixer that ran the family's own scan
 CALLS = {"kernel": 0}  # scan calls that ran the kernel (the proof checks that its routed forward used it)
@@ -184,14 +187,15 @@ def _route(key) -> None:
     modname, fn_name = key
     if key not in _ORIGINAL:
         _ORIGINAL[key] = getattr(sys.modules[modname], fn_name)
-        setattr(sys.modules[modname], fn_name, _dispatcher(key))
+        _INSTALLED[key] = _dispatcher(key)
+        setattr(sys.modules[modname], fn_name, _INSTALLED[key])
     _USERS[key] = _USERS.get(key, 0) + 1
 
 
 def _unroute(key) -> None:
     _USERS[key] -= 1
     if _USERS[key] == 0:  # the last user: the family module gets its function back
-        setattr(sys.modules[key[0]], key[1], _ORIGINAL.pop(key))
+        restore_global(sys.modules[key[0]], key[1], _INSTALLED.pop(key), _ORIGINAL.pop(key))
         del _USERS[key]
 
 

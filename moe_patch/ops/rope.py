@@ -83,6 +83,8 @@ def prove(model, attention_module) -> tuple[str | None, str]:
         return None, why
     mod = _modeling_module(attention_module)
     stock = mod.apply_rotary_pos_emb
+    if not _hashable(stock):  # a callable object without __hash__ set there: it keys every table below
+        return None, f"{mod.__name__}.apply_rotary_pos_emb is an unhashable {type(stock).__name__}: stock RoPE"
     stock = _RESTORE.get(stock, stock)  # (proven while a patched forward has the kernel's function installed)
     rotary = _rotary_embedding(model)
     if rotary is None:
@@ -162,9 +164,19 @@ def _call(stock, shapes):
     return apply_rotary_pos_emb
 
 
+def _hashable(fn) -> bool:
+    try:
+        hash(fn)
+    except TypeError:
+        return False
+    return True
+
+
 def _enter(module, args):
     mod = sys.modules[type(module).__module__]
     current = getattr(mod, "apply_rotary_pos_emb", None)
+    if not _hashable(current):  # set after apply() (prove() refuses one): the model calls it, as stock would
+        current = None
     call = _PROVEN.get((mod.__name__, current))
     if call is not None:
         mod.apply_rotary_pos_emb = call
@@ -182,7 +194,8 @@ def _enter(module, args):
 
 def _leave(module, args, output):
     mod = sys.modules[type(module).__module__]
-    stock = _RESTORE.get(getattr(mod, "apply_rotary_pos_emb", None))
+    current = getattr(mod, "apply_rotary_pos_emb", None)
+    stock = _RESTORE.get(current) if _hashable(current) else None
     if stock is not None:  # only what _enter installed is put back: a function set since is left as it is
         mod.apply_rotary_pos_emb = stock
 

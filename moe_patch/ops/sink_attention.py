@@ -34,11 +34,14 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from .base import restore_global
+
 NAME = "flex_attention+sinks"
 _MARK = "_moe_patch_sink_attention"
 _ORIGINAL: dict = {}  # python module name -> the eager_attention_forward it had
 _USERS: dict = {}  # python module name -> number of marked attention modules
 _ORIGINAL_BUILDERS: dict = {}  # python module name -> {name: the mask builder it had} (see _mask_builder)
+_INSTALLED: dict = {}  # python module name -> {name: the function set there} (put back only if still there)
 FALLBACKS: dict = {}  # reason -> calls that ran the original eager function instead
 _BROKEN: set = set()  # (dtype, query shape, key shape, window, grad) where the kernel failed to build
 
@@ -274,10 +277,12 @@ class _Handle:
         if hasattr(self.module, _MARK):
             delattr(self.module, _MARK)
         _USERS[self.modname] -= 1
-        if _USERS[self.modname] == 0:  # the last marked module: the family module gets its function back
-            setattr(sys.modules[self.modname], "eager_attention_forward", _ORIGINAL.pop(self.modname))
+        if _USERS[self.modname] == 0:  # the last marked module: the family module gets its functions back
+            family, ours = sys.modules[self.modname], _INSTALLED.pop(self.modname)
+            restore_global(family, "eager_attention_forward", ours["eager_attention_forward"],
+                           _ORIGINAL.pop(self.modname))
             for name, builder in _ORIGINAL_BUILDERS.pop(self.modname, {}).items():
-                setattr(sys.modules[self.modname], name, builder)
+                restore_global(family, name, ours[name], builder)
             del _USERS[self.modname]
         self.module = None
 
@@ -295,11 +300,13 @@ def install(module) -> list:
     if modname not in _ORIGINAL:
         _ORIGINAL[modname] = fn
         family = sys.modules[modname]
-        setattr(family, "eager_attention_forward", _dispatcher(modname))
+        ours = _INSTALLED[modname] = {"eager_attention_forward": _dispatcher(modname)}
         _ORIGINAL_BUILDERS[modname] = {name: getattr(family, name) for name in _MASK_BUILDERS
                                        if callable(getattr(family, name, None))}
         for name, builder in _ORIGINAL_BUILDERS[modname].items():
-            setattr(family, name, _mask_builder(builder, _MASK_BUILDERS[name]))
+            ours[name] = _mask_builder(builder, _MASK_BUILDERS[name])
+        for name, fn in ours.items():
+            setattr(family, name, fn)
     _USERS[modname] = _USERS.get(modname, 0) + 1
     setattr(module, _MARK, True)
     return [_Handle(module, modname)]
