@@ -139,8 +139,7 @@ def test_fused_rope_routing_is_per_model(monkeypatch):
     def wrong(q, k, cos, sin):  # rotates the other way
         return family(q, k, cos, -sin)
 
-    for name in ("_CACHE", "_PROVEN", "_RESTORE", "_SHAPES"):
-        monkeypatch.setattr(rope, name, {})
+    _fresh_rope(monkeypatch)
     monkeypatch.setattr(rope, "_liger_candidates", lambda: [("wrong rope", wrong, lambda w: w)])
     label, why = rope.prove(patched, attn[0])
     assert label is None and "not the family's" in why and "wrong rope" in why
@@ -183,23 +182,34 @@ def test_fused_rope_routing_is_per_model(monkeypatch):
     assert not calls
 
 
-def test_fused_rope_follows_a_family_function_replaced_after_apply(monkeypatch):
-    """A family's apply_rotary_pos_emb replaced after apply() (by the user, or another library's patch) runs as the
-    model would run it, with one warning, and stays in place after the forward (the hooks put back only what they
-    installed); apply() on a model after that proves the new function itself, not the earlier verdict. Before,
-    the kernel proven for the old function ran and the forward hook put the old function back."""
-    import sys
-
+def _fresh_rope(monkeypatch):
+    """ops/rope.py with empty proof tables for the test (restored after it)."""
     from moe_patch.ops import rope
 
     for name in ("_CACHE", "_PROVEN", "_RESTORE", "_SHAPES"):
         monkeypatch.setattr(rope, name, {})
     monkeypatch.setattr(rope, "_WARNED", set())
+    return rope
+
+
+def _rope_model():
+    """(stock, patched, patched attention modules, the family's modeling module, its apply_rotary_pos_emb): Qwen3-MoE."""
+    import sys
+
     stock = build("qwen3_moe")
     patched = moe_patch.apply(copy.deepcopy(stock))
     attn = [m for m in patched.modules() if type(m).__name__.endswith("Attention")]
     module = sys.modules[type(attn[0]).__module__]
-    family = module.apply_rotary_pos_emb
+    return stock, patched, attn, module, module.apply_rotary_pos_emb
+
+
+def test_fused_rope_follows_a_family_function_replaced_after_apply(monkeypatch):
+    """A family's apply_rotary_pos_emb replaced after apply() (by the user, or another library's patch) runs as the
+    model would run it, with one warning, and stays in place after the forward (the hooks put back only what they
+    installed); apply() on a model after that proves the new function itself, not the earlier verdict. Before,
+    the kernel proven for the old function ran and the forward hook put the old function back."""
+    rope = _fresh_rope(monkeypatch)
+    stock, patched, attn, module, family = _rope_model()
     kernel_calls, replaced_calls = [], []
 
     def spy(q, k, cos, sin):
@@ -242,18 +252,8 @@ def test_an_unhashable_rope_callable_is_called_not_a_crash(monkeypatch):
     """The proofs are keyed by the family function: a callable object without __hash__ set as the family's
     apply_rotary_pos_emb (after apply(), or before it) runs as the model would run it, with one warning after
     apply(), and prove() refuses it with the reason; nothing raises TypeError in the forward hooks."""
-    import sys
-
-    from moe_patch.ops import rope
-
-    for name in ("_CACHE", "_PROVEN", "_RESTORE", "_SHAPES"):
-        monkeypatch.setattr(rope, name, {})
-    monkeypatch.setattr(rope, "_WARNED", set())
-    stock = build("qwen3_moe")
-    patched = moe_patch.apply(copy.deepcopy(stock))
-    attn = [m for m in patched.modules() if type(m).__name__.endswith("Attention")]
-    module = sys.modules[type(attn[0]).__module__]
-    family = module.apply_rotary_pos_emb
+    rope = _fresh_rope(monkeypatch)
+    stock, patched, attn, module, family = _rope_model()
     monkeypatch.setattr(rope, "_liger_candidates", lambda: [("same rope", family, lambda w: w)])
     assert rope.prove(patched, attn[0]) == ("same rope", "")
     handles = [h for m in attn for h in rope.install(m)]
@@ -292,11 +292,8 @@ def test_replaced_rope_warning_gives_advice_that_works(monkeypatch):
     import warnings
 
     from moe_patch import backends
-    from moe_patch.ops import rope
 
-    for name in ("_CACHE", "_PROVEN", "_RESTORE", "_SHAPES"):
-        monkeypatch.setattr(rope, name, {})
-    monkeypatch.setattr(rope, "_WARNED", set())
+    rope = _fresh_rope(monkeypatch)
     choose = backends.choose
     monkeypatch.setattr(backends, "choose", lambda names, kind, device, caps=None: (
         ("liger", "") if kind == "attention" else choose(names, kind, device, caps)))
