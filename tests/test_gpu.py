@@ -324,6 +324,41 @@ def test_sink_attention_on_flex_attention_matches_eager(dtype, tol, grad_tol):
     assert not any(hasattr(m, sink_attention._MARK) for m in patched.modules())
 
 
+def test_sink_mask_verdicts_read_without_a_stream_sync():
+    """On a GPU the mask checks launched when the family builds its masks are read behind an event: no stream sync
+    (which would idle the GPU at the first attention layer), and the verdicts are still each mask's own: plain masks
+    pass, a padded one, one changed in place after it was built and a window it was not built for do not."""
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    from moe_patch.ops import sink_attention
+
+    model = build("gpt_oss").cuda()
+    handles = sink_attention.install(model.model.layers[1].self_attn)
+    try:
+        emb = torch.zeros(2, 77, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+        kw = dict(config=model.config, inputs_embeds=emb, cache=None,
+                  position_ids=torch.arange(77, device="cuda")[None])
+        pad = torch.ones(2, 77, dtype=torch.long, device="cuda")
+        pad[0, :5] = 0
+        full = modeling_gpt_oss.create_causal_mask(attention_mask=None, **kw)
+        sliding = modeling_gpt_oss.create_sliding_window_causal_mask(attention_mask=None, **kw)
+        padded = modeling_gpt_oss.create_causal_mask(attention_mask=pad, **kw)
+        changed = modeling_gpt_oss.create_causal_mask(attention_mask=None, **kw)
+        changed[1, :, :, :3] = torch.finfo(changed.dtype).min
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            assert sink_attention.mask_window(full, 77, 77, None) == ("causal", None)
+            assert sink_attention.mask_window(sliding, 77, 77, model.config.sliding_window)[0] == "causal"
+            assert sink_attention.mask_window(padded, 77, 77, None)[0] is None
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert sink_attention.mask_window(changed, 77, 77, None)[0] is None  # checked again (a sync): stale verdict
+        assert sink_attention.mask_window(sliding, 77, 77, None)[0] is None
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _fp8_experts_pair():
     """A tiny qwen3_moe in bf16 and its copy under fp8="current" with MOE_PATCH_FP8_EXPERTS=1 (experts on the FP8
     kernels; without the variable they stay bf16, with the reason)."""

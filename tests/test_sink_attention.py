@@ -138,14 +138,18 @@ def test_dispatcher_routes_marked_modules_only_and_is_removed():
     assert not hasattr(marked, sink_attention._MARK)
 
 
-def test_masks_built_by_the_family_are_checked_in_one_pass_and_builders_restored(monkeypatch):
-    """install() wraps the family module's mask builders: the first check also reads every other mask the forward
-    built (one device sync per forward, not one per mask); each verdict is the one its own mask gets alone."""
+def test_masks_built_by_the_family_are_checked_when_built_and_builders_restored(monkeypatch):
+    """install() wraps the family module's mask builders: each mask's check is launched when it is built (on a GPU
+    read later behind an event, without a stream sync), each verdict is the one its own mask gets alone, and a
+    verdict is never used for a mask changed in place since, or for another window."""
     from transformers.models.gpt_oss import modeling_gpt_oss
 
     model, _ = _module_and_masks()
     originals = modeling_gpt_oss.create_causal_mask, modeling_gpt_oss.create_sliding_window_causal_mask
     handles = sink_attention.install(model.model.layers[1].self_attn)
+    checks = []
+    real = sink_attention._expected_mask
+    monkeypatch.setattr(sink_attention, "_expected_mask", lambda *a: checks.append(a) or real(*a))
     try:
         assert modeling_gpt_oss.create_causal_mask.__wrapped__ is originals[0]
         emb = torch.zeros(2, 37, model.config.hidden_size)
@@ -153,17 +157,19 @@ def test_masks_built_by_the_family_are_checked_in_one_pass_and_builders_restored
         for attention_mask, expect in ((None, "causal"), (pad.index_fill(1, torch.tensor([0]), 0), None)):
             kw = dict(config=model.config, inputs_embeds=emb, attention_mask=attention_mask, cache=None,
                       position_ids=torch.arange(37)[None])
+            checks.clear()
             full = modeling_gpt_oss.create_causal_mask(**kw)
             sliding = modeling_gpt_oss.create_sliding_window_causal_mask(**kw)
-            checks = []
-            real = sink_attention._expected_mask
-            monkeypatch.setattr(sink_attention, "_expected_mask", lambda *a: checks.append(a) or real(*a))
+            assert len(checks) == 2  # both checks launched at build time, for the window each was built for
             assert sink_attention.mask_window(sliding, 37, 37, 8)[0] == expect
-            assert len(checks) == 2  # both masks compared in the first call
             assert sink_attention.mask_window(full, 37, 37, None)[0] == expect
+            assert len(checks) == 2  # read, not computed again
             assert sink_attention.mask_window(full, 37, 37, 8)[0] is None  # another window: checked again
             assert len(checks) == 3
-            monkeypatch.setattr(sink_attention, "_expected_mask", real)
+        # a plain mask changed in place after it was built: its launched verdict is stale and not used
+        full = modeling_gpt_oss.create_causal_mask(**{**kw, "attention_mask": None})
+        full[1, :, :, :3] = torch.finfo(full.dtype).min
+        assert sink_attention.mask_window(full, 37, 37, None)[0] is None
     finally:
         for h in handles:
             h.remove()

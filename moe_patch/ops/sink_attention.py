@@ -132,8 +132,8 @@ def _expected_mask(q_len: int, k_len: int, window: int | None, dtype, device) ->
 
 
 _CHECKED: dict = {}  # id(mask) -> (weakref, version, window, verdict): one check per mask tensor, not per layer
-# masks the family's forward built this step and not checked yet: (weakref, window it was built for), registered by
-# the family module's mask builders (_mask_builder), so that the first check reads every one of them in one sync
+# verdicts of the masks the family's forward built, launched when each was built (_mask_builder) and not read yet:
+# _Pending entries, read at the mask's first use without a stream sync (see mask_window)
 _PENDING: list = []
 _NO_WINDOW = object()  # a builder whose window could not be read: its mask is checked on its own, when used
 _MASK_BUILDERS = {"create_causal_mask": lambda kwargs: None,
@@ -141,16 +141,49 @@ _MASK_BUILDERS = {"create_causal_mask": lambda kwargs: None,
                                                                               _NO_WINDOW)}
 
 
+def _is_plain(mask: torch.Tensor, window: int | None) -> torch.Tensor:
+    """0-dim bool tensor on the mask's device (no host read): the [B, 1, Q, K] additive mask equals the causal
+    (+ window) mask eager gets, element for element."""
+    return (mask == _expected_mask(mask.shape[-2], mask.shape[-1], window, mask.dtype, mask.device)).all()
+
+
+class _Pending:
+    """A mask's verdict launched when the mask was built, for the mask at that version and the window it was built
+    for. On a GPU the verdict is copied to pinned host memory behind an event, so reading it waits for that copy
+    only, not for the work queued after it (a stream sync at the first attention layer, as `.item()` would be,
+    idles the GPU until the host has launched the layer's kernels again: ~1 ms of a GPT-OSS-20B forward on an H200)."""
+
+    def __init__(self, mask: torch.Tensor, window):
+        self.ref, self.version, self.window = weakref.ref(mask), mask._version, window
+        ok = _is_plain(mask, window)
+        self.event = None
+        if ok.is_cuda:
+            ok = ok.to("cpu", non_blocking=True)  # pinned: the copy runs in stream order
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.ok = ok
+
+    def matches(self, mask: torch.Tensor, window) -> bool:
+        return self.ref() is mask and self.version == mask._version and self.window == window
+
+    def read(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.ok)
+
+
 def _mask_builder(builder, window_of):
-    """The family module's mask builder, registering each 4-D float mask it returns (and the window it built it
-    for) for the next check; returns the builder's result unchanged."""
+    """The family module's mask builder, launching the check of each 4-D float mask it returns (against the window
+    it was built for: _Pending) without reading it; returns the builder's result unchanged."""
 
     def build(*args, **kwargs):
         mask = builder(*args, **kwargs)
         window = window_of(kwargs) if not args else _NO_WINDOW  # Transformers calls them with keywords
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.is_floating_point() and window is not _NO_WINDOW:
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.is_floating_point() and window is not _NO_WINDOW \
+                and mask.shape[-1] == mask.shape[-2] and not torch.compiler.is_compiling() \
+                and not (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
             del _PENDING[:-7]  # a few steps' worth at most: a forward builds one or two
-            _PENDING.append((weakref.ref(mask), window))
+            _PENDING.append(_Pending(mask, window))
         return mask
 
     build.__wrapped__ = builder
@@ -164,9 +197,9 @@ def _verdict(ok: bool, window):
 
 def mask_window(attention_mask, q_len: int, k_len: int, window: int | None):
     """("none", None) for no mask, ("causal", window) if attention_mask is exactly the causal (+window) mask
-    eager would get, else (None, reason). Checked once per mask tensor object, with every other mask the family's
-    forward built for this step (_PENDING) in the same device sync: one sync per forward, at the first layer,
-    instead of one per mask (a sync at a later layer throws away the host's lead over the GPU)."""
+    eager would get, else (None, reason). Checked once per mask tensor object: a mask the family's builder made
+    has its verdict launched at build time (_Pending), read here without a stream sync; any other mask, one built
+    for another window or changed in place since, is compared here (one device sync)."""
     if attention_mask is None:
         return "none", None
     if not isinstance(attention_mask, torch.Tensor) or not attention_mask.is_floating_point():
@@ -177,19 +210,16 @@ def mask_window(attention_mask, q_len: int, k_len: int, window: int | None):
     hit = _CHECKED.get(id(attention_mask))
     if hit is not None and hit[0]() is attention_mask and hit[1] == attention_mask._version and hit[2] == window:
         return hit[3]
-    batch = [(attention_mask, window)]
-    for ref, built_for in _PENDING:
-        mask = ref()
-        if mask is not None and mask is not attention_mask and mask.dim() == 4 and mask.shape[-1] == mask.shape[-2] \
-                and mask.device == attention_mask.device:
-            batch.append((mask, built_for))
-    _PENDING.clear()
-    oks = torch.stack([(m == _expected_mask(m.shape[-2], m.shape[-1], w, m.dtype, m.device)).all()
-                       for m, w in batch]).tolist()  # the one device sync
+    pending = next((p for p in _PENDING if p.matches(attention_mask, window)), None)
+    if pending is not None:
+        _PENDING.remove(pending)
+        ok = pending.read()
+    else:
+        ok = bool(_is_plain(attention_mask, window))  # the one device sync
     if len(_CHECKED) > 64:
         _CHECKED.clear()
-    for (mask, w), ok in zip(batch, oks):
-        _CHECKED[id(mask)] = (weakref.ref(mask), mask._version, w, _verdict(ok, w))
+    _CHECKED[id(attention_mask)] = (weakref.ref(attention_mask), attention_mask._version, window,
+                                    _verdict(ok, window))
     return _CHECKED[id(attention_mask)][3]
 
 
