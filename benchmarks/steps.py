@@ -135,6 +135,71 @@ def profile_step(model, opt, ids, rows: int, trace: str | None = None) -> str:
     return table + "\n" + format_breakdown(kernel_breakdown(kernels))
 
 
+
+def layer_timeline(model, opt, ids, steps: int) -> list:
+    """Where in a training step the host falls behind the GPU: `steps` more steps (the benchmark's loop: one host
+    synchronisation per step), each marked at the start of every decoder layer and of its attention and MLP /
+    mixer children, and at the ends of forward, backward and optimizer. Each mark: the host's time since the step
+    began (perf_counter) and, on CUDA, the GPU's (an event recorded there, in stream order). Returns rows
+    {"mark", "host_ms", "gpu_ms", "gpu_behind_ms"}, medians over the steps; gpu_behind_ms = gpu - host: how far the
+    GPU trails the host at that mark (near zero: the GPU is waiting for the host's launches, a host-bound
+    stretch; growing: GPU-bound). On CPU gpu_ms is None."""
+    import torch
+
+    cuda = ids.is_cuda
+    marks, handles = [], []
+
+    def mark(name):
+        event = None
+        if cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        marks.append((name, time.perf_counter(), event))
+
+    layers = next((m for n, m in model.named_modules() if n.endswith("layers") and isinstance(m, torch.nn.ModuleList)),
+                  [])
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: mark(f"layer {i}")))
+        for name, child in layer.named_children():
+            if name in ("self_attn", "mlp", "mixer", "block_sparse_moe"):
+                handles.append(child.register_forward_pre_hook(lambda m, a, i=i, n=name: mark(f"layer {i} {n}")))
+    runs = []
+    try:
+        for _ in range(steps):
+            if cuda:
+                torch.cuda.synchronize()
+            marks.clear()
+            mark("step start")
+            loss = model(input_ids=ids, labels=ids).loss
+            mark("forward end")
+            loss.backward()
+            mark("backward end")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mark("optimizer end")
+            float(loss)  # the step's synchronisation, as in timed_steps
+            if cuda:
+                torch.cuda.synchronize()
+            t0, e0 = marks[0][1], marks[0][2]
+            runs.append([(n, (t - t0) * 1e3, e0.elapsed_time(e) if cuda else None) for n, t, e in marks])
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for j, (name, _, _) in enumerate(runs[0]):
+        host = statistics.median(r[j][1] for r in runs)
+        gpu = statistics.median(r[j][2] for r in runs) if cuda else None
+        rows.append(dict(mark=name, host_ms=host, gpu_ms=gpu, gpu_behind_ms=None if gpu is None else gpu - host))
+    return rows
+
+
+def format_timeline(rows) -> str:
+    lines = [f"{'mark':<26} {'host ms':>8} {'GPU ms':>8} {'GPU behind host':>16}"]
+    for r in rows:
+        gpu = "" if r["gpu_ms"] is None else f"{r['gpu_ms']:8.2f} {r['gpu_behind_ms']:16.2f}"
+        lines.append(f"{r['mark']:<26} {r['host_ms']:8.2f} {gpu}")
+    return "\n".join(lines)
+
 # kernel name pieces -> category; the first match wins (TE's NCCL-EP kernels before other NCCL ones)
 CATEGORIES = (("expert dispatch/combine", ("nccl_ep",)), ("collectives", ("nccl",)),
               ("attention", ("fmha", "sdpa", "flash", "cudnn", "triton_tem_fused")),  # triton_tem: flex_attention's

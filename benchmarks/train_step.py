@@ -11,6 +11,10 @@ For a family with Mamba2 mixers (MAMBA_FAMILIES) where mamba-ssm is installed, s
 mamba-ssm and causal-conv1d hidden from Transformers, so the table shows both stock rows: what a pip install of
 those libraries gives stock by itself, and what moe_patch adds. The "scan" column says which scan stock ran.
 
+--timeline N: N more steps, each marked at every decoder layer's start (and its attention / MLP) with the host's
+time and the GPU's (CUDA events): where the GPU waits for the host's launches (GPU behind host near zero) and where
+the host leads (steps.layer_timeline); printed per variant and kept in the JSON.
+
 --grad-accum K: K micro-batches (each --batch x --seq, different random tokens) per optimizer step, for
 every variant; tokens/s counts all K.
 
@@ -106,7 +110,7 @@ def child(args) -> dict:
     from transformers.utils import logging as hf_logging
 
     from moe_patch.shapes import named_config
-    from steps import profile_step, timed_steps
+    from steps import format_timeline, layer_timeline, profile_step, timed_steps
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -162,6 +166,10 @@ def child(args) -> dict:
         ids = ids if args.grad_accum == 1 else ids[0]
         trace = f"{args.trace}.{args.child}.json" if args.trace else None
         print(profile_step(model, opt, ids, args.profile, trace), file=sys.stderr)
+    if args.timeline:
+        ids = ids if args.grad_accum == 1 else ids[0]
+        info["timeline"] = layer_timeline(model, opt, ids, args.timeline)
+        print(format_timeline(info["timeline"]), file=sys.stderr)
     flops = (6 * active_params(model, config) + attention_flops_per_token(config, args.seq)) * tokens
     if args.child.startswith("patched") and config.model_type in MAMBA_FAMILIES:
         from moe_patch.ops import mamba_ssd
@@ -190,6 +198,9 @@ def main():
     parser.add_argument("--profile", type=int, default=0, help="print the top-N GPU kernels of one step")
     parser.add_argument("--trace", default=None,
                         help="with --profile: also write a Chrome trace of that step to TRACE.<variant>.json")
+    parser.add_argument("--timeline", type=int, default=0,
+                        help="N more steps with the host's and the GPU's time at each decoder layer's start (and its "
+                             "attention / MLP), medians: where the GPU waits for the host (steps.layer_timeline)")
     parser.add_argument("--shapes", default=None,
                         help="'all' or a comma list of SWEEP's shapes: stock, stock-best, patched for each")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -207,9 +218,11 @@ def main():
         print(json.dumps({k: results[-1].get(k) for k in ("variant", "tokens_per_s", "peak_gib", "error")}), flush=True)
         write_results(args, [{k: x for k, x in r.items() if k != "stderr"} for r in results])  # a run cut short
         # keeps what it measured
-    if args.profile:
+    if args.profile or args.timeline:
+        what = " and ".join(w for w, on in (("GPU kernels of one step", args.profile),
+                                            ("host / GPU timeline", args.timeline)) if on)
         for r in results:
-            print(f"--- {r['variant']}: GPU kernels of one step\n" + r.pop("stderr", ""))
+            print(f"--- {r['variant']}: {what}\n" + r.pop("stderr", ""))
     print_table(results, args)
     write_results(args, [{k: v for k, v in r.items() if k != "stderr"} for r in results], chart)
 

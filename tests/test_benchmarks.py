@@ -99,6 +99,26 @@ def test_fp8_experts_quantiser_and_cpu_refusal():
         assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
 
 
+def test_layer_timeline_marks_every_layer_in_order_and_removes_its_hooks():
+    """train_step.py --timeline: the host's time at each decoder layer's start (and its attention / MLP), then the
+    ends of forward, backward and optimizer, in step order; on CPU no GPU column; the model keeps no hook."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from steps import format_timeline, layer_timeline
+    from util import build
+
+    model = build("qwen3_moe")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rows = layer_timeline(model, opt, torch.randint(0, 256, (2, 16)), steps=2)
+    layers = len(model.model.layers)
+    expected = ["step start"] + [f"layer {i}{part}" for i in range(layers) for part in ("", " self_attn", " mlp")] + \
+        ["forward end", "backward end", "optimizer end"]
+    assert [r["mark"] for r in rows] == expected
+    hosts = [r["host_ms"] for r in rows]
+    assert hosts[0] == 0 and all(a <= b for a, b in zip(hosts, hosts[1:])) and hosts[-1] > 0
+    assert all(r["gpu_ms"] is None for r in rows) and "optimizer end" in format_timeline(rows)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
 def test_kind_timing_host_mode_on_cpu(tmp_path):
     """kind_timing.py --host (host time per training-forward call) runs without a GPU and reports each
     replaced kind once, stock and patched."""
