@@ -158,9 +158,11 @@ class _Pending:
         ok = _is_plain(mask, window)
         self.event = None
         if ok.is_cuda:
-            ok = ok.to("cpu", non_blocking=True)  # pinned: the copy runs in stream order
+            ok = ok.to("cpu", non_blocking=True)  # pinned: the copy runs in stream order, on the mask's device
             self.event = torch.cuda.Event()
-            self.event.record()
+            # behind the copy on the mask's device's stream, not the current device's: a mask on cuda:1 while
+            # cuda:0 is current would otherwise be read before its copy lands (a stale verdict from reused memory)
+            self.event.record(torch.cuda.current_stream(mask.device))
         self.ok = ok
 
     def matches(self, mask: torch.Tensor, window) -> bool:
