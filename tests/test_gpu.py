@@ -359,6 +359,38 @@ def test_sink_mask_verdicts_read_without_a_stream_sync():
             h.remove()
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_sink_mask_verdict_on_another_device_waits_for_its_own_copy():
+    """A mask built on cuda:1 while cuda:0 is current: its verdict's event is recorded on cuda:1's stream, behind
+    the copy. Before, it was recorded on cuda:0's, so the read did not wait for the copy and returned whatever the
+    reused pinned block held: a padded mask read as plain (40 of 40 times on 2 H200s, after a plain mask's
+    verdict and with cuda:1 busy), flex_attention run without the padding."""
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    from moe_patch.ops import sink_attention
+
+    model = build("gpt_oss").to("cuda:1")
+    handles = sink_attention.install(model.model.layers[1].self_attn)
+    torch.cuda.set_device(0)
+    try:
+        emb = torch.zeros(2, 256, model.config.hidden_size, device="cuda:1")
+        kw = dict(config=model.config, inputs_embeds=emb, cache=None,
+                  position_ids=torch.arange(256, device="cuda:1")[None])
+        pad = torch.ones(2, 256, dtype=torch.long, device="cuda:1")
+        pad[0, :5] = 0
+        for _ in range(10):
+            plain = modeling_gpt_oss.create_causal_mask(attention_mask=None, **kw)
+            assert sink_attention.mask_window(plain, 256, 256, None) == ("causal", None)
+            del plain
+            with torch.cuda.device(1):
+                torch.cuda._sleep(20_000_000)  # cuda:1 busy: the host runs ahead, as in a forward
+            padded = modeling_gpt_oss.create_causal_mask(attention_mask=pad, **kw)
+            assert sink_attention.mask_window(padded, 256, 256, None)[0] is None
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _fp8_experts_pair():
     """A tiny qwen3_moe in bf16 and its copy under fp8="current" with MOE_PATCH_FP8_EXPERTS=1 (experts on the FP8
     kernels; without the variable they stay bf16, with the reason)."""

@@ -237,3 +237,42 @@ def test_kernel_failure_runs_eager_once_tried(monkeypatch):
         for h in handles:
             h.remove()
         sink_attention._BROKEN.clear()
+
+
+def test_forward_under_inference_mode_equals_stock():
+    """Masks built under torch.inference_mode() are inference tensors, which have no version counter (`_version`
+    raises): their verdicts are checked at each use, never launched at build time nor cached. Before, the mask
+    builder raised RuntimeError in the model's forward (pipelines run under inference_mode); and a verdict cached
+    for such a mask could not see it changed in place."""
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    stock = build("gpt_oss")
+    patched = copy.deepcopy(stock)
+    handles = [h for layer in patched.model.layers for h in sink_attention.install(layer.self_attn)]
+    sink_attention.FALLBACKS.clear()
+    try:
+        ids = torch.randint(0, stock.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(7))
+        pad = torch.ones(2, 37, dtype=torch.long)
+        pad[0, :5] = 0
+        with torch.inference_mode():
+            for attention_mask, fused in ((None, True), (pad, False)):
+                sink_attention.FALLBACKS.clear()
+                assert rel_err(patched(input_ids=ids, attention_mask=attention_mask).logits,
+                               stock(input_ids=ids, attention_mask=attention_mask).logits) < 1e-5
+                assert (not sink_attention.FALLBACKS) == fused
+            # a plain mask used once, then padded in place (no version counter to see it): checked again
+            kw = dict(config=stock.config, inputs_embeds=torch.zeros(2, 37, stock.config.hidden_size),
+                      attention_mask=None, cache=None, position_ids=torch.arange(37)[None])
+            masks = {"full_attention": modeling_gpt_oss.create_causal_mask(**kw),
+                     "sliding_attention": modeling_gpt_oss.create_sliding_window_causal_mask(**kw)}
+            assert rel_err(patched(input_ids=ids, attention_mask=masks).logits,
+                           stock(input_ids=ids, attention_mask=masks).logits) < 1e-5
+            for mask in masks.values():
+                mask[0, :, :, :5] = torch.finfo(mask.dtype).min
+            sink_attention.FALLBACKS.clear()
+            assert rel_err(patched(input_ids=ids, attention_mask=masks).logits,
+                           stock(input_ids=ids, attention_mask=masks).logits) < 1e-5
+            assert any("not the plain causal" in why for why in sink_attention.FALLBACKS)
+    finally:
+        for h in handles:
+            h.remove()

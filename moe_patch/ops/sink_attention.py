@@ -158,9 +158,11 @@ class _Pending:
         ok = _is_plain(mask, window)
         self.event = None
         if ok.is_cuda:
-            ok = ok.to("cpu", non_blocking=True)  # pinned: the copy runs in stream order
+            ok = ok.to("cpu", non_blocking=True)  # pinned: the copy runs in stream order, on the mask's device
             self.event = torch.cuda.Event()
-            self.event.record()
+            # behind the copy on the mask's device's stream, not the current device's: a mask on cuda:1 while
+            # cuda:0 is current would otherwise be read before its copy lands (a stale verdict from reused memory)
+            self.event.record(torch.cuda.current_stream(mask.device))
         self.ok = ok
 
     def matches(self, mask: torch.Tensor, window) -> bool:
@@ -180,7 +182,7 @@ def _mask_builder(builder, window_of):
         mask = builder(*args, **kwargs)
         window = window_of(kwargs) if not args else _NO_WINDOW  # Transformers calls them with keywords
         if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.is_floating_point() and window is not _NO_WINDOW \
-                and mask.shape[-1] == mask.shape[-2] and not torch.compiler.is_compiling() \
+                and mask.shape[-1] == mask.shape[-2] and not mask.is_inference() and not torch.compiler.is_compiling() \
                 and not (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
             del _PENDING[:-7]  # a few steps' worth at most: a forward builds one or two
             _PENDING.append(_Pending(mask, window))
@@ -207,6 +209,8 @@ def mask_window(attention_mask, q_len: int, k_len: int, window: int | None):
     if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or tuple(attention_mask.shape[-2:]) != (q_len, k_len) \
             or q_len != k_len:
         return None, "attention mask is not [batch, 1, q, k] with as many queries as keys (a cache, or a query slice)"
+    if attention_mask.is_inference():  # no version counter (torch.inference_mode): a verdict could go stale unseen
+        return _verdict(bool(_is_plain(attention_mask, window)), window)  # so checked at every use, never cached
     hit = _CHECKED.get(id(attention_mask))
     if hit is not None and hit[0]() is attention_mask and hit[1] == attention_mask._version and hit[2] == window:
         return hit[3]
