@@ -170,6 +170,12 @@ def test_masks_built_by_the_family_are_checked_when_built_and_builders_restored(
         full = modeling_gpt_oss.create_causal_mask(**{**kw, "attention_mask": None})
         full[1, :, :, :3] = torch.finfo(full.dtype).min
         assert sink_attention.mask_window(full, 37, 37, None)[0] is None
+        # ... or given other storage through .data (no version bump): also checked again
+        full = modeling_gpt_oss.create_causal_mask(**{**kw, "attention_mask": None})
+        padded = full.clone()
+        padded[1, :, :, :3] = torch.finfo(full.dtype).min
+        full.data = padded
+        assert sink_attention.mask_window(full, 37, 37, None)[0] is None
     finally:
         for h in handles:
             h.remove()
@@ -183,6 +189,8 @@ def test_functions_set_while_installed_stay_after_the_last_removal(monkeypatch):
     from transformers.models.gpt_oss import modeling_gpt_oss
 
     model, _ = _module_and_masks()
+    for name in ("eager_attention_forward", "create_causal_mask"):  # undone last: the family's own functions back
+        monkeypatch.setattr(modeling_gpt_oss, name, getattr(modeling_gpt_oss, name))
     handles = sink_attention.install(model.model.layers[1].self_attn)
     try:
         def users_eager(*args, **kwargs):

@@ -131,7 +131,8 @@ def _expected_mask(q_len: int, k_len: int, window: int | None, dtype, device) ->
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
-_CHECKED: dict = {}  # id(mask) -> (weakref, version, window, verdict): one check per mask tensor, not per layer
+_CHECKED: dict = {}  # id(mask) -> (weakref, (version, data_ptr), window, verdict): one check per mask tensor, not
+# per layer
 # verdicts of the masks the family's forward built, launched when each was built (_mask_builder) and not read yet:
 # _Pending entries, read at the mask's first use without a stream sync (see mask_window)
 _PENDING: list = []
@@ -155,6 +156,7 @@ class _Pending:
 
     def __init__(self, mask: torch.Tensor, window):
         self.ref, self.version, self.window = weakref.ref(mask), mask._version, window
+        self.data_ptr = mask.data_ptr()  # `mask.data = other` swaps the storage without a version bump
         ok = _is_plain(mask, window)
         self.event = None
         if ok.is_cuda:
@@ -166,7 +168,8 @@ class _Pending:
         self.ok = ok
 
     def matches(self, mask: torch.Tensor, window) -> bool:
-        return self.ref() is mask and self.version == mask._version and self.window == window
+        return (self.ref() is mask and self.version == mask._version and self.data_ptr == mask.data_ptr()
+                and self.window == window)
 
     def read(self) -> bool:
         if self.event is not None:
@@ -212,7 +215,8 @@ def mask_window(attention_mask, q_len: int, k_len: int, window: int | None):
     if attention_mask.is_inference():  # no version counter (torch.inference_mode): a verdict could go stale unseen
         return _verdict(bool(_is_plain(attention_mask, window)), window)  # so checked at every use, never cached
     hit = _CHECKED.get(id(attention_mask))
-    if hit is not None and hit[0]() is attention_mask and hit[1] == attention_mask._version and hit[2] == window:
+    state = (attention_mask._version, attention_mask.data_ptr())  # `.data = other` bumps no version
+    if hit is not None and hit[0]() is attention_mask and hit[1] == state and hit[2] == window:
         return hit[3]
     pending = next((p for p in _PENDING if p.matches(attention_mask, window)), None)
     if pending is not None:
@@ -222,7 +226,7 @@ def mask_window(attention_mask, q_len: int, k_len: int, window: int | None):
         ok = bool(_is_plain(attention_mask, window))  # the one device sync
     if len(_CHECKED) > 64:
         _CHECKED.clear()
-    _CHECKED[id(attention_mask)] = (weakref.ref(attention_mask), attention_mask._version, window,
+    _CHECKED[id(attention_mask)] = (weakref.ref(attention_mask), state, window,
                                     _verdict(ok, window))
     return _CHECKED[id(attention_mask)][3]
 
