@@ -193,10 +193,15 @@ def undo(model, record: Record) -> None:
     for module, name in record.switched:
         if isinstance(vars(module).get(name), Switch):
             delattr(module, name)
-    if record.forward_replaced and "forward" in vars(model):
-        del model.forward
+    if record.forward_replaced and isinstance(vars(model).get("forward"), loss_op.FusedLossForward):
+        del model.forward  # a forward set after apply() (a user's or accelerate's wrapper) stays; the fused
+        # loss inside it runs the stock forward from now on (FusedLossForward.__call__: the model is not patched)
     for parent, child, new in reversed(record.swaps):
-        setattr(parent, child, new.give_back())
+        original = new.give_back()
+        # a module set in its place after apply() is the user's (a LayerNorm, a fresh router, ...): it stays.
+        # Only moe_patch's own replacement is swapped back
+        if parent._modules.get(child) is new:
+            setattr(parent, child, original)
     for entry in record.attention:
         for handle in entry[3]:
             handle.remove()

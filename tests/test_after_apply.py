@@ -57,3 +57,58 @@ def test_revert_hands_back_attributes_set_while_patched():
     norms = [m for m in model.modules() if type(m).__name__ == "Qwen3MoeRMSNorm"]
     assert routers and all(r.norm_topk_prob is False for r in routers)
     assert norms and all(n.variance_epsilon == 0.25 for n in norms)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_revert_keeps_modules_the_user_replaced_while_patched(family):
+    """A module set on the model after apply() (here a norm and a router) is the user's: revert() puts back
+    moe_patch's own swaps only. Before, revert() put the original family module back over the user's, and the
+    model silently computed with the old one (logits rel. error ~1e-1 against stock doing the same)."""
+    stock = build(family)
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    layer = len(stock.model.layers) - 1  # a MoE layer in both families
+    for model in (stock, patched):
+        torch.manual_seed(4)
+        model.model.layers[layer].input_layernorm = torch.nn.LayerNorm(model.config.hidden_size)
+        gate = copy.deepcopy(stock.model.layers[layer].mlp.gate)  # a fresh stock router, other weights
+        with torch.no_grad():
+            gate.weight.normal_(0, 0.5)
+        model.model.layers[layer].mlp.gate = gate
+    user_modules = (patched.model.layers[layer].input_layernorm, patched.model.layers[layer].mlp.gate)
+    moe_patch.revert(patched)
+    assert (patched.model.layers[layer].input_layernorm, patched.model.layers[layer].mlp.gate) == user_modules
+    ids = inputs(seq=10)
+    logits_s, loss_s, grads_s = run(stock, ids)
+    logits_p, loss_p, grads_p = run(patched, ids)
+    assert rel_err(logits_p, logits_s) < 1e-5 and rel_err(loss_p, loss_s) < 1e-5
+    assert grads_p.keys() == grads_s.keys()
+    for name, g in grads_s.items():
+        assert rel_err(grads_p[name], g) < 1e-4, name
+
+
+def test_revert_keeps_a_forward_the_user_set_while_patched():
+    """A forward set on the model after apply() (a user's wrapper, accelerate's autocast wrapper) wraps the
+    fused-loss forward; revert() leaves it in place (before, it was deleted) and the fused loss inside it no
+    longer runs: the reverted model computes and returns what stock does (logits in a training forward too)."""
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    calls = []
+
+    def wrap(forward):
+        def wrapper(*args, **kwargs):
+            calls.append(1)
+            return forward(*args, **kwargs)
+        return wrapper
+
+    for model in (stock, patched):
+        model.forward = wrap(model.forward)
+    user_forward = patched.forward
+    moe_patch.revert(patched)
+    assert patched.forward is user_forward
+    ids = inputs(seq=10)
+    stock.train(), patched.train()
+    out_s = stock(input_ids=ids, labels=ids)
+    out_p = patched(input_ids=ids, labels=ids)
+    assert len(calls) == 2
+    assert out_p.logits is not None and rel_err(out_p.logits, out_s.logits) < 1e-5
+    assert rel_err(out_p.loss, out_s.loss) < 1e-5

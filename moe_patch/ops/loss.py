@@ -329,6 +329,8 @@ class FusedLossForward:
         # the stock path, as evaluation and calls without labels do
         if not model.training or labels is None or not torch.is_grad_enabled() or not return_dict:
             return self.stock_forward(*args, **kwargs)
+        if getattr(model, "_moe_patch", None) is None:  # reverted, with a wrapper set over this forward kept
+            return self.stock_forward(*args, **kwargs)
         self.stock_reason = self._why_stock(model)
         if self.stock_reason is not None:
             if self.stock_reason not in self._warned:
