@@ -411,3 +411,31 @@ def test_lm_head_feeding_the_fused_loss_is_kept_nn_linear():
     assert head.kind == "linear" and head.status == "skipped" and "fused loss" in head.reason
     (head,) = [r for r in moe_patch.plan_report(build("qwen3_moe"), loss=False) if r.path == "lm_head"]
     assert "fused loss" not in head.reason
+
+
+def _hessian_vector_product(model, ids):
+    """d/dparams <d loss/d params, v> with v = 0.01 everywhere (backward with create_graph=True, then again)."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(model(input_ids=ids, labels=ids).loss, params, create_graph=True, allow_unused=True)
+    dot = sum((g * 0.01).sum() for g in grads if g is not None)
+    return torch.autograd.grad(dot, params, allow_unused=True)
+
+
+def test_second_derivative_is_an_error_not_a_wrong_number():
+    """The fused loss computes its gradients in the forward: they are constants to autograd, so a backward with
+    create_graph=True (Hessian-vector products, gradient penalties, AdaHessian) differentiated them as zero.
+    Before, the Hessian-vector product came out wrong silently (rel. error 1e-2 to 7e-2 on every parameter, None
+    for lm_head); now it is a one-line error naming apply(loss=False), with which it equals stock's."""
+    stock = build("qwen3_moe")
+    stock.set_attn_implementation("eager")  # CPU SDPA has no double backward, in stock either
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    ids = inputs(seq=8)
+    with pytest.raises(RuntimeError, match="loss=False"):
+        _hessian_vector_product(patched, ids)
+    patched = moe_patch.apply(copy.deepcopy(stock), loss=False)
+    ref = _hessian_vector_product(stock, ids)
+    out = _hessian_vector_product(patched, ids)
+    for (name, _), a, b in zip(stock.named_parameters(), out, ref):
+        assert (a is None) == (b is None), name
+        assert a is None or rel_err(a, b) < 1e-4, name

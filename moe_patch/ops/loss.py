@@ -193,6 +193,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is wanted
+            # the saved gradients are constants: differentiated again they would silently miss the loss's second
+            # derivative (Hessian-vector products, gradient penalties, AdaHessian). (once_differentiable does not
+            # catch it: grad_out, 1 / tokens, does not require grad)
+            raise RuntimeError("moe_patch: the fused linear + cross-entropy loss has no second derivative "
+                               "(backward with create_graph=True); apply(model, loss=False) keeps the model's own "
+                               "loss")
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         # grad_out (1 / tokens, typically) multiplies in fp32: rounded to bf16 it would scale every gradient
