@@ -193,13 +193,6 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is wanted
-            # the saved gradients are constants: differentiated again they would silently miss the loss's second
-            # derivative (Hessian-vector products, gradient penalties, AdaHessian). (once_differentiable does not
-            # catch it: grad_out, 1 / tokens, does not require grad)
-            raise RuntimeError("moe_patch: the fused linear + cross-entropy loss has no second derivative "
-                               "(backward with create_graph=True); apply(model, loss=False) keeps the model's own "
-                               "loss")
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         # grad_out (1 / tokens, typically) multiplies in fp32: rounded to bf16 it would scale every gradient
@@ -226,6 +219,25 @@ def _scaled(grad, scale):
     return (grad.float() * scale).to(grad.dtype)
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the fused loss's sum; its backward refuses create_graph=True. Both backends compute the
+    gradients in the forward (Liger's kernel likewise): constants to autograd, so differentiated again they would
+    silently miss the loss's second derivative (Hessian-vector products, gradient penalties, AdaHessian).
+    (once_differentiable does not catch it: the incoming gradient, 1 / tokens, does not require grad.)"""
+
+    @staticmethod
+    def forward(ctx, total):
+        return total.view_as(total)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is wanted
+            raise RuntimeError("moe_patch: the fused linear + cross-entropy loss has no second derivative "
+                               "(backward with create_graph=True); apply(model, loss=False) keeps the model's own "
+                               "loss")
+        return grad
+
+
 def _chunked_sum(hidden, weight, bias, labels, step="compiled"):
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, STEPS[step])
 
@@ -249,6 +261,7 @@ def causal_lm_loss(hidden, head, labels, backend, num_items_in_batch=None, shift
     if ignore_index != IGNORE:  # the kernels know -100 only
         shift_labels = torch.where(shift_labels == ignore_index, IGNORE, shift_labels)
     total = (_liger_sum if backend == "liger" else _chunked_sum)(hidden, head.weight, head.bias, shift_labels, step)
+    total = _FirstOrderOnly.apply(total)
     n_valid = (shift_labels != IGNORE).sum()
     denom = n_valid if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=total.device)
     # No label to learn from and nothing to divide by (every label -100, a one-token sequence, Trainer's
