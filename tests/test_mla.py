@@ -10,7 +10,7 @@ import torch
 import moe_patch
 from moe_patch.ops import mla
 from moe_patch.shapes import named_config
-from util import build, rel_err, run
+from util import assert_runs_match, build, rel_err
 
 
 @pytest.fixture(autouse=True)
@@ -113,12 +113,7 @@ def test_apply_fuses_mla_and_the_model_equals_stock():
     assert attn and all(mla.is_installed(m) for m in attn)
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
     mla.FALLBACKS.clear()
-    logits_s, loss_s, grads_s = run(stock, ids)
-    logits_p, loss_p, grads_p = run(patched, ids)
-    assert rel_err(logits_p, logits_s) < 1e-5 and rel_err(loss_p, loss_s) < 1e-5
-    assert grads_s.keys() == grads_p.keys()
-    for name, g in grads_s.items():
-        assert rel_err(grads_p[name], g) < 1e-4, name
+    assert_runs_match(stock, patched, ids)
     # the training forward (fused loss: no cache) took the fused path; the logits forward (a cache) did not
     assert set(mla.FALLBACKS) == {mla._GENERATION}
     for clone in (copy.deepcopy(patched), pickle.loads(pickle.dumps(patched))):

@@ -51,6 +51,18 @@ def run(model, input_ids, labels=None):
     return logits, out.loss.detach(), grads
 
 
+def assert_runs_match(stock, patched, input_ids):
+    """run() on both: logits and loss within 1e-5 (fp32), the same parameters with gradients, each within 1e-4.
+    Returns stock's (logits, loss, grads)."""
+    logits_s, loss_s, grads_s = run(stock, input_ids)
+    logits_p, loss_p, grads_p = run(patched, input_ids)
+    assert rel_err(logits_p, logits_s) < 1e-5 and rel_err(loss_p, loss_s) < 1e-5
+    assert grads_p.keys() == grads_s.keys()
+    for name, g in grads_s.items():
+        assert rel_err(grads_p[name], g) < 1e-4, name
+    return logits_s, loss_s, grads_s
+
+
 def stock_and_patched(model_type: str, **apply_kwargs):
     import moe_patch
 
