@@ -135,7 +135,6 @@ def profile_step(model, opt, ids, rows: int, trace: str | None = None) -> str:
     return table + "\n" + format_breakdown(kernel_breakdown(kernels))
 
 
-
 def layer_timeline(model, opt, ids, steps: int) -> list:
     """Where in a training step the host falls behind the GPU: `steps` more steps (the benchmark's loop: one host
     synchronisation per step), each marked at the start of every decoder layer and of its attention and MLP /
@@ -199,6 +198,7 @@ def format_timeline(rows) -> str:
         gpu = "" if r["gpu_ms"] is None else f"{r['gpu_ms']:8.2f} {r['gpu_behind_ms']:16.2f}"
         lines.append(f"{r['mark']:<26} {r['host_ms']:8.2f} {gpu}")
     return "\n".join(lines)
+
 
 # kernel name pieces -> category; the first match wins (TE's NCCL-EP kernels before other NCCL ones)
 CATEGORIES = (("expert dispatch/combine", ("nccl_ep",)), ("collectives", ("nccl",)),

@@ -198,10 +198,17 @@ def undo(model, record: Record) -> None:
         # loss inside it runs the stock forward from now on (FusedLossForward.__call__: the model is not patched)
     for parent, child, new in reversed(record.swaps):
         original = new.give_back()
-        # a module set in its place after apply() is the user's (a LayerNorm, a fresh router, ...): it stays.
-        # Only moe_patch's own replacement is swapped back
-        if parent._modules.get(child) is new:
+        # a module set in its place after apply() is the user's (a LayerNorm, a fresh router, ...): it stays. Only
+        # moe_patch's own replacement is swapped back, wherever it is now: in its place, or inside a wrapper set
+        # there since (a PEFT adapter around the experts), which keeps its adapter and gets the original
+        current = parent._modules.get(child)
+        if current is new:
             setattr(parent, child, original)
+        elif current is not None:
+            for holder in current.modules():
+                for name, sub in holder._modules.items():
+                    if sub is new:
+                        holder._modules[name] = original
     for entry in record.attention:
         for handle in entry[3]:
             handle.remove()

@@ -81,6 +81,32 @@ def test_revert_keeps_modules_the_user_replaced_while_patched(family):
     assert_runs_match(stock, patched, ids)
 
 
+def test_revert_puts_the_original_back_inside_a_wrapper_the_user_set_while_patched():
+    """A wrapper set around a replaced module after apply() (as PEFT's adapters wrap the experts) stays at
+    revert(), and the module inside it is the family's original again, not moe_patch's replacement."""
+    class Wrap(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    mlp = patched.model.layers[-1].mlp
+    replaced = mlp.experts
+    assert type(replaced) is not type(stock.model.layers[-1].mlp.experts) and hasattr(replaced, "give_back")
+    for model in (stock, patched):
+        model.model.layers[-1].mlp.experts = Wrap(model.model.layers[-1].mlp.experts)
+    wrapper = mlp.experts
+    moe_patch.revert(patched)
+    assert mlp.experts is wrapper
+    assert type(wrapper.inner) is type(stock.model.layers[-1].mlp.experts.inner)
+    assert not any(hasattr(m, "give_back") for m in patched.modules())
+    assert_runs_match(stock, patched, inputs(seq=10))
+
+
 def test_revert_keeps_a_forward_the_user_set_while_patched():
     """A forward set on the model after apply() (a user's wrapper, accelerate's autocast wrapper) wraps the
     fused-loss forward; revert() leaves it in place (before, it was deleted) and the fused loss inside it no
