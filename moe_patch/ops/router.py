@@ -5,7 +5,7 @@ The spec (see patches/*.py) says how a family scores and picks experts:
   order:    "score_topk" (score all experts, then top-k) | "topk_score" (top-k logits, then softmax of those)
   renorm:   True | False | name of a boolean attribute on the router (e.g. "norm_topk_prob")
   grouped:  DeepSeek-style: correction bias for the choice, group-limited top-k, routed scaling factor
-  fp32_logits: the router matmul runs in fp32 (DeepSeek family)
+  fp32_logits: the router matmul runs in fp32 (DeepSeek family; bf16 operands on CUDA: ops/bf16x3_linear.py)
   weights_dtype: "logits" (cast back to the logits dtype), "float" (keep fp32), "input" (hidden dtype)
 Every spec is proven against the family's own router at plan time (probe.py) before it is used.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import bf16x3_linear
 from .base import Replacement
 
 DEFAULTS = dict(score="softmax", order="score_topk", renorm=False, grouped=False, fp32_logits=False,
@@ -74,7 +75,9 @@ class TopKRouter(Replacement):
                      for a, d in (("num_group", 1), ("topk_group", 1), ("routed_scaling_factor", 1.0)))
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.spec["fp32_logits"]:
+        if self.spec["fp32_logits"] and bf16x3_linear.usable(hidden_states, self.weight):
+            logits = bf16x3_linear.linear(hidden_states, self.weight)  # the same float32 GEMM on tensor cores
+        elif self.spec["fp32_logits"]:
             logits = F.linear(hidden_states.float(), self.weight.float())
         else:
             logits = F.linear(hidden_states, self.weight, self._parameters.get("bias"))
