@@ -11,6 +11,7 @@ MOE_PATCH_COMPILE=0               keep the small torch.compile'd helpers eager (
 MOE_PATCH_FP8_EXPERTS=1           under fp8="current" the experts' grouped GEMMs run FP8 too (opt-in: slower on H200)
 MOE_PATCH_FUSED_MLA=0             DeepSeek-V3's MLA q/k/v assembly back on the family's code (on by default)
 MOE_PATCH_FUSED_MLP=1             declared gated MLPs with silu(gate)*up compiled (opt-in: not measured alone)
+MOE_PATCH_CUDNN_SINKS=0           sink attention's full layers on flex_attention too (default: cuDNN's attention)
 
 Kind and backend names are read case-insensitively ("Loss=Torch" is "loss=torch": every canonical name is lower
 case, so no two names meet); module-path globs (MOE_PATCH_SKIP, skip=) are matched as written.
@@ -53,6 +54,7 @@ VARIABLES = {
     "MOE_PATCH_FP8_EXPERTS": "1: under fp8='current' the experts' GEMMs run FP8 too (measured slower on H200)",
     "MOE_PATCH_FUSED_MLA": "0: DeepSeek-V3's MLA q/k/v assembly stays the family's (default: compiled kernels)",
     "MOE_PATCH_FUSED_MLP": "1: gated MLPs declared in patches/ run silu(gate)*up compiled (opt-in: not measured alone)",
+    "MOE_PATCH_CUDNN_SINKS": "0: sink attention's full causal layers run flex_attention (default: cuDNN's attention)",
 }
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("", "0", "false", "no", "off")
@@ -132,11 +134,12 @@ OPTION_VARIABLES = {"MOE_PATCH_DISABLE": _disable, "MOE_PATCH_SKIP": _skip, "MOE
 READERS = {"MOE_PATCH": enabled, "MOE_PATCH_QUIET": quiet,
            "MOE_PATCH_FP8_EXPERTS": lambda: flag("MOE_PATCH_FP8_EXPERTS"),
            "MOE_PATCH_FUSED_MLA": lambda: flag("MOE_PATCH_FUSED_MLA", default=True),
-           "MOE_PATCH_FUSED_MLP": lambda: flag("MOE_PATCH_FUSED_MLP"), **OPTION_VARIABLES}
+           "MOE_PATCH_FUSED_MLP": lambda: flag("MOE_PATCH_FUSED_MLP"),
+           "MOE_PATCH_CUDNN_SINKS": lambda: flag("MOE_PATCH_CUDNN_SINKS", default=True), **OPTION_VARIABLES}
 
 
 # yes/no variables with no apply() argument, read where their replacement is planned
-FEATURE_FLAGS = ("MOE_PATCH_FP8_EXPERTS", "MOE_PATCH_FUSED_MLA", "MOE_PATCH_FUSED_MLP")
+FEATURE_FLAGS = ("MOE_PATCH_FP8_EXPERTS", "MOE_PATCH_FUSED_MLA", "MOE_PATCH_FUSED_MLP", "MOE_PATCH_CUDNN_SINKS")
 
 
 def from_environment() -> dict:

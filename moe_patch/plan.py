@@ -427,7 +427,8 @@ def _plan_loss(model, opts, plan) -> None:
 
 
 def _plan_sink_attention(model, module, row, backend, fallback_reason, plan) -> None:
-    """Attention with learned sinks (GPT-OSS, ...): flex_attention + sink rescale where proven on this device
+    """Attention with learned sinks (GPT-OSS, ...): flex_attention (cuDNN's attention for full layers in half
+    precision on a GPU) + the sinks where proven on this device
     against the family's own eager function (ops/sink_attention.py), and Liger's RoPE where proven (as for SDPA
     attention); the implementation name stays."""
     impl = getattr(module.config, "_attn_implementation", None)
@@ -439,7 +440,7 @@ def _plan_sink_attention(model, module, row, backend, fallback_reason, plan) -> 
         row.reason = f"{sink_attention.NAME} not proven equal to the family's eager attention: {why}"
         return
     window = getattr(module, "sliding_window", None)
-    row.replacement = f"{sink_attention.NAME}[{f'window {window}' if window else 'causal'}]"
+    row.replacement = f"{sink_attention.kernel_name(module, _device(module))}[{f'window {window}' if window else 'causal'}]"
     row.backend = "torch"
     rope_label, fallback_reason = _plan_rope(model, module, backend, row, fallback_reason)
     row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")

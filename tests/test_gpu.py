@@ -40,7 +40,7 @@ def test_bf16_replacements_match_stock(model_type, backend):
         canon = None
         if r.kind == "router":  # TE's kernel orders each token's k pairs its own way, and breaks ties its own way
             canon, args = canonical, (untied(s_mods[r.path], args[0]),) + tuple(args[1:])
-        if r.replacement.startswith("flex_attention+sinks"):
+        if r.replacement.startswith(("flex_attention+sinks", "cuDNN attention+sinks")):
             continue  # held to eager in float32 in test_sink_attention_on_flex_attention_matches_eager
         if r.kind == "attention":  # the output (eager also returns its probabilities, a fused kernel does not)
             canon = lambda outs: outs[:1]  # noqa: E731
@@ -270,7 +270,7 @@ def test_experts_weighing_their_rows_on_cuda(model_type):
 
 
 @pytest.mark.parametrize("dtype,tol,grad_tol", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2e-2, 2e-2)])
-def test_sink_attention_on_flex_attention_matches_eager(dtype, tol, grad_tol):
+def test_sink_attention_on_flex_attention_matches_eager(dtype, tol, grad_tol, monkeypatch):
     """GPT-OSS (learned sinks, a sliding window on every other layer): attention on flex_attention + the sink
     rescale, proven at apply() on this GPU, against the stock eager attention in float32 on the inputs each module
     really sees (output, input and parameter gradients, the sinks' included), then the whole model in float32.
@@ -283,8 +283,15 @@ def test_sink_attention_on_flex_attention_matches_eager(dtype, tol, grad_tol):
     patched = moe_patch.apply(copy.deepcopy(stock32).to(dtype), rmsnorm=False, linear=False, experts=False,
                               router=False, loss=False)
     rows = moe_patch.report(patched).where(kind="attention")
-    assert len(rows) == 2 and all(r.status == "patched" and r.replacement.startswith(sink_attention.NAME)
+    names = (sink_attention.NAME, sink_attention.CUDNN_NAME)
+    assert len(rows) == 2 and all(r.status == "patched" and r.replacement.startswith(names)
                                   for r in rows), [(r.status, r.reason) for r in rows]
+    # the full layer on cuDNN in bf16 (the sink folded into its statistics), flex otherwise
+    on_cudnn = [r.path for r in rows if r.replacement.startswith(sink_attention.CUDNN_NAME)]
+    assert len(on_cudnn) == (1 if dtype == torch.bfloat16 else 0), rows
+    cudnn_calls = []
+    real_cudnn = sink_attention.cudnn_attend
+    monkeypatch.setattr(sink_attention, "cudnn_attend", lambda *a: cudnn_calls.append(1) or real_cudnn(*a))
     # with Liger, the RoPE calls of these modules run its kernel too (proven at apply(); covered by the checks below)
     from moe_patch.backends import capabilities
 
@@ -310,6 +317,7 @@ def test_sink_attention_on_flex_attention_matches_eager(dtype, tol, grad_tol):
             err, eager_err = rel_err(a, b), rel_err(c, b)
             assert err < (tol if name == "output" else grad_tol), (r.path, name, err, f"eager {dtype}: {eager_err}")
     assert sink_attention.FALLBACKS == before  # every call above ran the fused kernel
+    assert bool(cudnn_calls) == bool(on_cudnn)
     if dtype == torch.float32:
         stock32.train(), patched.train()
         out_s, out_p = stock32(input_ids=ids, labels=ids), patched(input_ids=ids, labels=ids)
@@ -558,3 +566,31 @@ def test_liger_rope_is_the_one_the_patched_forward_calls():
     assert len(seen) == len(attn) and all(f in rope._RESTORE and f is not family for f in seen)
     assert module.apply_rotary_pos_emb is family
     assert rel_err(out.float(), ref.float()) < 2e-2
+
+
+def test_cudnn_sink_attention_at_gpt_oss_widths_matches_float32_eager():
+    """The full layers' kernel at GPT-OSS-20B's attention widths (64 query / 8 KV heads: GQA in cuDNN itself, head
+    dim 64), bf16, in the family's [B, S, H, D] layout: output and q / k / v / sinks gradients against the eager
+    formula in float32 on the same bf16 values."""
+    from moe_patch.ops import sink_attention
+
+    B, H, Hkv, S, D = 2, 64, 8, 1024, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda h: torch.randn(B, S, h, D, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)  # noqa
+    q, k, v = make(H) * 3, make(Hkv), make(Hkv)
+    sinks = (torch.randn(H, device="cuda", generator=g) * 2).to(torch.bfloat16)
+    w = torch.randn(B, S, H, D, device="cuda", generator=g)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    out = sink_attention.cudnn_attend(*leaves[:3], leaves[3], D ** -0.5)
+    grads = torch.autograd.grad((out.float() * w).sum(), leaves)
+    ref_leaves = [t.detach().float().requires_grad_() for t in (q, k, v, sinks)]
+    rq, rk, rv, rs = ref_leaves
+    rk, rv = rk.repeat_interleave(H // Hkv, 1), rv.repeat_interleave(H // Hkv, 1)
+    scores = (rq @ rk.transpose(-1, -2) * D ** -0.5).masked_fill(
+        torch.ones(S, S, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    logits = torch.cat([scores, rs.view(1, H, 1, 1).expand(B, H, S, 1)], -1)
+    ref = (torch.softmax(logits, -1)[..., :-1] @ rv).transpose(1, 2)
+    ref_grads = torch.autograd.grad((ref * w).sum(), ref_leaves)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16 and rel_err(out, ref) < 2e-2
+    for name, a, b in zip(("q", "k", "v", "sinks"), grads, ref_grads):
+        assert rel_err(a, b) < 2e-2, name

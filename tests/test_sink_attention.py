@@ -284,3 +284,56 @@ def test_forward_under_inference_mode_equals_stock():
     finally:
         for h in handles:
             h.remove()
+
+
+def test_statistics_folded_sink_attention_equals_eager_fp32_cpu():
+    """The full layers' kernel (cudnn_attend: the sink folded into the row statistics the fused backward is given)
+    against the family's eager attention: forward and the q / k / v / sinks gradients. On CPU it runs torch's flash
+    kernel for CPU in cuDNN's place (same contract: output + log-sum-exp forward, the backward recomputing from
+    them), so this checks the algebra; the GPU proof and tests/test_gpu.py check cuDNN itself. No GQA on CPU."""
+    model, masks = _module_and_masks()
+    module = model.model.layers[1].self_attn  # full attention
+    assert module.sliding_window is None
+    heads, d = module.config.num_attention_heads, module.head_dim
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 37, heads, d, generator=g).transpose(1, 2) * 3  # the family's [B, S, H, D] storage
+    k, v = (torch.randn(2, 37, heads, d, generator=g).transpose(1, 2) for _ in range(2))
+    with torch.no_grad():
+        module.sinks.copy_(torch.randn(heads, generator=g) * 2)
+    w = torch.randn(2, 37, heads, d, generator=g)
+    module.num_key_value_groups = 1  # k / v with every head (eager reads this to repeat them)
+    kw = dict(scaling=module.scaling, dropout=0.0, sliding_window=None, s_aux=module.sinks)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, _ = _eager(module)(module, *leaves, masks["full_attention"], **kw)
+    ref_grads = torch.autograd.grad((ref * w).sum(), leaves + [module.sinks])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = sink_attention.cudnn_attend(*leaves, module.sinks, module.scaling)
+    grads = torch.autograd.grad((out * w).sum(), leaves + [module.sinks])
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert rel_err(out, ref) < 1e-5
+    for name, a, b in zip(("q", "k", "v", "sinks"), grads, ref_grads):
+        assert rel_err(a, b) < 1e-4, name
+
+
+def test_cudnn_kernel_only_for_square_full_layers_in_half_precision(monkeypatch):
+    q = torch.zeros(1, 4, 16, 64, dtype=torch.bfloat16)
+    kv = torch.zeros(1, 2, 16, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # the conditions alone, on CPU tensors
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    assert sink_attention._cudnn_applies(q, kv, kv, "causal", None)
+    assert not sink_attention._cudnn_applies(q, kv, kv, "causal", 128)  # sliding window: flex
+    assert not sink_attention._cudnn_applies(q.float(), kv.float(), kv.float(), "causal", None)  # float32: flex
+    assert not sink_attention._cudnn_applies(q, kv[:, :, :8], kv[:, :, :8], "causal", None)  # q / k lengths apart
+    monkeypatch.setenv("MOE_PATCH_CUDNN_SINKS", "0")
+    assert not sink_attention._cudnn_applies(q, kv, kv, "causal", None)
+
+
+def test_report_names_the_kernel_each_layer_takes(monkeypatch):
+    model = build("gpt_oss", dtype=torch.bfloat16)
+    sliding, full = (model.model.layers[i].self_attn for i in (0, 1))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert sink_attention.kernel_name(full, cuda) == sink_attention.CUDNN_NAME
+    assert sink_attention.kernel_name(sliding, cuda) == sink_attention.NAME
+    assert sink_attention.kernel_name(full, cpu) == sink_attention.NAME
+    monkeypatch.setenv("MOE_PATCH_CUDNN_SINKS", "off")
+    assert sink_attention.kernel_name(full, cuda) == sink_attention.NAME
