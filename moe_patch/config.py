@@ -11,7 +11,7 @@ MOE_PATCH_COMPILE=0               keep the small torch.compile'd helpers eager (
 MOE_PATCH_FP8_EXPERTS=1           under fp8="current" the experts' grouped GEMMs run FP8 too (opt-in: slower on H200)
 MOE_PATCH_FUSED_MLA=0             DeepSeek-V3's MLA q/k/v assembly back on the family's code (on by default)
 MOE_PATCH_FUSED_MLP=1             declared gated MLPs with silu(gate)*up compiled (opt-in: not measured alone)
-MOE_PATCH_CUDNN_SINKS=0           sink attention's full layers on flex_attention too (default: cuDNN's attention)
+MOE_PATCH_CUDNN_SINKS=1           sink attention's full layers (bf16/fp16) on cuDNN's attention (opt-in: see its note)
 
 Kind and backend names are read case-insensitively ("Loss=Torch" is "loss=torch": every canonical name is lower
 case, so no two names meet); module-path globs (MOE_PATCH_SKIP, skip=) are matched as written.
@@ -54,7 +54,7 @@ VARIABLES = {
     "MOE_PATCH_FP8_EXPERTS": "1: under fp8='current' the experts' GEMMs run FP8 too (measured slower on H200)",
     "MOE_PATCH_FUSED_MLA": "0: DeepSeek-V3's MLA q/k/v assembly stays the family's (default: compiled kernels)",
     "MOE_PATCH_FUSED_MLP": "1: gated MLPs declared in patches/ run silu(gate)*up compiled (opt-in: not measured alone)",
-    "MOE_PATCH_CUDNN_SINKS": "0: sink attention's full causal layers run flex_attention (default: cuDNN's attention)",
+    "MOE_PATCH_CUDNN_SINKS": "1: sink attention's full causal layers run cuDNN's attention (opt-in: q/k gradient error)",
 }
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("", "0", "false", "no", "off")
@@ -135,7 +135,7 @@ READERS = {"MOE_PATCH": enabled, "MOE_PATCH_QUIET": quiet,
            "MOE_PATCH_FP8_EXPERTS": lambda: flag("MOE_PATCH_FP8_EXPERTS"),
            "MOE_PATCH_FUSED_MLA": lambda: flag("MOE_PATCH_FUSED_MLA", default=True),
            "MOE_PATCH_FUSED_MLP": lambda: flag("MOE_PATCH_FUSED_MLP"),
-           "MOE_PATCH_CUDNN_SINKS": lambda: flag("MOE_PATCH_CUDNN_SINKS", default=True), **OPTION_VARIABLES}
+           "MOE_PATCH_CUDNN_SINKS": lambda: flag("MOE_PATCH_CUDNN_SINKS"), **OPTION_VARIABLES}
 
 
 # yes/no variables with no apply() argument, read where their replacement is planned

@@ -427,8 +427,8 @@ def _plan_loss(model, opts, plan) -> None:
 
 
 def _plan_sink_attention(model, module, row, backend, fallback_reason, plan) -> None:
-    """Attention with learned sinks (GPT-OSS, ...): flex_attention (cuDNN's attention for full layers in half
-    precision on a GPU) + the sinks where proven on this device
+    """Attention with learned sinks (GPT-OSS, ...): flex_attention (opt-in: cuDNN's attention for full layers in
+    half precision on a GPU) + the sinks where proven on this device
     against the family's own eager function (ops/sink_attention.py), and Liger's RoPE where proven (as for SDPA
     attention); the implementation name stays."""
     impl = getattr(module.config, "_attn_implementation", None)

@@ -315,11 +315,14 @@ def test_statistics_folded_sink_attention_equals_eager_fp32_cpu():
         assert rel_err(a, b) < 1e-4, name
 
 
-def test_cudnn_kernel_only_for_square_full_layers_in_half_precision(monkeypatch):
+def test_cudnn_kernel_opt_in_and_only_for_square_full_layers_in_half_precision(monkeypatch):
     q = torch.zeros(1, 4, 16, 64, dtype=torch.bfloat16)
     kv = torch.zeros(1, 2, 16, 64, dtype=torch.bfloat16)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # the conditions alone, on CPU tensors
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.delenv("MOE_PATCH_CUDNN_SINKS", raising=False)
+    assert not sink_attention._cudnn_applies(q, kv, kv, "causal", None)  # opt-in
+    monkeypatch.setenv("MOE_PATCH_CUDNN_SINKS", "1")
     assert sink_attention._cudnn_applies(q, kv, kv, "causal", None)
     assert not sink_attention._cudnn_applies(q, kv, kv, "causal", 128)  # sliding window: flex
     assert not sink_attention._cudnn_applies(q.float(), kv.float(), kv.float(), "causal", None)  # float32: flex
@@ -332,6 +335,9 @@ def test_report_names_the_kernel_each_layer_takes(monkeypatch):
     model = build("gpt_oss", dtype=torch.bfloat16)
     sliding, full = (model.model.layers[i].self_attn for i in (0, 1))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("MOE_PATCH_CUDNN_SINKS", raising=False)
+    assert sink_attention.kernel_name(full, cuda) == sink_attention.NAME  # opt-in
+    monkeypatch.setenv("MOE_PATCH_CUDNN_SINKS", "1")
     assert sink_attention.kernel_name(full, cuda) == sink_attention.CUDNN_NAME
     assert sink_attention.kernel_name(sliding, cuda) == sink_attention.NAME
     assert sink_attention.kernel_name(full, cpu) == sink_attention.NAME
