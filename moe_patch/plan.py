@@ -440,7 +440,8 @@ def _plan_sink_attention(model, module, row, backend, fallback_reason, plan) -> 
         row.reason = f"{sink_attention.NAME} not proven equal to the family's eager attention: {why}"
         return
     window = getattr(module, "sliding_window", None)
-    row.replacement = f"{sink_attention.kernel_name(module, _device(module))}[{f'window {window}' if window else 'causal'}]"
+    kernel = sink_attention.kernel_name(module, _device(module))  # the one prove() ran and install() records
+    row.replacement = f"{kernel}[{f'window {window}' if window else 'causal'}]"
     row.backend = "torch"
     rope_label, fallback_reason = _plan_rope(model, module, backend, row, fallback_reason)
     row.status, row.reason = ("fallback", fallback_reason) if fallback_reason else ("patched", "")

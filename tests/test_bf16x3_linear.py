@@ -52,6 +52,29 @@ def test_forward_and_gradients_equal_the_float32_linear(seed):
     assert rel_err(dx1, dx_ref) > 1e-4 or rel_err(dw1, dw_ref) > 1e-4  # one bf16 term is measurably wrong
 
 
+def test_create_graph_backward_is_the_float32_formula(monkeypatch):
+    """backward(create_graph=True) through it (Hessian-vector products, gradient penalties): torch's mm with
+    out_dtype, which the tensor-core form runs on CUDA, has no derivative, so that backward takes the float32 formula
+    instead: differentiable, the first-order gradients stock's, and the Hessian-vector product stock's (bf16 values:
+    bf16 tolerance; the leaves' bf16 gradients are summed in a different order)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 32, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(8, 32, generator=gen) * 0.1).to(torch.bfloat16)
+    vx, vw = torch.randn(64, 32, generator=gen), torch.randn(8, 32, generator=gen)
+    results = []
+    for fn in (lambda a, b: F.linear(a.float(), b.float()), bf16x3_linear.linear):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(xs, ws)
+        with monkeypatch.context() as m:  # the tensor-core GEMMs must not be in a graph that is differentiated again
+            m.setattr(bf16x3_linear, "_mm32", lambda *a: pytest.fail("tensor-core GEMM under create_graph"))
+            dx, dw = torch.autograd.grad((out ** 2).sum(), (xs, ws), create_graph=True)
+        assert dx.grad_fn is not None and dw.grad_fn is not None
+        hvp = torch.autograd.grad((dx.float() * vx).sum() + (dw.float() * vw).sum(), (xs, ws))
+        results.append((dx, dw) + hvp)
+    for name, a, b in zip(("dx", "dw", "hvp x", "hvp w"), *results):
+        assert rel_err(a, b) < (1e-4 if name in ("dx", "dw") else 2e-2), name
+
+
 def test_only_bfloat16_cuda_operands_outside_autocast_are_usable():
     x, w = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(2, 8, dtype=torch.bfloat16)
     assert not bf16x3_linear.usable(x, w)  # CPU: the router keeps the stock formula

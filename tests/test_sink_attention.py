@@ -320,15 +320,44 @@ def test_cudnn_kernel_opt_in_and_only_for_square_full_layers_in_half_precision(m
     kv = torch.zeros(1, 2, 16, 64, dtype=torch.bfloat16)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # the conditions alone, on CPU tensors
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
-    monkeypatch.delenv("MOE_PATCH_CUDNN_SINKS", raising=False)
-    assert not sink_attention._cudnn_applies(q, kv, kv, "causal", None)  # opt-in
-    monkeypatch.setenv("MOE_PATCH_CUDNN_SINKS", "1")
     assert sink_attention._cudnn_applies(q, kv, kv, "causal", None)
     assert not sink_attention._cudnn_applies(q, kv, kv, "causal", 128)  # sliding window: flex
     assert not sink_attention._cudnn_applies(q.float(), kv.float(), kv.float(), "causal", None)  # float32: flex
     assert not sink_attention._cudnn_applies(q, kv[:, :, :8], kv[:, :, :8], "causal", None)  # q / k lengths apart
-    monkeypatch.setenv("MOE_PATCH_CUDNN_SINKS", "0")
-    assert not sink_attention._cudnn_applies(q, kv, kv, "causal", None)
+    monkeypatch.setattr(sink_attention, "_CUDNN_FAILED", {(q.dtype, tuple(q.shape))})
+    assert not sink_attention._cudnn_applies(q, kv, kv, "causal", None)  # raised once for this shape: flex
+
+
+def test_cudnn_choice_is_made_at_plan_time_and_kept_on_the_module(monkeypatch):
+    """The switch is read when the module is planned: the mark install() leaves names the kernel prove() ran, and
+    only that mark (not the environment at call time) lets a call take cuDNN's kernel."""
+    model = build("gpt_oss", dtype=torch.bfloat16)
+    full = model.model.layers[1].self_attn
+    monkeypatch.setattr(sink_attention, "kernel_name", lambda module, device: sink_attention.CUDNN_NAME)
+    handles = sink_attention.install(full)
+    try:
+        assert getattr(full, sink_attention._MARK) == sink_attention.CUDNN_NAME
+    finally:
+        for h in handles:
+            h.remove()
+    monkeypatch.setattr(sink_attention, "kernel_name", lambda module, device: sink_attention.NAME)
+    handles = sink_attention.install(full)
+    calls = []
+    monkeypatch.setattr(sink_attention, "_cudnn_applies", lambda *a: calls.append(a) or False)
+    try:
+        assert getattr(full, sink_attention._MARK) == sink_attention.NAME
+        monkeypatch.setenv("MOE_PATCH_CUDNN_SINKS", "1")  # set after planning: no effect on this module
+        q = torch.randn(1, 4, 8, full.head_dim)
+        kv = torch.randn(1, full.config.num_key_value_heads, 8, full.head_dim)
+        full.float()
+        with torch.no_grad():  # compiled="run" on CPU runs flex_attention eagerly
+            sink_attention.sink_attention_forward(full, q, kv, kv, None, sliding_window=None)
+            assert not calls  # not even asked: the module was planned for flex_attention
+            sink_attention.sink_attention_forward(full, q, kv, kv, None, cudnn=True, sliding_window=None)
+            assert len(calls) == 1  # asked when the choice allows it (here: declined, flex ran)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def test_report_names_the_kernel_each_layer_takes(monkeypatch):

@@ -18,6 +18,7 @@ Why the numbers are float32's (up to the order of the sums, as between any two G
             (the terms stacked along the contracted / the output dimension) with float32 accumulation and float32
             output, rounded to bfloat16 once as the `.float()` casts' backward does. Values below float32's
             normal range (|g| < 1.2e-38) may lose low bits in the split: far below any router gradient.
+            Under backward(create_graph=True) the backward is the float32 formula itself (differentiable, as stock).
 
 Shapes: x [T, H] bfloat16, w [E, H] bfloat16 -> logits [T, E] float32; gradients dx [T, H] and dw [E, H] in
 bfloat16 (their inputs' dtype). CUDA only (torch's mm with out_dtype has no CPU kernel); `usable()` says where.
@@ -66,6 +67,10 @@ class _Linear(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         if not (need_x or need_w):
             return None, None
+        if torch.is_grad_enabled():  # backward(create_graph=True): the float32 formula, differentiable as stock's
+            dx = (g.float() @ w.float()).to(x.dtype) if need_x else None
+            dw = (g.float().t() @ x.float()).to(w.dtype) if need_w else None
+            return dx, dw
         terms = split3(g.float())  # [T, 3E]
         dx = dw = None
         if need_x:

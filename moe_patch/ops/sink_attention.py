@@ -25,7 +25,8 @@ packing; no attention dropout in training; the tensors on a GPU (flex_attention 
 
 Full (no window) layers in bfloat16 / float16 run cuDNN's fused attention instead, the sink folded into the row
 statistics its backward is given (`_CudnnSinkAttention`, comment block there), with MOE_PATCH_CUDNN_SINKS=1
-(opt-in: see the comment at CUDNN_SWITCH).
+(opt-in: see the comment at CUDNN_SWITCH). The switch is read when apply() plans the module: the proof runs the
+kernel the module's calls will take, and install() records that choice on the module (its mark).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ _ORIGINAL_BUILDERS: dict = {}  # python module name -> {name: the mask builder i
 _INSTALLED: dict = {}  # python module name -> {name: the function set there} (put back only if still there)
 FALLBACKS: dict = {}  # reason -> calls that ran the original eager function instead
 _BROKEN: set = set()  # (dtype, query shape, key shape, window, grad) where the kernel failed to build
+_CUDNN_FAILED: set = set()  # (dtype, query shape) where cuDNN's attention raised: flex_attention runs there
 
 
 def has_sinks(module: nn.Module) -> bool:
@@ -122,20 +124,19 @@ CUDNN_NAME = "cuDNN attention+sinks"
 
 def _cudnn_applies(query, key, value, kind: str, window) -> bool:
     """A full causal layer (no window, square: torch's is_causal is the top-left diagonal, eager's mask the
-    bottom-right one, equal only when q and k lengths are) in half precision on a GPU with cuDNN's attention."""
-    from .. import config
-
+    bottom-right one, equal only when q and k lengths are) in half precision on a GPU with cuDNN's attention
+    (whether the module was planned for it is its mark's business: sink_attention_forward)."""
     return (kind == "causal" and not window and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
             and key.dtype == value.dtype == query.dtype and query.shape[-2] == key.shape[-2]
             and query.shape[-1] == key.shape[-1] and query.shape[-1] % 8 == 0 and query.shape[-1] <= 128
             and value.shape[-1] % 8 == 0 and value.shape[-1] <= 128 and torch.backends.cudnn.is_available()
-            and (query.shape[1], query.dtype, tuple(query.shape)) not in _BROKEN
-            and config.flag(CUDNN_SWITCH))
+            and (query.dtype, tuple(query.shape)) not in _CUDNN_FAILED)
 
 
 def kernel_name(module, device) -> str:
     """The report's name for the kernel this attention module's calls take on `device` (its sinks' dtype is the
-    model's): CUDNN_NAME for a full (no window) layer in half precision on a GPU, NAME otherwise."""
+    model's): CUDNN_NAME for a full (no window) layer in half precision on a GPU with MOE_PATCH_CUDNN_SINKS=1,
+    NAME otherwise. Read at plan time: prove() runs this kernel, install() records it on the module."""
     from .. import config
 
     full = not getattr(module, "sliding_window", None)
@@ -351,12 +352,13 @@ def mask_window(attention_mask, q_len: int, k_len: int, window: int | None):
 
 
 def sink_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, compiled="run",
-                           **kwargs):
+                           cudnn=None, **kwargs):
     """Drop-in for a sinks family's eager_attention_forward: query [B, H, Q, D], key / value [B, Hkv, K, D(v)],
     attention_mask the additive [B, 1, Q, K] mask (or None), module.sinks [H]. Returns ([B, Q, H, Dv] in the
     query's dtype, None): no probabilities are materialised. Raises _NotHere(reason) where it does not apply.
     compiled: which compiled copy runs on a GPU ("run", "proof"; see _compiled), False for torch's eager
-    flex_attention (CPU tests)."""
+    flex_attention (CPU tests). cudnn: whether a full half-precision layer may take cuDNN's kernel; None: as the
+    module's mark says (install() records kernel_name() there)."""
     if dropout and module.training:
         raise _NotHere("attention dropout in training (flex_attention has none)")
     if _probabilities_requested():
@@ -369,13 +371,15 @@ def sink_attention_forward(module, query, key, value, attention_mask, scaling=No
         raise _NotHere(why)
     block_mask = _block_mask(query.shape[-2], key.shape[-2], window, str(query.device)) if kind == "causal" else None
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    if compiled and _cudnn_applies(query, key, value, kind, window):
+    if cudnn is None:
+        cudnn = getattr(module, _MARK, None) == CUDNN_NAME
+    if cudnn and compiled and _cudnn_applies(query, key, value, kind, window):
         try:
             return cudnn_attend(query, key, value, module.sinks, scale), None
         except RuntimeError as exc:  # a configuration this cuDNN does not take: flex for these shapes from now on
             import warnings
 
-            _BROKEN.add((query.shape[1], query.dtype, tuple(query.shape)))
+            _CUDNN_FAILED.add((query.dtype, tuple(query.shape)))
             warnings.warn(f"moe_patch: {CUDNN_NAME} failed for query {tuple(query.shape)} {query.dtype}, "
                           f"flex_attention+sinks runs there instead: {str(exc).splitlines()[0][:160]}", stacklevel=3)
     fn = _compiled(compiled) if compiled and query.device.type == "cuda" else attend
@@ -474,7 +478,7 @@ def install(module) -> list:
         for name, fn in ours.items():
             setattr(family, name, fn)
     _USERS[modname] = _USERS.get(modname, 0) + 1
-    setattr(module, _MARK, True)
+    setattr(module, _MARK, kernel_name(module, module.sinks.device))  # the kernel prove() ran (plan time)
     return [_Handle(module, modname)]
 
 
@@ -507,7 +511,7 @@ def prove(module, device) -> str | None:
     rel. error < 1e-5 forward, < 1e-4 gradients of q, k, v and sinks; bfloat16: < 2e-2, against eager in float32
     on the same bf16 values),
     with random q / k / v / sinks, causal and this layer's sliding-window masks, a length beyond the window and
-    not a multiple of flex's block. Cached per (class, heads, kv heads, head dim, window, device)."""
+    not a multiple of flex's block. Cached per (class, heads, kv heads, head dim, window, device, kernel)."""
     from .. import probe
 
     modname, eager = family_eager(module)
@@ -522,7 +526,8 @@ def prove(module, device) -> str | None:
     if not isinstance(kv_groups, int) or not isinstance(head_dim, int) or heads % kv_groups:
         return "no integer num_key_value_groups / head_dim on the attention module"
     scaling = getattr(module, "scaling", head_dim ** -0.5)
-    key = (type(module), heads, kv_groups, head_dim, window, float(scaling), str(device))
+    cudnn = kernel_name(module, device) == CUDNN_NAME  # the kernel the module's half-precision calls will take
+    key = (type(module), heads, kv_groups, head_dim, window, float(scaling), str(device), cudnn)
     if key in _PROOFS:
         return _PROOFS[key]
     reason = None
@@ -544,7 +549,8 @@ def prove(module, device) -> str | None:
             ref_in = [t.detach().float().requires_grad_() for t in new_in]
             kw = dict(dropout=0.0, scaling=scaling, sliding_window=window)
             a, _ = eager(stock, *ref_in, mask.float(), **{**kw, "s_aux": stock.sinks})
-            b, _ = sink_attention_forward(new, *new_in, mask, compiled="proof", **{**kw, "s_aux": new.sinks})
+            b, _ = sink_attention_forward(new, *new_in, mask, compiled="proof", cudnn=cudnn,
+                                          **{**kw, "s_aux": new.sinks})
             if a.shape != b.shape:
                 reason = f"output shape {tuple(b.shape)} != eager's {tuple(a.shape)}"
                 break
