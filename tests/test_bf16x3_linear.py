@@ -117,3 +117,24 @@ def test_gpu_deepseek_router_uses_it_and_equals_stock(monkeypatch):
     assert calls, "the patched DeepSeek router did not take the tensor-core path"
     ref = F.linear(hidden.float(), stock_router.weight.float())
     assert logits.dtype == torch.float32 and rel_err(logits, ref) < 1e-5
+
+
+def test_infinite_nan_and_largest_gradients_behave_as_the_float32_linear():
+    """Non-finite and float32's largest logit gradients give the float32 form's infs and NaNs, where they are: a
+    gradient of +-inf is +-inf times the other operand there (not inf - inf = NaN in the split's second term), one
+    within half a bfloat16 ulp of float32's largest is finite (not rounded up to inf in the split's first term)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(16, 32, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(8, 32, generator=gen) * 0.05).to(torch.bfloat16)
+    g = torch.randn(16, 8, generator=gen)
+    big = torch.finfo(torch.float32).max
+    g[1, 2], g[3, 5], g[5, 0] = float("inf"), -float("inf"), float("nan")
+    g[7, 3], g[9, 6] = big, -big * 0.999  # finite: x's gradient stays finite, w's overflows where |x| > ~1
+    (ref, dx_ref, dw_ref), (out, dx, dw) = _stock_and_split(x, w, g)
+    assert torch.isinf(dx_ref).any() and torch.isnan(dx_ref).any() and torch.isfinite(dx_ref[7]).all()
+    for name, a, b in (("dx", dx, dx_ref), ("dw", dw, dw_ref)):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        assert torch.equal(torch.isposinf(a), torch.isposinf(b)), name
+        assert torch.equal(torch.isneginf(a), torch.isneginf(b)), name
+        finite = torch.isfinite(b)
+        assert rel_err(a[finite], b[finite]) < 1e-4, name

@@ -16,8 +16,12 @@ Why the numbers are float32's (up to the order of the sums, as between any two G
             Computations", ARITH 2019; exact here because the other operand, x or w, is bfloat16 already).
             Then  dx = [g1 g2 g3] @ [w; w; w]  and  dw = g1.T @ x + g2.T @ x + g3.T @ x, each ONE bfloat16 GEMM
             (the terms stacked along the contracted / the output dimension) with float32 accumulation and float32
-            output, rounded to bfloat16 once as the `.float()` casts' backward does. Values below float32's
-            normal range (|g| < 1.2e-38) may lose low bits in the split: far below any router gradient.
+            output, rounded to bfloat16 once as the `.float()` casts' backward does. Non-finite ends: a finite
+            |g| above bf16's largest (3.39e38), which would round to inf (and inf - inf = NaN in g2), is clamped to
+            it in g1; an inf or NaN g is g1 alone (g2 = g3 = 0), so it meets the other operand as in the float32
+            GEMM. (An inf in x or w itself still meets the zero terms: NaN where the float32 GEMM gives +-inf.)
+            |g| < 2^-110 (7.7e-34) may lose low bits in the split (g3's fall below bf16's smallest subnormal,
+            2^-133): far below any router gradient.
             Under backward(create_graph=True) the backward is the float32 formula itself (differentiable, as stock).
 
 Shapes: x [T, H] bfloat16, w [E, H] bfloat16 -> logits [T, E] float32; gradients dx [T, H] and dw [E, H] in
@@ -39,9 +43,11 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def split3(g: torch.Tensor) -> torch.Tensor:
     """float32 [..., N] -> bfloat16 [..., 3N]: the terms g1, g2, g3 (module docstring) side by side along the last
-    dimension; g1 + g2 + g3 == g exactly for normal float32 values."""
-    g1 = g.to(torch.bfloat16)
-    r = g - g1.float()  # exact: g minus its own rounding
+    dimension; g1 + g2 + g3 == g exactly for |g| >= 2^-110; an inf / NaN g is g1, with g2 = g3 = 0."""
+    finite = torch.isfinite(g)
+    top = torch.finfo(torch.bfloat16).max  # exact in float32; clamping to it keeps a finite g1 finite
+    g1 = torch.where(finite, g.clamp(-top, top), g).to(torch.bfloat16)
+    r = torch.where(finite, g - g1.float(), 0.0)  # exact: g minus its own rounding (or clamp); inf / NaN: in g1
     g2 = r.to(torch.bfloat16)
     g3 = (r - g2.float()).to(torch.bfloat16)
     return torch.cat([g1, g2, g3], dim=-1)
