@@ -372,3 +372,38 @@ def test_report_names_the_kernel_each_layer_takes(monkeypatch):
     assert sink_attention.kernel_name(full, cpu) == sink_attention.NAME
     monkeypatch.setenv("MOE_PATCH_CUDNN_SINKS", "off")
     assert sink_attention.kernel_name(full, cuda) == sink_attention.NAME
+
+
+def test_copies_of_a_patched_model_keep_the_mark_and_revert_on_their_own(monkeypatch):
+    """copy.deepcopy / pickling a model whose sink attention is installed: the copy's modules carry the same mark
+    (the kernel planned), and each model's revert() takes off its own marks only; the family's eager function
+    comes back once, when the last model routed through it is reverted, in either order, without an error
+    (before: reverting the copy put the original's function back under the patched original, and reverting the
+    original then raised KeyError)."""
+    import pickle
+
+    monkeypatch.setattr(sink_attention, "prove", lambda module, device: None)  # on CPU: the routing alone
+    model = build("gpt_oss", dtype=torch.bfloat16)
+    family = __import__(type(model.model.layers[0].self_attn).__module__, fromlist=["_"])
+    eager = family.eager_attention_forward
+
+    def marks(m):
+        return [getattr(a, sink_attention._MARK, None) for a in m.modules() if sink_attention.has_sinks(a)]
+
+    moe_patch.apply(model)
+    assert marks(model) == [sink_attention.NAME] * 2 and family.eager_attention_forward is not eager
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert marks(clone) == marks(model)
+        moe_patch.revert(clone)
+        assert marks(clone) == [None, None]
+        assert marks(model) == [sink_attention.NAME] * 2 and family.eager_attention_forward is not eager
+    for first in ("original", "copy"):
+        clone = copy.deepcopy(model)
+        pair = (model, clone) if first == "original" else (clone, model)
+        moe_patch.revert(pair[0])
+        assert marks(pair[1]) == [sink_attention.NAME] * 2
+        assert family.eager_attention_forward is not eager  # the other model still routed
+        moe_patch.revert(pair[1])
+        assert family.eager_attention_forward is eager
+        if first == "original":
+            moe_patch.apply(model)  # patched again for the other order

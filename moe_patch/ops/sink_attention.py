@@ -440,12 +440,26 @@ def _fell_back(reason: str) -> None:
 class _Handle:
     def __init__(self, module, modname):
         self.module, self.modname = module, modname
+        self.counted = True  # one of _USERS[modname]
+
+    def __setstate__(self, state):
+        # a deep copy or an unpickled copy of a patched model (copy.deepcopy, torch.save / load) has its modules
+        # marked too: while the family's dispatcher is installed in this process the copy is one more user of it,
+        # so reverting either model leaves the other's routing in place; elsewhere it counts for nothing and
+        # remove() only takes the mark off
+        self.__dict__.update(state)
+        self.counted = self.module is not None and self.modname in _USERS
+        if self.counted:
+            _USERS[self.modname] += 1
 
     def remove(self):
         if self.module is None:
             return
         if hasattr(self.module, _MARK):
             delattr(self.module, _MARK)
+        if not self.counted:
+            self.module = None
+            return
         _USERS[self.modname] -= 1
         if _USERS[self.modname] == 0:  # the last marked module: the family module gets its functions back
             family, ours = sys.modules[self.modname], _INSTALLED.pop(self.modname)
