@@ -116,7 +116,8 @@ def preview(model, rows, opts: Options, device: str, with_: set) -> list[Row]:
             row.reason = mamba_ssd.ON_GPU_PREVIEW if caps.mamba_ssm else mamba_ssd.load_kernel()[1]
             continue
         if row.kind == "attention" and target.type == "cuda" and row.reason.endswith(sink_attention.NOT_ON_CPU):
-            row.reason = sink_attention.ON_GPU_PREVIEW  # planned on a CPU: the GPU's own apply() proves it
+            # planned on a CPU: the GPU's own apply() proves it
+            row.reason = sink_attention.preview_reason(model.get_submodule(row.path))
             continue
         if row.kind == "rmsnorm" and row.reason == gated_rmsnorm.NOT_ON_CPU:
             if target.type == "cuda":  # likewise

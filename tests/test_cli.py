@@ -326,6 +326,25 @@ def test_gpu_preview_of_sink_attention_says_what_the_gpu_does():
     assert "flex_attention has no backward on CPU" in here.stdout
 
 
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a preview only where there is no GPU")
+def test_gpu_preview_of_sink_attention_names_cudnn_where_the_switch_takes_it(monkeypatch):
+    """With MOE_PATCH_CUDNN_SINKS=1 in the shell (the preview counts the environment as apply() does), GPT-OSS's full
+    (no window) attention rows name cuDNN's attention, which a GPU's apply() plans for them in bf16 / fp16;
+    sliding-window rows keep flex_attention's text, and without the switch every row does."""
+    from moe_patch.ops import sink_attention
+
+    monkeypatch.setenv(sink_attention.CUDNN_SWITCH, "1")
+    model, rows = _gpu_preview("gpt_oss")
+    attn = {p: r for p, r in rows.items() if r.kind == "attention"}
+    full = {p for p in attn if not model.get_submodule(p).sliding_window}
+    assert full and full != set(attn), attn
+    for path, row in attn.items():
+        assert ("cuDNN" in row.reason[:80]) == (path in full), row  # early: the table cuts long reasons
+    monkeypatch.delenv(sink_attention.CUDNN_SWITCH)
+    _, rows = _gpu_preview("gpt_oss")
+    assert all(r.reason == sink_attention.ON_GPU_PREVIEW for r in rows.values() if r.kind == "attention"), rows
+
 def _gpu_preview(family, **overrides):
     """{path: row} of `moe-patch report FAMILY --device cuda --with te,liger,mamba`, in this process."""
     from moe_patch.cli import _build_on_meta

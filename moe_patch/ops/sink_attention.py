@@ -518,6 +518,20 @@ NOT_ON_CPU = "flex_attention has no backward on CPU: the family's eager attentio
 ON_GPU_PREVIEW = ("on a GPU: flex_attention with the learned sinks (causal, or this layer's sliding window) where "
                   "apply() proves it equal to the family's eager attention there, else eager stays; with Liger, "
                   "the RoPE on Liger's kernel where proven the family's")
+ON_GPU_PREVIEW_CUDNN = ("on a GPU: cuDNN's attention with the learned sinks in bf16 / fp16 (MOE_PATCH_CUDNN_SINKS=1), "
+                        "flex_attention with them in float32, where apply() proves it equal to the family's eager "
+                        "attention there, else eager stays; with Liger, the RoPE on Liger's kernel where proven the "
+                        "family's")
+
+
+def preview_reason(module) -> str:
+    """A GPU preview's row for a sinks attention module planned on a CPU (preview.py): what apply() there would try,
+    cuDNN's kernel for a full layer where MOE_PATCH_CUDNN_SINKS is on now (kernel_name's choice, but for the
+    model's dtype, which a meta model planned from a config does not have)."""
+    from .. import config
+
+    full = not getattr(module, "sliding_window", None)
+    return ON_GPU_PREVIEW_CUDNN if full and config.flag(CUDNN_SWITCH) else ON_GPU_PREVIEW
 
 
 def prove(module, device) -> str | None:
