@@ -151,7 +151,7 @@ def test_routing_only_the_patched_mixer_and_back(cpu_kernel):
     assert mamba_ssd._MARK not in mixer.__dict__ and not mixer._forward_hooks and not mixer._forward_pre_hooks
 
 
-def test_a_scan_set_after_apply_stays_after_revert(cpu_kernel, monkeypatch):
+def test_a_scan_set_after_apply_stays_after_revert(cpu_kernel):
     """The family's mamba2_chunk_scan set by the user after apply() (moe_patch's router replaced) is left in place by
     revert(): only the function apply() set is put back."""
     cpu_kernel(_stand_in_kernel())
@@ -163,9 +163,12 @@ def test_a_scan_set_after_apply_stays_after_revert(cpu_kernel, monkeypatch):
     def users_scan(*args, **kwargs):
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(family, "mamba2_chunk_scan", users_scan)
-    moe_patch.revert(model)
-    assert family.mamba2_chunk_scan is users_scan
+    family.mamba2_chunk_scan = users_scan  # not monkeypatch: its undo would put back the dispatcher it replaced
+    try:
+        moe_patch.revert(model)
+        assert family.mamba2_chunk_scan is users_scan
+    finally:
+        family.mamba2_chunk_scan = original
 
 
 def test_proof_rejects_a_wrong_kernel(cpu_kernel):
@@ -431,3 +434,21 @@ def test_gated_norm_preview_for_a_gpu_from_a_cpu():
         assert bare["model.layers.0.mixer.norm"].reason == gated_rmsnorm.load_kernel()[1] != ""
     cpu = {r.path: r for r in preview(model, rows, Options(), "cpu", set())}
     assert cpu["model.layers.0.mixer.norm"].reason == gated_rmsnorm.NOT_ON_CPU
+
+
+def test_a_deep_copy_of_a_patched_model_reverts_on_its_own(cpu_kernel):
+    """copy.deepcopy of a patched model: reverting the copy leaves the original routed to the kernel, and reverting
+    the original afterwards puts the family's scan back (no error)."""
+    cpu_kernel(_stand_in_kernel())
+    family = importlib.import_module(FAMILY)
+    original = family.mamba2_chunk_scan
+    model = moe_patch.apply(_model())
+    twin = copy.deepcopy(model)
+    moe_patch.revert(twin)
+    assert family.mamba2_chunk_scan is not original  # the original model is still patched
+    ids = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(0))
+    calls = mamba_ssd.CALLS["kernel"]
+    model(input_ids=ids, labels=ids)
+    assert mamba_ssd.CALLS["kernel"] == calls + 1
+    moe_patch.revert(model)
+    assert family.mamba2_chunk_scan is original

@@ -31,6 +31,29 @@ def restore_global(module, name: str, ours, original) -> None:
         setattr(module, name, original)
 
 
+class RouteHandle:
+    """The removable handle of one module's use of a family function routed through moe_patch's dispatcher while
+    patched models use it (sink attention, the Mamba2 scan). Subclasses say where the uses are counted
+    (`_users()`: a dict key -> count, `self.key`) and take the mark off / put the function back in remove(),
+    skipping the count where `self.counted` is False.
+
+    A deep copy or an unpickled copy of a patched model (copy.deepcopy, torch.save / load) copies its handles with
+    its marked modules: while the family function is routed in this process the copy is one more user of it, so
+    reverting either model leaves the other's routing in place; elsewhere the copy's handle counts for nothing."""
+
+    counted = True
+
+    def _users(self) -> dict:
+        raise NotImplementedError
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        users = self._users()
+        self.counted = self.module is not None and self.key in users
+        if self.counted:
+            users[self.key] += 1
+
+
 def current_params_into(inner: nn.Module, owner: nn.Module) -> None:
     """Point `inner`, a module kept outside the module tree (a TE module), at `owner`'s *current* Parameter
     objects. FSDP2 (sharded at rest, unsharded for each forward), load_state_dict(assign=True) and friends

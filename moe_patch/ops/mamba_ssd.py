@@ -49,7 +49,7 @@ import weakref
 import torch
 from torch import nn
 
-from .base import restore_global
+from .base import RouteHandle, restore_global
 
 NAME = "mamba_chunk_scan_combined (mamba-ssm Triton SSD)"
 PACKAGE = "mamba_ssm"
@@ -212,9 +212,12 @@ def _leave(module, args, output_or_kwargs=None, output=None):
             _ACTIVE.set(None)
 
 
-class _Handle:
+class _Handle(RouteHandle):
     def __init__(self, module, key, hooks):
         self.module, self.key, self.hooks = module, key, hooks
+
+    def _users(self) -> dict:
+        return _USERS
 
     def remove(self):
         if self.module is None:
@@ -222,7 +225,8 @@ class _Handle:
         for h in self.hooks:
             h.remove()
         self.module.__dict__.pop(_MARK, None)
-        _unroute(self.key)
+        if self.counted:
+            _unroute(self.key)
         self.module = None
 
 

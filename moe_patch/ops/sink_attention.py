@@ -39,7 +39,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from .base import restore_global
+from .base import RouteHandle, restore_global
 
 NAME = "flex_attention+sinks"
 _MARK = "_moe_patch_sink_attention"
@@ -437,20 +437,16 @@ def _fell_back(reason: str) -> None:
     FALLBACKS[reason] = FALLBACKS.get(reason, 0) + 1
 
 
-class _Handle:
+class _Handle(RouteHandle):
     def __init__(self, module, modname):
         self.module, self.modname = module, modname
-        self.counted = True  # one of _USERS[modname]
 
-    def __setstate__(self, state):
-        # a deep copy or an unpickled copy of a patched model (copy.deepcopy, torch.save / load) has its modules
-        # marked too: while the family's dispatcher is installed in this process the copy is one more user of it,
-        # so reverting either model leaves the other's routing in place; elsewhere it counts for nothing and
-        # remove() only takes the mark off
-        self.__dict__.update(state)
-        self.counted = self.module is not None and self.modname in _USERS
-        if self.counted:
-            _USERS[self.modname] += 1
+    @property
+    def key(self):
+        return self.modname
+
+    def _users(self) -> dict:
+        return _USERS
 
     def remove(self):
         if self.module is None:
