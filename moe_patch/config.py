@@ -55,6 +55,7 @@ VARIABLES = {
     "MOE_PATCH_FUSED_MLA": "0: DeepSeek-V3's MLA q/k/v assembly stays the family's (default: compiled kernels)",
     "MOE_PATCH_FUSED_MLP": "1: gated MLPs declared in patches/ run silu(gate)*up compiled (opt-in: not measured alone)",
     "MOE_PATCH_CUDNN_SINKS": "1: sink attention's full causal layers run cuDNN's attention (opt-in: q/k gradient error)",
+    "MOE_PATCH_TUNED_GEMM": "1: the experts' grouped GEMMs on inductor's autotuned kernels (opt-in: minutes of tuning)",
 }
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("", "0", "false", "no", "off")
@@ -135,11 +136,13 @@ READERS = {"MOE_PATCH": enabled, "MOE_PATCH_QUIET": quiet,
            "MOE_PATCH_FP8_EXPERTS": lambda: flag("MOE_PATCH_FP8_EXPERTS"),
            "MOE_PATCH_FUSED_MLA": lambda: flag("MOE_PATCH_FUSED_MLA", default=True),
            "MOE_PATCH_FUSED_MLP": lambda: flag("MOE_PATCH_FUSED_MLP"),
-           "MOE_PATCH_CUDNN_SINKS": lambda: flag("MOE_PATCH_CUDNN_SINKS"), **OPTION_VARIABLES}
+           "MOE_PATCH_CUDNN_SINKS": lambda: flag("MOE_PATCH_CUDNN_SINKS"),
+           "MOE_PATCH_TUNED_GEMM": lambda: flag("MOE_PATCH_TUNED_GEMM"), **OPTION_VARIABLES}
 
 
 # yes/no variables with no apply() argument, read where their replacement is planned
-FEATURE_FLAGS = ("MOE_PATCH_FP8_EXPERTS", "MOE_PATCH_FUSED_MLA", "MOE_PATCH_FUSED_MLP", "MOE_PATCH_CUDNN_SINKS")
+FEATURE_FLAGS = ("MOE_PATCH_FP8_EXPERTS", "MOE_PATCH_FUSED_MLA", "MOE_PATCH_FUSED_MLP", "MOE_PATCH_CUDNN_SINKS",
+                 "MOE_PATCH_TUNED_GEMM")
 
 
 def from_environment() -> dict:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import compiled
+from . import compiled, tuned_gemm
 from .base import Replacement
 from .compiled_gate import add_bias_and_weigh, add_expert_bias, switches
 
@@ -39,6 +39,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     out_aligned = w.shape[-1] * x.element_size() % 16 == 0
     if (hasattr(F, "grouped_mm") and (x.dtype == torch.bfloat16 or not bf16_only) and x.shape[0] > 0
             and _aligned(x) and _aligned(w) and out_aligned):
+        if tuned_gemm.usable(x, w):  # the same product on inductor's autotuned kernels (tuned_gemm.py)
+            return tuned_gemm.grouped_mm(x, w, offs)
         return F.grouped_mm(x, w, offs=offs)
     # Per-group loop: grouped_mm is bf16-only on CUDA and under torch.compile, needs aligned operands (the
     # output's gradient included: odd expert widths are not), and

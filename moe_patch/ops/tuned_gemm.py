@@ -1,0 +1,85 @@
+"""The experts' grouped GEMMs (forward, input gradient, weight gradient) on the fastest of torch's own kernels for
+each shape, chosen by torch inductor's GEMM autotuner.
+
+`F.grouped_mm` runs one CUTLASS kernel configuration per layout. torch.compile with `max_autotune` lowers the same
+operator (`aten._grouped_mm`, forward and, through AOTAutograd, the two backward products) to the best of inductor's
+persistent TMA Triton template in several tile shapes and that CUTLASS kernel itself, timed on the GPU at the first
+call of each shape (torch/_inductor/kernel/mm_grouped.py). Measured alone on an H200 (random routing, ms per GEMM,
+CUTLASS -> autotuned): GPT-OSS-20B widths (32 experts, 32,768 rows) up 1.747 -> 1.595 forward, 1.845 -> 1.579 input
+gradient, 2.049 -> 1.887 weight gradient, down 0.863 -> 0.832, 0.906 -> 0.830, 0.931 -> 0.895; deepseek-v3-style
+(64 experts, 98,304 rows) 7.96 -> 7.57 ms for the six (a 16-configuration search; the default one is wider).
+
+Same arithmetic: a grouped matrix product with float32 accumulation and one rounding to the output dtype; the
+choice is a kernel (tile shape, schedule), as cuBLAS picks one per shape for a dense GEMM. Results equal to the
+CUTLASS kernel's within bf16 rounding (tests/test_tuned_gemm.py checks forward and both gradients at a real width).
+
+OPT-IN (MOE_PATCH_TUNED_GEMM=1): inductor's default search for a grouped GEMM compiles and times ~70 Triton
+configurations per shape, and a patched GPT-OSS-20B step did not get through its first steps in 4 minutes on an H200
+(the figures above come from a 16-configuration search, which torch does not let a caller choose). Inductor keeps
+its choices in its on-disk cache, so the cost is paid once per machine and shape; the step-level gain is not
+measured yet.
+
+Used on CUDA for problems of at least MIN_ROWS rows (smaller ones, the plan-time proofs' included, take
+F.grouped_mm: autotuning them would cost more than it saves), outside a user's own torch.compile (its trace decides
+there), unless MOE_PATCH_COMPILE=0. Each (widths, layout, dtype, rows bucket) gets its own compiled variant, rows
+dynamic within a power-of-two bucket (tuned at the bucket's first size). A compiler failure falls back to
+F.grouped_mm with one warning.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import compiled
+
+SWITCH = "MOE_PATCH_TUNED_GEMM"
+MIN_ROWS = 4096  # below this a grouped GEMM of these widths takes tens of microseconds: not worth a tuning pass
+_CACHE: dict = {}
+OPTIONS = {"max_autotune": True}  # inductor's GEMM autotuning only (no CUDA graphs: mode="max-autotune" adds them)
+
+
+def enabled() -> bool:
+    """MOE_PATCH_TUNED_GEMM=1 (opt-in) and MOE_PATCH_COMPILE not off. Read at each call, it never raises mid-training
+    (apply() refuses a value that is neither on nor off)."""
+    from ..config import TRUE
+
+    return compiled.enabled() and os.environ.get(SWITCH, "").strip().lower() in TRUE
+
+
+def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether grouped_mm(x, w, offs) takes the autotuned path (the caller has checked F.grouped_mm's own
+    requirements: bf16, aligned operands)."""
+    return (x.is_cuda and x.dim() == 2 and w.dim() == 3 and x.shape[0] >= MIN_ROWS
+            and not torch.compiler.is_compiling() and enabled())
+
+
+def _grouped_mm(x, w, offs):
+    return F.grouped_mm(x, w, offs=offs)
+
+
+def _layout(t: torch.Tensor) -> str:
+    return "n" if t.stride(-1) == 1 else "k"  # [E, in, out] with out (n) or in (k) contiguous: kernels differ
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [S, in] rows grouped by expert, w [E, in, out] (any strides), offs [E] int32 cumulative row ends ->
+    [S, out] in x's dtype: F.grouped_mm(x, w, offs=offs), differentiable, on the autotuned kernels (see the module
+    docstring)."""
+    key = (x.shape[-1], w.shape[-1], w.shape[0], _layout(w), x.dtype, x.device, x.shape[0].bit_length())
+    fn = _CACHE.get(key)
+    if fn is None:
+        name = f"grouped_mm_k{key[0]}_n{key[1]}_e{key[2]}_{key[3]}_r{key[6]}"
+        fn = _CACHE[key] = torch.compile(compiled.own_code(_grouped_mm, name), options=OPTIONS)
+    if fn is _grouped_mm:
+        return _grouped_mm(x, w, offs)
+    torch._dynamo.maybe_mark_dynamic(x, 0)
+    try:
+        return fn(x, w, offs)
+    except Exception as exc:  # noqa: BLE001 - any compiler / autotuner error: the CUTLASS kernel is the same product
+        warnings.warn(f"moe_patch: autotuned grouped_mm failed ({type(exc).__name__}: {exc}); using F.grouped_mm",
+                      RuntimeWarning, stacklevel=2)
+        _CACHE[key] = _grouped_mm
+        return _grouped_mm(x, w, offs)
