@@ -439,3 +439,22 @@ def test_second_derivative_is_an_error_not_a_wrong_number():
     for (name, _), a, b in zip(stock.named_parameters(), out, ref):
         assert (a is None) == (b is None), name
         assert a is None or rel_err(a, b) < 1e-4, name
+
+
+def test_logits_to_keep_with_labels_is_stock_behaviour():
+    """Stock computes its loss from the logits it keeps: with labels, logits_to_keep=3 fails on the length mismatch
+    (a causal LM). The fused path, which scores every position, would instead return a loss the unpatched model
+    never gives: such a call runs the stock forward (one warning naming it). logits_to_keep=0 (every position) is
+    the fused loss, equal to stock's."""
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    ids = inputs()
+    with pytest.raises(ValueError) as expected:
+        stock(input_ids=ids, labels=ids, logits_to_keep=3)
+    with pytest.warns(RuntimeWarning, match="logits_to_keep=3 given with labels"), \
+            pytest.raises(ValueError) as got:
+        patched(input_ids=ids, labels=ids, logits_to_keep=3)
+    assert str(got.value) == str(expected.value)
+    out = patched(input_ids=ids, labels=ids, logits_to_keep=0)
+    assert out.logits is None  # the fused path
+    assert rel_err(out.loss, stock(input_ids=ids, labels=ids, logits_to_keep=0).loss) < 1e-5

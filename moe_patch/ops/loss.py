@@ -302,6 +302,16 @@ def head_changed(model, head) -> str | None:
     return None
 
 
+def _keeps_some_logits(kwargs) -> str | None:
+    """The fused path computes the loss of every position (logits_to_keep=0, the default); a call asking for fewer
+    logits gets the stock forward, whose loss then sees those logits only (a causal LM's raises on the length
+    mismatch), as it would unpatched."""
+    keep = kwargs.get("logits_to_keep", 0)
+    if isinstance(keep, int) and not isinstance(keep, bool) and keep == 0:
+        return None
+    return f"logits_to_keep={keep if isinstance(keep, int) else type(keep).__name__} given with labels"
+
+
 class FusedLossForward:
     """Callable set as `model.forward` (an instance attribute).
 
@@ -351,7 +361,7 @@ class FusedLossForward:
             return self.stock_forward(*args, **kwargs)
         if getattr(model, "_moe_patch", None) is None:  # reverted, with a wrapper set over this forward kept
             return self.stock_forward(*args, **kwargs)
-        self.stock_reason = self._why_stock(model)
+        self.stock_reason = _keeps_some_logits(kwargs) or self._why_stock(model)
         if self.stock_reason is not None:
             if self.stock_reason not in self._warned:
                 self._warned.add(self.stock_reason)
