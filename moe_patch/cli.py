@@ -199,7 +199,7 @@ def cmd_report(args) -> int:
     from .preview import PACKAGES, header, preview
     from .records import Report
 
-    from .config import from_environment
+    from .config import FEATURE_FLAGS, from_environment
 
     # the environment counts as it does for apply() and MOE_PATCH=1, so the report shows what a run in this shell
     # would do (a bad value there is the same one-line error): --backend / --skip replace MOE_PATCH_BACKEND /
@@ -212,6 +212,8 @@ def cmd_report(args) -> int:
     from_env = [f"{var}={os.environ[var].strip()}" for var, flag in (("MOE_PATCH_DISABLE", None),
                 ("MOE_PATCH_SKIP", args.skip), ("MOE_PATCH_BACKEND", args.backend))
                 if flag is None and os.environ.get(var, "").strip()]
+    # the feature switches too (read where their replacement is planned): a row the report shows may depend on one
+    from_env += [f"{var}={os.environ[var].strip()}" for var in FEATURE_FLAGS if os.environ.get(var, "").strip()]
     with_ = set(_split(args.with_))
     for name in with_:
         if name not in PACKAGES:

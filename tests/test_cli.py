@@ -55,7 +55,10 @@ def test_report_follows_the_environment_unless_a_flag_says_otherwise(configs):
     env = dict(MOE_PATCH_DISABLE="router", MOE_PATCH_SKIP="model.layers.0.*")
     out = cli("report", path, **env)
     assert out.returncode == 0, out.stderr
-    assert "from the environment: MOE_PATCH_DISABLE=router MOE_PATCH_SKIP=model.layers.0.*" in out.stdout
+    assert "from the environment: MOE_PATCH_DISABLE=router MOE_PATCH_SKIP=model.layers.0.* (" in out.stdout
+    features = cli("report", path, MOE_PATCH_TUNED_GEMM="1", MOE_PATCH_FUSED_MLA="0", **env)  # switches count too
+    assert "from the environment: MOE_PATCH_DISABLE=router MOE_PATCH_SKIP=model.layers.0.* MOE_PATCH_FUSED_MLA=0 " \
+           "MOE_PATCH_TUNED_GEMM=1 (" in features.stdout, features.stdout
     rows = [line for line in out.stdout.splitlines() if line.startswith("model.layers.")]
     assert all("router=False" in r for r in rows if " router " in r) and any(" router " in r for r in rows)
     assert all("skipped" in r for r in rows if r.startswith("model.layers.0."))
