@@ -8,6 +8,7 @@ call of each shape (torch/_inductor/kernel/mm_grouped.py). Measured alone on an 
 CUTLASS -> autotuned): GPT-OSS-20B widths (32 experts, 32,768 rows) up 1.747 -> 1.595 forward, 1.845 -> 1.579 input
 gradient, 2.049 -> 1.887 weight gradient, down 0.863 -> 0.832, 0.906 -> 0.830, 0.931 -> 0.895; deepseek-v3-style
 (64 experts, 98,304 rows) 7.96 -> 7.57 ms for the six (a 16-configuration search; the default one is wider).
+`benchmarks/grouped_gemm.py` measures the forward + backward of each projection both ways.
 
 Same arithmetic: a grouped matrix product with float32 accumulation and one rounding to the output dtype; the
 choice is a kernel (tile shape, schedule), as cuBLAS picks one per shape for a dense GEMM. Results equal to the
