@@ -15,8 +15,9 @@ choice is a kernel (tile shape, schedule), as cuBLAS picks one per shape for a d
 CUTLASS kernel's within bf16 rounding (tests/test_tuned_gemm.py checks forward and both gradients at a real width).
 
 OPT-IN (MOE_PATCH_TUNED_GEMM=1): inductor's default search for a grouped GEMM compiles and times ~70 Triton
-configurations per shape, and a patched GPT-OSS-20B step did not get through its first steps in 4 minutes on an H200
-(the figures above come from a 16-configuration search, which torch does not let a caller choose). Inductor keeps
+configurations per shape (over 20 s per GEMM on an H200), and a patched GPT-OSS-20B benchmark (six GEMM shapes) did
+not get through its first steps in 4 minutes (the figures above come from a 16-configuration search, which torch
+does not let a caller choose). Inductor keeps
 its choices in its on-disk cache, so the cost is paid once per machine and shape; the step-level gain is not
 measured yet.
 
