@@ -212,8 +212,10 @@ def cmd_report(args) -> int:
     from_env = [f"{var}={os.environ[var].strip()}" for var, flag in (("MOE_PATCH_DISABLE", None),
                 ("MOE_PATCH_SKIP", args.skip), ("MOE_PATCH_BACKEND", args.backend))
                 if flag is None and os.environ.get(var, "").strip()]
-    # the feature switches too (read where their replacement is planned): a row the report shows may depend on one
-    from_env += [f"{var}={os.environ[var].strip()}" for var in FEATURE_FLAGS if os.environ.get(var, "").strip()]
+    # the feature switches too (read where their replacement is planned): a row the report shows may depend on one;
+    # so may MOE_PATCH_COMPILE (the experts' compiled gate, RMSNorm's kernel on a GPU)
+    from_env += [f"{var}={os.environ[var].strip()}" for var in (*FEATURE_FLAGS, "MOE_PATCH_COMPILE")
+                 if os.environ.get(var, "").strip()]
     with_ = set(_split(args.with_))
     for name in with_:
         if name not in PACKAGES:
@@ -268,7 +270,7 @@ def _version(dist: str) -> str | None:
 def _env_caveat(name: str, read, gpu) -> str:
     """What an accepted value still depends on, for `moe-patch env`: the backends named in MOE_PATCH_BACKEND that
     cannot run on this machine's GPU (apply() refuses them), when MOE_PATCH_EP is checked, what MOE_PATCH_COMPILE
-    takes."""
+    takes, where MOE_PATCH_TUNED_GEMM acts (and that MOE_PATCH_COMPILE=0 turns it off)."""
     from . import backends
 
     if name == "MOE_PATCH_BACKEND" and read:
@@ -280,6 +282,13 @@ def _env_caveat(name: str, read, gpu) -> str:
         return "; checked against the world size and every expert count when a model is built"
     if name == "MOE_PATCH_COMPILE" and read:
         return " (any value but 0 / false / no / off is on)"
+    if name == "MOE_PATCH_TUNED_GEMM" and read:
+        from .ops import compiled, tuned_gemm
+
+        if not compiled.enabled():  # tuned_gemm.enabled() needs the compiler: the switch alone would do nothing
+            off = os.environ.get("MOE_PATCH_COMPILE", "").strip()
+            return f"; but MOE_PATCH_COMPILE={off} turns it off (the experts keep F.grouped_mm)"
+        return f"; CUDA only: bf16 grouped GEMMs of {tuned_gemm.MIN_ROWS:,} rows or more, outside a torch.compile"
     return ""
 
 

@@ -12,6 +12,7 @@ MOE_PATCH_FP8_EXPERTS=1           under fp8="current" the experts' grouped GEMMs
 MOE_PATCH_FUSED_MLA=0             DeepSeek-V3's MLA q/k/v assembly back on the family's code (on by default)
 MOE_PATCH_FUSED_MLP=1             declared gated MLPs with silu(gate)*up compiled (opt-in: not measured alone)
 MOE_PATCH_CUDNN_SINKS=1           sink attention's full layers (bf16/fp16) on cuDNN's attention (opt-in: see its note)
+MOE_PATCH_TUNED_GEMM=1            the experts' grouped GEMMs on inductor's autotuned kernels (opt-in: ops/tuned_gemm.py)
 
 Kind and backend names are read case-insensitively ("Loss=Torch" is "loss=torch": every canonical name is lower
 case, so no two names meet); module-path globs (MOE_PATCH_SKIP, skip=) are matched as written.

@@ -56,9 +56,10 @@ def test_report_follows_the_environment_unless_a_flag_says_otherwise(configs):
     out = cli("report", path, **env)
     assert out.returncode == 0, out.stderr
     assert "from the environment: MOE_PATCH_DISABLE=router MOE_PATCH_SKIP=model.layers.0.* (" in out.stdout
-    features = cli("report", path, MOE_PATCH_TUNED_GEMM="1", MOE_PATCH_FUSED_MLA="0", **env)  # switches count too
+    # switches count too, MOE_PATCH_COMPILE's included (rows name it: the experts' gate, RMSNorm on a GPU)
+    features = cli("report", path, MOE_PATCH_TUNED_GEMM="1", MOE_PATCH_FUSED_MLA="0", MOE_PATCH_COMPILE="0", **env)
     assert "from the environment: MOE_PATCH_DISABLE=router MOE_PATCH_SKIP=model.layers.0.* MOE_PATCH_FUSED_MLA=0 " \
-           "MOE_PATCH_TUNED_GEMM=1 (" in features.stdout, features.stdout
+           "MOE_PATCH_TUNED_GEMM=1 MOE_PATCH_COMPILE=0 (" in features.stdout, features.stdout
     rows = [line for line in out.stdout.splitlines() if line.startswith("model.layers.")]
     assert all("router=False" in r for r in rows if " router " in r) and any(" router " in r for r in rows)
     assert all("skipped" in r for r in rows if r.startswith("model.layers.0."))
@@ -158,7 +159,8 @@ def test_env_says_whether_each_variable_is_accepted():
     """`moe-patch env` reads each MOE_PATCH_* variable set as moe_patch would, says whether it is accepted (a
     refused one with the one-line error the run would stop on) and exits 0 either way."""
     out = cli("env", MOE_PATCH_BACKEND="attention=tourch,", MOE_PATCH_DISABLE="router, ", MOE_PATCH_EP="0",
-              MOE_PATCH_QUIET="1", MOE_PATCH_COMPILE="0", MOE_PATCH_SKIP="lm_head", MOE_PATCH_FP8_EXPERTS="maybe")
+              MOE_PATCH_QUIET="1", MOE_PATCH_COMPILE="0", MOE_PATCH_SKIP="lm_head", MOE_PATCH_FP8_EXPERTS="maybe",
+              MOE_PATCH_TUNED_GEMM="1")
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("MOE_PATCH")}
     assert rows["MOE_PATCH_BACKEND"].endswith("<- refused: MOE_PATCH_BACKEND: in 'attention=tourch', unknown "
@@ -170,6 +172,8 @@ def test_env_says_whether_each_variable_is_accepted():
     assert rows["MOE_PATCH_DISABLE"].endswith("'router, '  <- accepted")
     assert rows["MOE_PATCH_SKIP"].endswith("<- accepted")
     assert rows["MOE_PATCH_QUIET"].endswith("<- accepted (on)") and rows["MOE_PATCH_COMPILE"].endswith("(off)")
+    # accepted, but MOE_PATCH_COMPILE=0 keeps the experts on F.grouped_mm: env says so, not a bare "(on)"
+    assert "<- accepted (on); but MOE_PATCH_COMPILE=0 turns it off" in rows["MOE_PATCH_TUNED_GEMM"], out.stdout
 
 
 def test_env_says_when_an_accepted_value_still_stops_the_run():
