@@ -67,7 +67,7 @@ def test_tuned_grouped_mm_falls_back_on_a_compiler_error(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     x, stored, offs = _operands(40, [5, 17, 17, 40], "kn")
     probe = torch.randn(40, 48, dtype=BF16)
-    with pytest.warns(RuntimeWarning, match="autotuned grouped_mm failed.*no kernel"):
+    with pytest.warns(RuntimeWarning, match="autotuned grouped_mm not used for grouped_mm_k32.*failed.*no kernel"):
         new = _run(tuned_gemm.grouped_mm, x, stored, offs, "kn", probe)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # warned once: later calls go straight to F.grouped_mm
@@ -75,6 +75,50 @@ def test_tuned_grouped_mm_falls_back_on_a_compiler_error(monkeypatch):
     ref = _run(lambda a, b, o: F.grouped_mm(a, b, offs=o), x, stored, offs, "kn", probe)
     for a, b, c in zip(new, again, ref):
         assert torch.equal(a, c) and torch.equal(b, c)
+
+
+class _Off(torch.autograd.Function):
+    """A stand-in 'kernel' right in its forward, wrong or failing in its backward."""
+
+    @staticmethod
+    def forward(ctx, out, fail):
+        ctx.fail = fail
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.fail:
+            raise RuntimeError("backward kernel failed")
+        return g * 1.5, None
+
+
+@pytest.mark.parametrize("wrong", ["output", "weight gradient", "backward fails"])
+def test_a_variant_that_differs_from_grouped_mm_on_its_first_call_is_not_used(wrong, monkeypatch):
+    """The first call of each compiled variant compares it with F.grouped_mm on the same operands, backward
+    included (so a backward that differs or fails is caught there, not in the user's backward()): such a variant
+    is never used, one warning says which, and every result is F.grouped_mm's."""
+    monkeypatch.setattr(tuned_gemm, "_CACHE", {})
+
+    def compiled(fn, **kw):
+        def run(x, w, offs):
+            out = F.grouped_mm(x, w, offs=offs)
+            if wrong == "output":
+                return out * 1.05
+            if wrong == "weight gradient":  # right output and input gradient, wrong weight gradient
+                return F.grouped_mm(x, _Off.apply(w, False), offs=offs)
+            return _Off.apply(out, True)
+        return run
+
+    monkeypatch.setattr(torch, "compile", compiled)
+    x, stored, offs = _operands(40, [5, 17, 17, 40], "kn")
+    probe = torch.randn(40, 48, dtype=BF16)
+    said = {"output": "its output", "weight gradient": "its weight gradient", "backward fails": "backward kernel"}
+    with pytest.warns(RuntimeWarning, match=f"autotuned grouped_mm not used.*{said[wrong]}"):
+        new = _run(tuned_gemm.grouped_mm, x, stored, offs, "kn", probe)
+    ref = _run(lambda a, b, o: F.grouped_mm(a, b, offs=o), x, stored, offs, "kn", probe)
+    for a, b in zip(new, ref):
+        assert torch.equal(a, b)
+    assert list(tuned_gemm._CACHE.values()) == [tuned_gemm._grouped_mm]
 
 
 @pytest.mark.parametrize("compile_var,tuned_var,on", [(None, None, False), ("0", "1", False), (None, "off", False),

@@ -24,8 +24,10 @@ measured yet.
 Used on CUDA for problems of at least MIN_ROWS rows (smaller ones, the plan-time proofs' included, take
 F.grouped_mm: autotuning them would cost more than it saves), outside a user's own torch.compile (its trace decides
 there), unless MOE_PATCH_COMPILE=0. Each (widths, layout, dtype, rows bucket) gets its own compiled variant, rows
-dynamic within a power-of-two bucket (tuned at the bucket's first size). A compiler failure falls back to
-F.grouped_mm with one warning.
+dynamic within a power-of-two bucket (tuned at the bucket's first size). Each variant's first call also runs
+F.grouped_mm on the same operands and compares the output and the gradients that call needs (`mismatch`: the proof
+on the model's real shape, which the plan-time proofs' small inputs never reach); a variant that differs or fails
+to compile is not used, with one warning, and the experts keep F.grouped_mm.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from . import compiled
 SWITCH = "MOE_PATCH_TUNED_GEMM"
 MIN_ROWS = 4096  # below this a grouped GEMM of these widths takes tens of microseconds: not worth a tuning pass
 _CACHE: dict = {}
+TOL = 1e-2  # the same product (bf16 rounding of a float32 accumulation; measured equal); below the 2e-2 bf16 bound
 OPTIONS = {"max_autotune": True}  # inductor's GEMM autotuning only (no CUDA graphs: mode="max-autotune" adds them)
 
 
@@ -66,15 +69,57 @@ def _layout(t: torch.Tensor) -> str:
     return "n" if t.stride(-1) == 1 else "k"  # [E, in, out] with out (n) or in (k) contiguous: kernels differ
 
 
+def _needs_grads(x: torch.Tensor, w: torch.Tensor) -> tuple:
+    on = torch.is_grad_enabled()
+    return (on and x.requires_grad, on and w.requires_grad)
+
+
+def mismatch(fn, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> str | None:
+    """None if fn (a compiled variant) gives F.grouped_mm's output and, where x / w need them, its input and weight
+    gradients (a fixed random output gradient) within TOL on these very operands (detached copies), else what
+    differs. Running its backward here also compiles and tunes it, so a failure there surfaces now, not in the
+    user's backward()."""
+    gx, gw = _needs_grads(x, w)
+    xs, ws = x.detach().requires_grad_(gx), w.detach().requires_grad_(gw)
+    torch._dynamo.maybe_mark_dynamic(xs, 0)
+    out, ref = fn(xs, ws, offs), F.grouped_mm(xs, ws, offs=offs)
+    pairs = [("output", out, ref)]
+    wrt = [(n, t) for n, t in (("input gradient", xs), ("weight gradient", ws)) if t.requires_grad]
+    if wrt:
+        gen = torch.Generator(device=out.device).manual_seed(0)
+        probe = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
+        got = torch.autograd.grad(out, [t for _, t in wrt], probe)
+        want = torch.autograd.grad(ref, [t for _, t in wrt], probe)
+        pairs += [(n, a, b) for (n, _), a, b in zip(wrt, got, want)]
+    for name, a, b in pairs:
+        a, b = a.detach().double(), b.detach().double()
+        err = float((a - b).norm() / b.norm()) if b.norm() > 0 else float((a - b).norm())
+        if not err < TOL:  # NaN included
+            return f"its {name} is {err:.1e} from F.grouped_mm's"
+    return None
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x [S, in] rows grouped by expert, w [E, in, out] (any strides), offs [E] int32 cumulative row ends ->
     [S, out] in x's dtype: F.grouped_mm(x, w, offs=offs), differentiable, on the autotuned kernels (see the module
-    docstring)."""
-    key = (x.shape[-1], w.shape[-1], w.shape[0], _layout(w), x.dtype, x.device, x.shape[0].bit_length())
+    docstring). Each compiled variant is checked against F.grouped_mm on its first call's operands (`mismatch`,
+    forward and the gradients that call needs); one that differs or fails is not used (one warning), nor is a
+    variant whose later call raises."""
+    key = (x.shape[-1], w.shape[-1], w.shape[0], _layout(w), x.dtype, x.device, x.shape[0].bit_length(),
+           _needs_grads(x, w))
     fn = _CACHE.get(key)
     if fn is None:
         name = f"grouped_mm_k{key[0]}_n{key[1]}_e{key[2]}_{key[3]}_r{key[6]}"
-        fn = _CACHE[key] = torch.compile(compiled.own_code(_grouped_mm, name), options=OPTIONS)
+        fn = torch.compile(compiled.own_code(_grouped_mm, name), options=OPTIONS)
+        try:
+            why = mismatch(fn, x, w, offs)
+        except Exception as exc:  # noqa: BLE001 - any compiler / autotuner error: F.grouped_mm is the same product
+            why = f"it failed ({type(exc).__name__}: {exc})"
+        if why is not None:
+            warnings.warn(f"moe_patch: autotuned grouped_mm not used for {name}: {why}; using F.grouped_mm",
+                          RuntimeWarning, stacklevel=2)
+            fn = _grouped_mm
+        _CACHE[key] = fn
     if fn is _grouped_mm:
         return _grouped_mm(x, w, offs)
     torch._dynamo.maybe_mark_dynamic(x, 0)
