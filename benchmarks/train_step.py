@@ -35,7 +35,9 @@ with MOE_PATCH_FP8_EXPERTS=1: the experts' forward and input-gradient grouped GE
 patched-fp8-current-percall (fp8="current", but TE's linear layers quantise their weight at every forward: what
 deriving is_first_microbatch saves) |
 patched-eager (MOE_PATCH_COMPILE=0: moe_patch's compiled helpers, the loss' gradient scaling and, where
-Liger's kernel is not used, its softmax-gradient step, run eagerly).
+Liger's kernel is not used, its softmax-gradient step, run eagerly) | patched-tuned (MOE_PATCH_TUNED_GEMM=1: the
+experts' grouped GEMMs on inductor's autotuned kernels; the tuning runs in the warm-up steps and takes minutes the
+first time on a machine: give the command time).
 """
 from __future__ import annotations
 
@@ -131,6 +133,8 @@ def child(args) -> dict:
         fp8 = args.child.split("patched-fp8-")[1].split("-")[0] if args.child.startswith("patched-fp8-") else None
         if args.child.endswith("-experts"):
             os.environ["MOE_PATCH_FP8_EXPERTS"] = "1"
+        if args.child == "patched-tuned":
+            os.environ["MOE_PATCH_TUNED_GEMM"] = "1"
         if args.child.endswith("-percall"):
             from moe_patch.ops.te import TELinear
 
