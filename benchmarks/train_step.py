@@ -207,6 +207,10 @@ def main():
                              "attention / MLP), medians: where the GPU waits for the host (steps.layer_timeline)")
     parser.add_argument("--shapes", default=None,
                         help="'all' or a comma list of SWEEP's shapes: stock, stock-best, patched for each")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the variant list R times, interleaved (a, b, a, b, ...), each run its own process; "
+                             "each variant's row is its median-throughput run, with every run's tokens/s listed: a "
+                             "difference smaller than the spread between one variant's runs is not a difference")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -216,12 +220,15 @@ def main():
         sweep(args)
         return
     # VARIANT@MB runs that variant at micro-batch MB (each system at its largest fitting micro-batch)
-    results = []
-    for v in args.variants.split(","):
-        results.append(run_child(v.split("@")[0], ["--batch", v.split("@")[1]] if "@" in v else []))
-        print(json.dumps({k: results[-1].get(k) for k in ("variant", "tokens_per_s", "peak_gib", "error")}), flush=True)
-        write_results(args, [{k: x for k, x in r.items() if k != "stderr"} for r in results])  # a run cut short
-        # keeps what it measured
+    runs = []  # (variant as given, result), in run order
+    for _ in range(max(1, args.rounds)):
+        for v in args.variants.split(","):
+            runs.append((v, run_child(v.split("@")[0], ["--batch", v.split("@")[1]] if "@" in v else [])))
+            print(json.dumps({k: runs[-1][1].get(k) for k in ("variant", "tokens_per_s", "peak_gib", "error")}),
+                  flush=True)
+            results = median_runs(runs)
+            write_results(args, [{k: x for k, x in r.items() if k != "stderr"} for r in results])  # a run cut short
+            # keeps what it measured
     if args.profile or args.timeline:
         what = " and ".join(w for w, on in (("GPU kernels of one step", args.profile),
                                             ("host / GPU timeline", args.timeline)) if on)
@@ -229,6 +236,23 @@ def main():
             print(f"--- {r['variant']}: {what}\n" + r.pop("stderr", ""))
     print_table(results, args)
     write_results(args, [{k: v for k, v in r.items() if k != "stderr"} for r in results], chart)
+
+
+def median_runs(runs: list) -> list:
+    """[(variant as given, result)] in run order -> one result per variant, in first-seen order: the run with the
+    median tokens/s (the lower middle one of an even count), with `round_tokens_per_s` (every successful run's, in
+    run order); a variant with no successful run keeps its last failed result."""
+    order = list(dict.fromkeys(v for v, _ in runs))
+    out = []
+    for v in order:
+        mine = [r for name, r in runs if name == v]
+        ok = [r for r in mine if "error" not in r]
+        if not ok:
+            out.append(mine[-1])
+            continue
+        ranked = sorted(ok, key=lambda r: r["tokens_per_s"])
+        out.append(dict(ranked[(len(ranked) - 1) // 2], round_tokens_per_s=[r["tokens_per_s"] for r in ok]))
+    return out
 
 
 def run_child(variant: str, extra: list) -> dict:
@@ -336,6 +360,12 @@ def print_table(results, args):
         mem = r["peak_gib"] / base["peak_gib"] if base else float("nan")
         print(f"{r['variant']:<27} {r['batch']:>3} {r['tokens_per_s']:>9,.0f} {r['tflops']:>8.0f} {r['peak_gib']:>9.1f} "
               f"{r['fwd_ms']:>7.1f} {r['bwd_ms']:>7.1f} {r['optim_ms']:>8.1f} {up:>7.2f}x {mem:>6.2f}x")
+    for r in ok:
+        rounds = r.get("round_tokens_per_s", [])
+        if len(rounds) > 1:
+            spread = max(rounds) / min(rounds) - 1
+            print(f"{r['variant']:<27} runs " + ", ".join(f"{x:,.0f}" for x in rounds) + f" tokens/s (spread "
+                  f"{spread:.1%}; the row is the median run)")
     for r in ok:
         print(f"{r['variant']:<27} loss " + " ".join(f"{x:.4f}" for x in r["losses"][:8]))
     for r in ok:

@@ -184,3 +184,24 @@ def test_fp8_loss_corpus_and_comparison():
     assert len(ids) == 5000 and max(ids) < 256 and len(set(ids)) > 40  # real text, byte tokens
     r = compare([2.0, 4.0, 1.0], [2.01, 4.0, 1.03])
     assert r["max_rel_diff_step"] == 2 and abs(r["max_rel_diff"] - 0.03) < 1e-12
+
+
+def test_rounds_report_each_variants_median_run_and_every_run():
+    """train_step.py --rounds R: each variant's row is its median-throughput run (lower middle of an even count),
+    with every successful run's tokens/s in run order; a variant that never ran keeps its error."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from train_step import median_runs
+
+    def ok(v, tps, tag):
+        return v, dict(variant=v.split("@")[0], tokens_per_s=tps, tag=tag)
+
+    runs = [ok("stock", 100.0, "s1"), ok("patched@4", 150.0, "p1"), dict(variant="x", error="boom"),
+            ok("stock", 98.0, "s2"), ok("patched@4", 155.0, "p2"), ok("stock", 103.0, "s3"),
+            ok("patched@4", 149.0, "p3"), ok("patched@4", 152.0, "p4")]
+    runs[2] = ("x", runs[2])
+    merged = median_runs(runs)
+    assert [r["variant"] for r in merged] == ["stock", "patched", "x"]
+    stock, patched, failed = merged
+    assert stock["tag"] == "s1" and stock["round_tokens_per_s"] == [100.0, 98.0, 103.0]
+    assert patched["tag"] == "p1" and patched["round_tokens_per_s"] == [150.0, 155.0, 149.0, 152.0]  # 150 of 4
+    assert failed == {"variant": "x", "error": "boom"}
