@@ -84,7 +84,8 @@ def main():
         results.append(row)
     print(f"{args.shape}: {experts} experts, {rows} rows, fwd+bwd per projection ({torch.cuda.get_device_name()}, "
           f"search {'torch default' if not args.search else args.search})")
-    print(f"{'projection':14s} {'cutlass ms':>10s} {'TF/s':>6s} {'tuned ms':>9s} {'TF/s':>6s} {'tune s':>7s} {'err':>8s}")
+    print(f"{'projection':14s} {'cutlass ms':>10s} {'TF/s':>6s} {'tuned ms':>9s} {'TF/s':>6s} {'tune s':>7s} "
+          f"{'err':>8s}")
     for r in results:
         print(f"{r['projection']:14s} {r['cutlass_ms']:10.3f} {r['cutlass_tflops']:6.0f} {r['tuned_ms']:9.3f} "
               f"{r['tuned_tflops']:6.0f} {r['tuned_first_s']:7.1f} {r['max_rel_err']:8.1e}")
