@@ -288,7 +288,8 @@ def _env_caveat(name: str, read, gpu) -> str:
         if not compiled.enabled():  # tuned_gemm.enabled() needs the compiler: the switch alone would do nothing
             off = os.environ.get("MOE_PATCH_COMPILE", "").strip()
             return f"; but MOE_PATCH_COMPILE={off} turns it off (the experts keep F.grouped_mm)"
-        return f"; CUDA only: bf16 grouped GEMMs of {tuned_gemm.MIN_ROWS:,} rows or more, outside a torch.compile"
+        return (f"; read when apply() plans the experts; CUDA only: bf16 grouped GEMMs of {tuned_gemm.MIN_ROWS:,} rows "
+                "or more, outside a torch.compile")
     return ""
 
 

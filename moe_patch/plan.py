@@ -282,6 +282,11 @@ def _propose_experts(module, backend, opts, expert_parallel=False):
     if not flags["has_gate"] and not hasattr(module, "act_fn"):
         return None, "", "non-gated experts without act_fn"
     key = _experts_key(module, flags)
+    from .ops import tuned_gemm
+
+    # the bf16 grouped GEMMs on inductor's autotuned kernels (opt-in; each kernel proves itself on its first call)
+    tuned = tuned_gemm.enabled() and _device(module).type == "cuda"
+    gemm = "grouped_mm autotuned" if tuned else "grouped_mm"
     why_not_te = ""
     if backend == "te":
         gate, why_gate = None, ""
@@ -292,25 +297,25 @@ def _propose_experts(module, backend, opts, expert_parallel=False):
             if gate is None:  # the family's own gate compiled, where TE's SwiGLU is not it (GPT-OSS)
                 gate, why_compiled = _compiled_gate(module, flags)
                 why_gate = "" if gate is not None else "; ".join(r for r in (why_gate, why_compiled) if r)
-        label = f"GroupedExperts(te permute, {_gate_label(gate)}grouped_mm)"
-        te_factory = (lambda m: experts.GroupedExperts.build(m, flags, "te", gate))
+        label = f"GroupedExperts(te permute, {_gate_label(gate)}{gemm})"
+        te_factory = (lambda m: experts.GroupedExperts.build(m, flags, "te", gate, tuned=tuned))
         why = probe.experts_proven(module, te_factory, ("te", key, _gate_label(gate)), device=_device(module))
         if why is None:
             return _fp8_experts(module, flags, key, opts, expert_parallel, te_factory, label, why_gate,
-                                lambda m: experts.GroupedExperts.build(m, flags, "te", gate, fp8=True))
+                                lambda m: experts.GroupedExperts.build(m, flags, "te", gate, fp8=True, tuned=tuned))
         why_not_te = f"TE grouped experts not proven equal to {name}: {why}"
     # proven on a small throw-away copy, as the model's own experts module computes it (probe.py)
     gate, why_gate = _compiled_gate(module, flags) if flags["has_gate"] else (None, "")
     if _device(module).type != "cuda":
         why_gate = ""  # nothing to compile off a GPU: not a fallback
     extra = {"fused_gate": gate} if gate is not None else {}
-    factory = (lambda m: experts.GroupedExperts.build(m, flags, **extra))
+    factory = (lambda m: experts.GroupedExperts.build(m, flags, tuned=tuned, **extra))
     why = probe.experts_proven(module, factory, ("torch", key, _gate_label(gate)), device=_device(module))
     if why is not None:
         return None, "", "; ".join(r for r in (why_not_te, f"GroupedExperts not proven equal to {name}: {why}") if r)
     return _fp8_experts(module, flags, key, opts, expert_parallel, factory, f"GroupedExperts({_gate_label(gate)}"
-                        "grouped_mm)", "; ".join(r for r in (why_not_te, why_gate) if r),
-                        lambda m: experts.GroupedExperts.build(m, flags, fp8=True, **extra))
+                        f"{gemm})", "; ".join(r for r in (why_not_te, why_gate) if r),
+                        lambda m: experts.GroupedExperts.build(m, flags, fp8=True, tuned=tuned, **extra))
 
 
 def experts_flags(module) -> dict | None:
@@ -353,8 +358,9 @@ def _fp8_experts(module, flags, key, opts, expert_parallel, factory, label, reas
         why = probe.experts_proven(module, fp8_factory, ("fp8", label, key), device=_device(module),
                                    fp8_tol=fp8_experts.FP8_TOL)
         if why is None:
-            return fp8_factory, label.replace("grouped_mm)", "fp8 rowwise grouped_mm, weights quantised once per "
-                                                             "change)"), reason
+            head = label[:label.rindex("grouped_mm")]  # "... grouped_mm[ autotuned])": the bf16 weight gradient's
+            return fp8_factory, head + "fp8 rowwise grouped_mm, weights quantised once per change" + \
+                label[label.rindex("grouped_mm") + len("grouped_mm"):], reason
         why = f"FP8 experts not proven within {fp8_experts.FP8_TOL} of bf16: {why}; bf16"
     return factory, label, "; ".join(r for r in (reason, why) if r)
 

@@ -81,6 +81,17 @@ def _label(row: Row, module, backend: str, target: torch.device, caps) -> tuple[
 
 
 def _experts_label(row: Row, module, backend: str, gpu: bool) -> tuple[str, str, str, str]:
+    """_gated_experts_label, with the grouped GEMMs autotuned on a GPU where MOE_PATCH_TUNED_GEMM=1 (plan.py)."""
+    label, backend, why, note = _gated_experts_label(row, module, backend, gpu)
+    from .ops import tuned_gemm
+
+    if gpu and tuned_gemm.enabled() and label.startswith("GroupedExperts(") and "grouped_mm autotuned" not in label \
+            and "fp8" not in label:
+        label = label.replace("grouped_mm", "grouped_mm autotuned", 1)
+    return label, backend, why, note
+
+
+def _gated_experts_label(row: Row, module, backend: str, gpu: bool) -> tuple[str, str, str, str]:
     """_label of an experts row, with the gate plan._propose_experts tries on a GPU: none for experts without a gate
     (Nemotron-H's relu^2); with TE, TE's SwiGLU where the family's gate is SwiGLU (told here from TE's documented
     formula, te_gate.not_swiglu_on_cpu), else the family's own gate compiled (GPT-OSS), as on the torch path."""

@@ -134,6 +134,47 @@ def test_tuned_gemm_switches(compile_var, tuned_var, on, monkeypatch):
     assert not tuned_gemm.usable(x, torch.zeros(2, 16, 16, dtype=BF16))  # CPU rows never take it
 
 
+def test_the_choice_is_made_when_apply_plans_the_experts(monkeypatch):
+    """MOE_PATCH_TUNED_GEMM is read when apply() plans an experts module (on a GPU only: a CPU model's experts are
+    planned without it, whatever the switch says) and kept on the module: only a module planned with it calls the
+    tuned GEMM (here a stand-in that records the call, the rows made to qualify), whatever the switch says later."""
+    monkeypatch.setenv(tuned_gemm.SWITCH, "1")
+    stock = build("qwen3_moe")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    mods = [m for m in patched.modules() if isinstance(m, GroupedExperts)]
+    assert mods and not any(m._tuned_gemm for m in mods)  # planned on the CPU
+    assert not any("autotuned" in (r.replacement or "") for r in moe_patch.report(patched).where(kind="experts"))
+    calls = []
+    monkeypatch.setattr(tuned_gemm, "usable", lambda x, w: True)
+    monkeypatch.setattr(tuned_gemm, "grouped_mm", lambda x, w, o: calls.append(x.shape) or F.grouped_mm(x, w, offs=o))
+    g = torch.Generator().manual_seed(0)
+    m = mods[0]
+    x, idx, w = torch.randn(9, 64, generator=g), torch.randint(0, m.num_experts, (9, 2), generator=g), torch.rand(9, 2)
+    ref = m(x, idx, w)
+    assert calls == []  # not planned with it: never taken, even where it could be
+    object.__setattr__(m, "_tuned_gemm", True)  # as plan.py builds it on a GPU with the switch on
+    monkeypatch.delenv(tuned_gemm.SWITCH)  # read at apply(), not at the call
+    out = m(x, idx, w)
+    assert len(calls) == 2 and torch.equal(out, ref)  # up and down projections
+
+
+def test_the_gpu_preview_says_autotuned_where_the_switch_is_on():
+    """`moe-patch report <model> --device cuda` from a CPU shows the experts row a GPU's apply() would plan."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_PATCH")}
+    rows = {}
+    for value in ("1", "0"):
+        out = subprocess.run([sys.executable, "-m", "moe_patch", "report", "qwen3_moe", "--device", "cuda"],
+                             capture_output=True, text=True, env=dict(env, MOE_PATCH_TUNED_GEMM=value), timeout=300)
+        assert out.returncode == 0, out.stderr
+        rows[value] = [line for line in out.stdout.splitlines() if "GroupedExperts(" in line]
+    assert rows["1"] and all("grouped_mm autotuned)" in r for r in rows["1"])
+    assert rows["0"] and not any("autotuned" in r for r in rows["0"])
+
+
 def test_apply_refuses_a_bad_tuned_gemm_value(monkeypatch):
     monkeypatch.setenv(tuned_gemm.SWITCH, "maybe")
     model = build("qwen3_moe")
@@ -162,7 +203,8 @@ def test_autotuned_kernels_match_cutlass_on_gpu(shape, layout, monkeypatch):
     probe = torch.randn(rows, n, device="cuda", dtype=BF16)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        new = _run(experts.grouped_mm, x, stored, offs, layout, probe)  # the experts' entry point takes it
+        # the experts' entry point takes it for a module planned with the switch on
+        new = _run(lambda a, b, o: experts.grouped_mm(a, b, o, tuned=True), x, stored, offs, layout, probe)
     assert len(tuned_gemm._CACHE) == 1 and next(iter(tuned_gemm._CACHE.values())) is not tuned_gemm._grouped_mm
     ref = _run(lambda a, b, o: F.grouped_mm(a, b, offs=o), x, stored, offs, layout, probe)
     for a, b in zip(new, ref):
@@ -179,8 +221,12 @@ def test_patched_experts_on_autotuned_kernels_match_stock_on_gpu(model_type, mon
     monkeypatch.setenv(tuned_gemm.SWITCH, "1")
     stock = build(model_type, dtype=BF16).cuda()
     patched = moe_patch.apply(copy.deepcopy(stock))
+    rows = moe_patch.report(patched).where(kind="experts")
+    assert rows and all("grouped_mm autotuned" in r.replacement for r in rows), rows
+    monkeypatch.delenv(tuned_gemm.SWITCH)  # the module keeps apply()'s choice
     pairs = [(s, p) for s, p in zip(stock.modules(), patched.modules()) if isinstance(p, GroupedExperts)]
     s_mod, p_mod = pairs[0]
+    assert p_mod._tuned_gemm
     g = torch.Generator(device="cuda").manual_seed(2)
     e, k = p_mod.num_experts, 2
     t = tuned_gemm.MIN_ROWS // k + 7

@@ -31,15 +31,16 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride() if s != 1)
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """x [S, in] sorted by group, w [G, in, out], offs [G] int32 cumulative ends -> [S, out]."""
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, tuned: bool = False) -> torch.Tensor:
+    """x [S, in] sorted by group, w [G, in, out], offs [G] int32 cumulative ends -> [S, out]. tuned: the experts
+    module was planned with MOE_PATCH_TUNED_GEMM=1 (inductor's autotuned kernels where tuned_gemm.usable)."""
     w = w.to(x.dtype) if w.dtype != x.dtype else w
     bf16_only = x.device.type == "cuda" or torch.compiler.is_compiling()  # CUDA kernel / fake kernel
     # the backward runs grouped_mm on the output's gradient [S, out] too: its rows must be aligned as well
     out_aligned = w.shape[-1] * x.element_size() % 16 == 0
     if (hasattr(F, "grouped_mm") and (x.dtype == torch.bfloat16 or not bf16_only) and x.shape[0] > 0
             and _aligned(x) and _aligned(w) and out_aligned):
-        if tuned_gemm.usable(x, w):  # the same product on inductor's autotuned kernels (tuned_gemm.py)
+        if tuned and tuned_gemm.usable(x, w):  # the same product on inductor's autotuned kernels (tuned_gemm.py)
             return tuned_gemm.grouped_mm(x, w, offs)
         return F.grouped_mm(x, w, offs=offs)
     # Per-group loop: grouped_mm is bf16-only on CUDA and under torch.compile, needs aligned operands (the
@@ -66,8 +67,8 @@ class _GradTimes(torch.autograd.Function):
         return g * ctx.factor, None
 
 
-def grouped_linear(x, weight, offs, bias_rows=None, transposed=False):
-    out = grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offs)
+def grouped_linear(x, weight, offs, bias_rows=None, transposed=False, tuned=False):
+    out = grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offs, tuned)
     return out + bias_rows if bias_rows is not None else out
 
 
@@ -180,8 +181,12 @@ _MANAGED = frozenset(FLAG_NAMES) | {"up_name", "num_experts", "num_global_expert
 class GroupedExperts(Replacement):
     kind = "experts"
 
-    def __init__(self, original, flags: dict, backend: str = "torch", fused_gate=None, fp8: bool = False):
+    def __init__(self, original, flags: dict, backend: str = "torch", fused_gate=None, fp8: bool = False,
+                 tuned: bool = False):
         super().__init__(original)
+        # tuned: the bf16 grouped GEMMs on inductor's autotuned kernels (tuned_gemm.py), chosen when apply() planned
+        # the module (MOE_PATCH_TUNED_GEMM=1 on a GPU) and shown in its report row; outside the module tree
+        object.__setattr__(self, "_tuned_gemm", bool(tuned))
         # fp8: the forward and input-gradient GEMMs in FP8 with each weight quantised once per change
         # (fp8_experts.py); None keeps every GEMM on the bf16 path. Outside the module tree: no state_dict keys
         object.__setattr__(self, "_fp8_cache", None)
@@ -233,7 +238,7 @@ class GroupedExperts(Replacement):
                 out = fp8_experts.grouped_linear_fp8(x, weight, offs, getattr(self, name), self._fp8_cache, name,
                                                      self.is_transposed)
                 return out + bias_rows if bias_rows is not None else out
-        return grouped_linear(x, weight, offs, bias_rows, self.is_transposed)
+        return grouped_linear(x, weight, offs, bias_rows, self.is_transposed, self._tuned_gemm)
 
     def compute(self, d: Dispatched):
         """Grouped expert MLP over rows already grouped by local expert."""
@@ -293,5 +298,6 @@ class GroupedExperts(Replacement):
         flags = ", ".join(n for n in FLAG_NAMES if getattr(self, n))
         gate = f", {getattr(self._fused_gate, 'label', 'fused gate')}" if self._fused_gate is not None else ""
         gate += ", fp8 rowwise" if self._fp8_cache is not None else ""
+        gate += ", grouped_mm autotuned" if self._tuned_gemm else ""
         return (f"{super().extra_repr()}, experts={self.num_experts}/{self.num_global_experts}, "
                 f"dispatcher={self.dispatcher.name}{gate}, {flags or 'no flags'}")

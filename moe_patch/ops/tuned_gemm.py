@@ -23,7 +23,8 @@ measured yet.
 
 Used on CUDA for problems of at least MIN_ROWS rows (smaller ones, the plan-time proofs' included, take
 F.grouped_mm: autotuning them would cost more than it saves), outside a user's own torch.compile (its trace decides
-there), unless MOE_PATCH_COMPILE=0. Each (widths, layout, dtype, rows bucket) gets its own compiled variant, rows
+there), unless MOE_PATCH_COMPILE=0; the switch is read when apply() plans the experts (their report row then reads
+"grouped_mm autotuned"). Each (widths, layout, dtype, rows bucket) gets its own compiled variant, rows
 dynamic within a power-of-two bucket (tuned at the bucket's first size). Each variant's first call also runs
 F.grouped_mm on the same operands and compares the output and the gradients that call needs (`mismatch`: the proof
 on the model's real shape, which the plan-time proofs' small inputs never reach); a variant that differs or fails
@@ -47,18 +48,20 @@ OPTIONS = {"max_autotune": True}  # inductor's GEMM autotuning only (no CUDA gra
 
 
 def enabled() -> bool:
-    """MOE_PATCH_TUNED_GEMM=1 (opt-in) and MOE_PATCH_COMPILE not off. Read at each call, it never raises mid-training
-    (apply() refuses a value that is neither on nor off)."""
+    """MOE_PATCH_TUNED_GEMM=1 (opt-in) and MOE_PATCH_COMPILE not off: read when apply() plans an experts module
+    (plan.py), which keeps the choice and shows it in its report row (a value set afterwards changes nothing until
+    a new apply(); apply() refuses a value that is neither on nor off)."""
     from ..config import TRUE
 
     return compiled.enabled() and os.environ.get(SWITCH, "").strip().lower() in TRUE
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether grouped_mm(x, w, offs) takes the autotuned path (the caller has checked F.grouped_mm's own
-    requirements: bf16, aligned operands)."""
+    """Whether a module planned with the tuned GEMMs takes them for grouped_mm(x, w, offs) (the caller has checked
+    F.grouped_mm's own requirements: bf16, aligned operands): CUDA, MIN_ROWS rows or more, outside a user's own
+    torch.compile, and MOE_PATCH_COMPILE not set off since."""
     return (x.is_cuda and x.dim() == 2 and w.dim() == 3 and x.shape[0] >= MIN_ROWS
-            and not torch.compiler.is_compiling() and enabled())
+            and not torch.compiler.is_compiling() and compiled.enabled())
 
 
 def _grouped_mm(x, w, offs):
