@@ -238,7 +238,8 @@ class GroupedExperts(Replacement):
                 out = fp8_experts.grouped_linear_fp8(x, weight, offs, getattr(self, name), self._fp8_cache, name,
                                                      self.is_transposed)
                 return out + bias_rows if bias_rows is not None else out
-        return grouped_linear(x, weight, offs, bias_rows, self.is_transposed, self._tuned_gemm)
+        # (.get: a module pickled by a version without the attribute stays on F.grouped_mm)
+        return grouped_linear(x, weight, offs, bias_rows, self.is_transposed, self.__dict__.get("_tuned_gemm", False))
 
     def compute(self, d: Dispatched):
         """Grouped expert MLP over rows already grouped by local expert."""
@@ -298,6 +299,6 @@ class GroupedExperts(Replacement):
         flags = ", ".join(n for n in FLAG_NAMES if getattr(self, n))
         gate = f", {getattr(self._fused_gate, 'label', 'fused gate')}" if self._fused_gate is not None else ""
         gate += ", fp8 rowwise" if self._fp8_cache is not None else ""
-        gate += ", grouped_mm autotuned" if self._tuned_gemm else ""
+        gate += ", grouped_mm autotuned" if self.__dict__.get("_tuned_gemm") else ""
         return (f"{super().extra_repr()}, experts={self.num_experts}/{self.num_global_experts}, "
                 f"dispatcher={self.dispatcher.name}{gate}, {flags or 'no flags'}")
