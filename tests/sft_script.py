@@ -56,6 +56,9 @@ def main():
         experts = model.model.layers[0].mlp.experts
         with open(os.path.join(args.out, "history.json"), "w") as f:
             json.dump({"log": trainer.state.log_history, "local_experts": experts.gate_up_proj.shape[0]}, f)
+    # every rank waits until rank 0 has written its history: a rank that aborts at interpreter exit (see
+    # test_launch.TEARDOWN_ABORT) then cannot get rank 0 killed before the work is on disk
+    trainer.accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

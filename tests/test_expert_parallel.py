@@ -3,10 +3,12 @@ import importlib
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
+from test_launch import TEARDOWN_ABORT
 from util import MOE_FAMILIES
 
 HERE = os.path.dirname(__file__)
@@ -17,14 +19,23 @@ def torchrun(nproc, families, **env_extra):
     env.update(OMP_NUM_THREADS="1", **env_extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            os.path.join(HERE, "dist_ep.py"), *families]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    expected = []
     for family in families:
         kind, _, name = family.rpartition(":")
-        expected = f"ok {kind} {name} ep={nproc}" if kind else f"ok {family} ep={nproc}"
+        expected.append(f"ok {kind} {name} ep={nproc}" if kind else f"ok {family} ep={nproc}")
         if kind == "fsdp2d":  # a ("dp_shard", "ep") mesh of nproc // 2 x 2
-            expected = f"ok fsdp2d {name} ep=2 dp_shard={nproc // 2}"
-        assert expected in out.stdout
+            expected[-1] = f"ok fsdp2d {name} ep=2 dp_shard={nproc // 2}"
+    for attempt in range(3):
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        # a gloo process aborting at interpreter exit after every check passed (test_launch.TEARDOWN_ABORT) is
+        # repeated, at most twice, with a warning; any other failure fails at once
+        done = all(line in out.stdout for line in expected)
+        if attempt == 2 or out.returncode == 0 or not (done and TEARDOWN_ABORT in out.stderr):
+            break
+        warnings.warn(f"launch aborted at exit after its work ({TEARDOWN_ABORT!r}); repeated", RuntimeWarning)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    for line in expected:
+        assert line in out.stdout
     return out.stdout
 
 

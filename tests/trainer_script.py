@@ -64,6 +64,9 @@ def main():
             local = experts.gate_up_proj
             local = local.to_local() if hasattr(local, "to_local") else local  # DTensor experts (FSDP2 models)
             json.dump({"log": trainer.state.log_history, "local_experts": local.shape[0]}, f)
+    # every rank waits until rank 0 has written its history: a rank that aborts at interpreter exit (see
+    # test_launch.TEARDOWN_ABORT) then cannot get rank 0 killed before the work is on disk
+    trainer.accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
