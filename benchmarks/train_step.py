@@ -37,7 +37,7 @@ deriving is_first_microbatch saves) |
 patched-eager (MOE_PATCH_COMPILE=0: moe_patch's compiled helpers, the loss' gradient scaling and, where
 Liger's kernel is not used, its softmax-gradient step, run eagerly) | patched-tuned (MOE_PATCH_TUNED_GEMM=1: the
 experts' grouped GEMMs on inductor's autotuned kernels; the tuning runs in the warm-up steps and takes minutes the
-first time on a machine: give the command time).
+first time on a machine: give the command time, or narrow the search with --tune-search 16).
 """
 from __future__ import annotations
 
@@ -135,6 +135,10 @@ def child(args) -> dict:
             os.environ["MOE_PATCH_FP8_EXPERTS"] = "1"
         if args.child == "patched-tuned":
             os.environ["MOE_PATCH_TUNED_GEMM"] = "1"
+            if args.tune_search:
+                from grouped_gemm import narrow_search
+
+                narrow_search(args.tune_search)
         if args.child.endswith("-percall"):
             from moe_patch.ops.te import TELinear
 
@@ -211,6 +215,10 @@ def main():
                         help="run the variant list R times, interleaved (a, b, a, b, ...), each run its own process; "
                              "each variant's row is its median-throughput run, with every run's tokens/s listed: a "
                              "difference smaller than the spread between one variant's runs is not a difference")
+    parser.add_argument("--tune-search", type=int, default=0,
+                        help="patched-tuned only: narrow inductor's grouped-GEMM search to N Triton configurations "
+                             "(grouped_gemm.narrow_search: a private torch list, for a quicker first step; 0: torch's "
+                             "own search, what a user gets)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

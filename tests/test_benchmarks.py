@@ -205,3 +205,24 @@ def test_rounds_report_each_variants_median_run_and_every_run():
     assert stock["tag"] == "s1" and stock["round_tokens_per_s"] == [100.0, 98.0, 103.0]
     assert patched["tag"] == "p1" and patched["round_tokens_per_s"] == [150.0, 155.0, 149.0, 152.0]  # 150 of 4
     assert failed == {"variant": "x", "error": "boom"}
+
+
+def test_tune_search_narrows_inductors_grouped_gemm_configurations():
+    """train_step.py --tune-search N / grouped_gemm.py --search N: inductor's grouped-GEMM search list holds the N
+    configurations of the tiles that won on an H200 (BLOCK_M 128); fails if torch drops or renames that private
+    list (the benchmark's flag would then fail on the GPU)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import torch._inductor.kernel.mm_grouped as mg
+    from grouped_gemm import narrow_search
+
+    saved = list(mg._NV_CONFIGS)
+    try:
+        narrow_search(4)
+        assert len(mg._NV_CONFIGS) == 4
+        assert {c.kwargs["BLOCK_M"] for c in mg._NV_CONFIGS} == {128}
+        assert {c.kwargs["BLOCK_N"] for c in mg._NV_CONFIGS} == {128}
+    finally:
+        mg._NV_CONFIGS[:] = saved
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--help"],
+                         capture_output=True, text=True, cwd=os.path.join(ROOT, "benchmarks"))
+    assert out.returncode == 0 and "--tune-search" in out.stdout
