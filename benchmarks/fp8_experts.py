@@ -92,7 +92,9 @@ def measure_paths(args):
     grouped_mm (moe_patch's bf16 path), moe_patch's FP8 path (ops/fp8_experts.py: rowwise FP8 forward and
     input-grad GEMMs, bf16 weight grad) with its weight copies cached (a later micro-batch) and made afresh (the
     first micro-batch after a step), and TE's GroupedLinear under its blockwise recipe (1x128 activation tiles,
-    128x128 weight blocks; Float8BlockScaling) with is_first_microbatch True / False. ms per layer and step."""
+    128x128 weight blocks; Float8BlockScaling) and per-tensor current scaling with is_first_microbatch True / False,
+    each expert's rows padded to the recipe's alignment by TE's Fp8Padding (TE refuses unaligned groups). ms per layer
+    and step."""
     import torch
     import torch.nn.functional as F
 
@@ -140,11 +142,16 @@ def measure_paths(args):
             mods.append(m)
         for name, recipe in (("te blockwise", te_recipe.Float8BlockScaling()),
                              ("te current (per-tensor)", te_recipe.Float8CurrentScaling())):
+            # TE's grouped FP8 GEMMs need each expert's row count a multiple of the recipe's alignment (16 for
+            # these), which routed counts are not: each group is padded with zero rows and unpadded after, by
+            # TE's own Fp8Padding / Fp8Unpadding (their cost is in the figure); alignment from the active recipe
+            pads = [(te.Fp8Padding(experts), te.Fp8Unpadding(experts)) for _ in mods]
             for first in (True, False):
                 def te_step():
                     with te.autocast(enabled=True, recipe=recipe):
-                        for x, m, go in zip(xs, mods, gs):
-                            m(x, splits, is_first_microbatch=first).backward(go)
+                        for x, m, go, (pad, unpad) in zip(xs, mods, gs, pads):
+                            padded, padded_splits = pad(x, splits)
+                            unpad(m(padded, padded_splits, is_first_microbatch=first), splits).backward(go)
                 try:
                     out[f"{name}, is_first_microbatch={first}"] = median_cuda_ms(te_step, args.repeats)
                 except Exception as exc:  # noqa: BLE001 - a recipe this TE / GPU refuses: say so
