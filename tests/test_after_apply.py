@@ -133,3 +133,15 @@ def test_revert_keeps_a_forward_the_user_set_while_patched():
     assert len(calls) == 2
     assert out_p.logits is not None and rel_err(out_p.logits, out_s.logits) < 1e-5
     assert rel_err(out_p.loss, out_s.loss) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_model_cast_to_float64_after_apply_matches_stock(family):
+    """A model on the family's eager experts (which run in float64) cast with .double() after apply(): torch's
+    grouped_mm has no float64 kernel, so the patched experts must take their per-expert loop, not raise."""
+    stock = build(family, experts_implementation="eager")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    assert moe_patch.report(patched).where(kind="experts", status="patched")
+    for m in (stock, patched):
+        m.double()
+    assert_runs_match(stock, patched, inputs(seq=10))

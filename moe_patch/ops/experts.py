@@ -31,6 +31,10 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride() if s != 1)
 
 
+# the dtypes torch's grouped_mm takes (CPU included: a float64 model, e.g. after model.double(), runs the loop)
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, tuned: bool = False) -> torch.Tensor:
     """x [S, in] sorted by group, w [G, in, out], offs [G] int32 cumulative ends -> [S, out]. tuned: the experts
     module was planned with MOE_PATCH_TUNED_GEMM=1 (inductor's autotuned kernels where tuned_gemm.usable)."""
@@ -38,12 +42,13 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, tuned: bool
     bf16_only = x.device.type == "cuda" or torch.compiler.is_compiling()  # CUDA kernel / fake kernel
     # the backward runs grouped_mm on the output's gradient [S, out] too: its rows must be aligned as well
     out_aligned = w.shape[-1] * x.element_size() % 16 == 0
-    if (hasattr(F, "grouped_mm") and (x.dtype == torch.bfloat16 or not bf16_only) and x.shape[0] > 0
+    if (hasattr(F, "grouped_mm") and (x.dtype == torch.bfloat16 or not bf16_only) and x.dtype in _GROUPED_MM_DTYPES
+            and x.shape[0] > 0
             and _aligned(x) and _aligned(w) and out_aligned):
         if tuned and tuned_gemm.usable(x, w):  # the same product on inductor's autotuned kernels (tuned_gemm.py)
             return tuned_gemm.grouped_mm(x, w, offs)
         return F.grouped_mm(x, w, offs=offs)
-    # Per-group loop: grouped_mm is bf16-only on CUDA and under torch.compile, needs aligned operands (the
+    # Per-group loop: grouped_mm is bf16-only on CUDA and under torch.compile, has no float64 kernel, needs aligned operands (the
     # output's gradient included: odd expert widths are not), and
     # an empty batch still has to touch the weights so that every rank produces a (zero) gradient for them.
     outs, start = [], 0

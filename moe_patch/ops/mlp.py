@@ -61,12 +61,20 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SiluMul.apply(gate, up)
 
 
+def _is_silu(act) -> bool:
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+
+
 class GatedMLP(Replacement):
-    """The family's gated MLP with its product in silu_mul; the projections are the module's own children."""
+    """The family's gated MLP with its product in silu_mul; the projections are the module's own children.
+    The module's own act_fn (adopted from the original) is read at each forward: one set after apply() that is
+    not SiLU sends the call to the family's forward, which applies it, as stock does."""
 
     kind = "mlp"
 
     def forward(self, x):
+        if not _is_silu(getattr(self, "act_fn", None)):
+            return type(self.original).forward(self, x)  # the family's forward, on this module's children
         return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -75,7 +83,6 @@ def why_not(module) -> str | None:
     for name in ("gate_proj", "up_proj", "down_proj"):
         if not isinstance(getattr(module, name, None), torch.nn.Linear):
             return f"no {name} linear layer: not the gated MLP layout (gate_proj, up_proj, down_proj)"
-    if not isinstance(getattr(module, "act_fn", None), torch.nn.SiLU) and \
-            type(getattr(module, "act_fn", None)).__name__ not in ("SiLUActivation", "SiLU"):
+    if not _is_silu(getattr(module, "act_fn", None)):
         return f"activation {type(getattr(module, 'act_fn', None)).__name__} is not SiLU"
     return None
