@@ -43,13 +43,12 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, tuned: bool
     # the backward runs grouped_mm on the output's gradient [S, out] too: its rows must be aligned as well
     out_aligned = w.shape[-1] * x.element_size() % 16 == 0
     if (hasattr(F, "grouped_mm") and (x.dtype == torch.bfloat16 or not bf16_only) and x.dtype in _GROUPED_MM_DTYPES
-            and x.shape[0] > 0
-            and _aligned(x) and _aligned(w) and out_aligned):
+            and x.shape[0] > 0 and _aligned(x) and _aligned(w) and out_aligned):
         if tuned and tuned_gemm.usable(x, w):  # the same product on inductor's autotuned kernels (tuned_gemm.py)
             return tuned_gemm.grouped_mm(x, w, offs)
         return F.grouped_mm(x, w, offs=offs)
-    # Per-group loop: grouped_mm is bf16-only on CUDA and under torch.compile, has no float64 kernel, needs aligned operands (the
-    # output's gradient included: odd expert widths are not), and
+    # Per-group loop: grouped_mm is bf16-only on CUDA and under torch.compile, has no float64 kernel, needs aligned
+    # operands (the output's gradient included: odd expert widths are not), and
     # an empty batch still has to touch the weights so that every rank produces a (zero) gradient for them.
     outs, start = [], 0
     for g, end in enumerate(offs.tolist()):
