@@ -201,6 +201,7 @@ def main():
         check_auto_at_first_forward(mesh, rank)
         check_outside_tree_params_under_fsdp(mesh)
         check_generate_synced(mesh, rank)
+        check_ddp_of_wrapper(mesh, rank, size)
     if size > 1:
         odd = build("mixtral", num_local_experts=size * 2 + 1)
         try:
@@ -232,6 +233,48 @@ def check_outside_tree_params_under_fsdp(mesh):
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         check(p.grad is not None, f"outside-tree parameter {name} got no gradient under FSDP2")
         check(rel_err(p.grad.full_tensor(), q.grad.full_tensor()) < 1e-5, f"outside-tree gradient of {name}")
+
+
+def check_ddp_of_wrapper(mesh, rank, size):
+    """DDP of a module that holds the EP model (a value head beside it, PEFT's PeftModel: what Trainer wraps for
+    LoRA under torchrun): the wrap leaves every rank's experts alone (DDP reads its ignore list from the module it
+    wraps, by name; it broadcast rank 0's experts over the other ranks' before) and the logits and the experts'
+    gradients equal the unsharded model's."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    class WithValueHead(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm, self.value_head = lm, torch.nn.Linear(lm.config.hidden_size, 1)
+
+        def forward(self, **kwargs):
+            return self.lm(**kwargs)
+
+    wrappers = [("value head", WithValueHead)]
+    try:
+        import peft
+
+        wrappers.append(("PEFT LoRA", lambda m: peft.get_peft_model(m, peft.LoraConfig(r=4, target_modules=["q_proj"]))))
+    except ImportError:
+        pass
+    for what, wrap in wrappers:
+        stock = build("qwen3_moe", dtype=DTYPE).to(DEVICE)
+        patched = moe_patch.apply(copy.deepcopy(stock), mesh=mesh)
+        experts = [(n, p, p.detach().clone()) for n, p in patched.named_parameters() if ".experts." in n]
+        wrapped = DDP(wrap(patched))
+        for n, p, before in experts:
+            check(torch.equal(p.detach(), before), f"DDP of {what}: the wrap overwrote this rank's {n}")
+        ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(500 + rank)).to(DEVICE)
+        with torch.no_grad():
+            err = rel_err(wrapped(input_ids=ids).logits, stock(input_ids=ids).logits)
+        check(err < TOL, f"DDP of {what}: logits rel err {err:.2e}")
+        stock(input_ids=ids, labels=ids).loss.backward()
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        s_params = dict(stock.named_parameters())
+        for n, p, _ in experts:
+            if p.requires_grad:
+                gs = block(summed(s_params[n].grad), rank, size) / size
+                check(rel_err(p.grad, gs) < GTOL, f"DDP of {what}: gradient of {n}: {rel_err(p.grad, gs):.2e}")
 
 
 def check_generate_synced(mesh, rank):

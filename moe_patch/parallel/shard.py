@@ -109,6 +109,7 @@ def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=No
         # the dense gradients, so the experts' are averaged too (scaled where the module takes its weights)
         module.grad_factor = 1.0 / size
     _ignore_in_ddp(model, blocks)
+    _install_ddp_ignore()
     from . import trainer  # Trainer's own clipping, saving and resuming with these experts (trainer.py)
 
     trainer.install()
@@ -126,6 +127,36 @@ def _ignore_in_ddp(model, blocks):
     paths = {id(m): path for path, m in model.named_modules()}
     names = {f"{paths[id(module)]}.{n}" for module, local_names, _ in blocks for n in local_names}
     model._ddp_params_and_buffers_to_ignore = sorted(set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | names)
+
+
+def _ddp_init(wrapped, instance, args, kwargs):
+    """DistributedDataParallel.__init__, with the expert-parallel parameters inside the wrapped module on its ignore
+    list under their names there. DDP reads that list from the module it wraps, by name, so the list _ignore_in_ddp
+    put on the model misses when DDP wraps something holding it (a value head beside it, PEFT's PeftModel, which
+    Trainer wraps for LoRA): DDP then broadcast rank 0's experts over every other rank's and averaged different
+    experts' gradients."""
+    module = args[0] if args else kwargs.get("module")
+    if isinstance(module, torch.nn.Module) and clip._EP_MODULES:
+        ep_params = {id(m._parameters[n]) for m in list(clip._EP_MODULES) for n in m._ep[3]}
+        names = {n for n, p in module.named_parameters() if id(p) in ep_params}
+        if names:
+            from torch.nn.parallel import DistributedDataParallel
+
+            known = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted(known | names))
+    return wrapped(*args, **kwargs)
+
+
+def _install_ddp_ignore():
+    """Wrap DistributedDataParallel.__init__ (wrapt, once per process) with _ddp_init."""
+    from torch.nn.parallel import distributed
+
+    if getattr(distributed.DistributedDataParallel.__init__, "_moe_patch", False):
+        return
+    import wrapt
+
+    wrapt.wrap_function_wrapper(distributed, "DistributedDataParallel.__init__", _ddp_init)
+    distributed.DistributedDataParallel.__init__._moe_patch = True
 
 
 def gather_experts(local, group, size, num_global=None):
