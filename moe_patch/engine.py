@@ -85,12 +85,22 @@ def _backend(backend):
     return None if backend is None else config.parse_backend(backend, "backend")
 
 
-def _changes(old: Options, new: Options) -> str:
-    """'skip: () -> ('lm_head',); loss: True -> False' (the options that differ)."""
+def _changes(old: Options, new: Options, record=None, mesh=None, requested=None) -> str:
+    """'skip: () -> ('lm_head',); loss: True -> False' (the options that differ); given the model's record, the
+    mesh and expert-parallel options too (_same() compares them: a refusal must name the one that differs)."""
     fields = [f for f in ("attention", "rmsnorm", "linear", "experts", "router", "loss", "mamba", "mlp", "skip",
                           "backend", "fp8")
               if getattr(old, f) != getattr(new, f)]
-    return "; ".join(f"{f}: {getattr(old, f)!r} -> {getattr(new, f)!r}" for f in fields) or "the same options"
+    changes = [f"{f}: {getattr(old, f)!r} -> {getattr(new, f)!r}" for f in fields]
+    if record is not None and record.mesh is not mesh:
+        if record.mesh is not None and mesh is not None and record.mesh == mesh:
+            changes.append("mesh: another DeviceMesh object than the one the model was patched with (pass that one)")
+        else:
+            changes.append(f"mesh: {record.mesh!r} -> {mesh!r}")
+    if record is not None and record.mesh is not None and mesh is not None and record.parallel != requested:
+        changes += [f"{k}: {record.parallel.get(k)!r} -> {requested.get(k)!r}"
+                    for k in sorted(set(record.parallel) | set(requested)) if record.parallel.get(k) != requested.get(k)]
+    return "; ".join(changes) or "the same options"
 
 
 def is_patched(model) -> bool:
@@ -167,21 +177,24 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
         record = getattr(inner, RECORD)
         if _same(record, opts, mesh, requested):
             return model  # idempotent: patched with these options, then compiled
-        raise PatchError(f"model was compiled after apply() with other options ({_changes(record.options, opts)}): "
+        raise PatchError(f"model was compiled after apply() with other options ({_changes(record.options, opts, record, mesh, requested)}): "
                          "revert and apply on the model itself, then torch.compile it again")
     existing = getattr(model, RECORD, None)
     if hf_config is not None:
         if _same(existing, opts, mesh, requested):
             return model
         raise PatchError(f"model is already patched with expert parallelism from its DistributedConfig and apply() "
-                         f"asks for other options ({_changes(existing.options, opts)}): its experts are sharded")
+                         f"asks for other options ({_changes(existing.options, opts, existing, mesh, requested)}): its experts are "
+                         "sharded")
     _unwrap_check(model)
     if existing is not None:
         if _same(existing, opts, mesh, requested):
             return model  # idempotent
         if not existing.auto:
-            raise PatchError(f"model is already patched with other options ({_changes(existing.options, opts)}); "
-                             "call moe_patch.revert(model) first")
+            advice = ("its experts are sharded (no revert): build the model again" if existing.sharded
+                      else "call moe_patch.revert(model) first")
+            raise PatchError(f"model is already patched with other options "
+                             f"({_changes(existing.options, opts, existing, mesh, requested)}); {advice}")
         return _replan(model, existing, mesh, opts, requested, parallel_options)
     return _apply(model, mesh, opts, requested, parallel_options)
 
@@ -197,7 +210,7 @@ def _replan(model, existing, mesh, opts, requested, parallel_options):
 
     if existing.sharded:
         raise PatchError(f"model was patched with expert parallelism by MOE_PATCH=1 and apply() asks for other "
-                         f"options ({_changes(existing.options, opts)}): its experts are sharded and cannot be "
+                         f"options ({_changes(existing.options, opts, existing, mesh, requested)}): its experts are sharded and cannot be "
                          "re-planned; set them through the MOE_PATCH_* variables instead")
     before = Report(existing.rows).summary()
     revert(model)
@@ -208,7 +221,7 @@ def _replan(model, existing, mesh, opts, requested, parallel_options):
         getattr(model, RECORD).auto = True
         raise
     auto.say(f"moe_patch: apply() re-planned {type(model).__name__} (patched at build time by MOE_PATCH=1), "
-             f"explicit arguments win: {_changes(existing.options, opts)}; now {report(model).summary()} "
+             f"explicit arguments win: {_changes(existing.options, opts, existing, mesh, requested)}; now {report(model).summary()} "
              f"(was {before})")
     return model
 

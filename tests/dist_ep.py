@@ -196,6 +196,14 @@ def main():
         p.requires_grad_(".experts." not in n)
     moe_patch.apply(frozen, mesh=mesh)
     frozen(input_ids=torch.randint(0, 256, (1, 6)).to(DEVICE), labels=torch.randint(0, 256, (1, 6)).to(DEVICE)).loss.backward()
+    # apply() again with another mesh (none) or other expert-parallel options: refused, naming what differs
+    for options, words in ((dict(), ("mesh: DeviceMesh", "-> None")), (dict(mesh=mesh, shared_overlap=False),
+                                                                        ("shared_overlap: True -> False",))):
+        try:
+            moe_patch.apply(frozen, **options)
+            check(False, f"second apply() with {options} accepted")
+        except moe_patch.PatchError as exc:
+            check(all(w in str(exc) for w in words) and "revert(model)" not in str(exc), str(exc))
     if DEVICE.type == "cpu":
         check_auto_agreement(mesh["ep"].get_group(), rank)
         check_auto_at_first_forward(mesh, rank)
