@@ -210,6 +210,8 @@ def main():
         check_outside_tree_params_under_fsdp(mesh)
         check_generate_synced(mesh, rank)
         check_ddp_of_wrapper(mesh, rank, size)
+        if size == 2:
+            check_ddp_on_dp_ep_mesh(rank, size)
     if size > 1:
         odd = build("mixtral", num_local_experts=size * 2 + 1)
         try:
@@ -283,6 +285,25 @@ def check_ddp_of_wrapper(mesh, rank, size):
             if p.requires_grad:
                 gs = block(summed(s_params[n].grad), rank, size) / size
                 check(rel_err(p.grad, gs) < GTOL, f"DDP of {what}: gradient of {n}: {rel_err(p.grad, gs):.2e}")
+
+
+def check_ddp_on_dp_ep_mesh(rank, size):
+    """apply(model, mesh) by hand on a (dp, ep) mesh, then DDP: every expert block has a replica on each dp rank, which
+    DDP does not average (the experts are on its ignore list); their gradients are averaged over dp as the launcher's
+    are: every gradient is that of the mean of all ranks' losses (it was each rank's own: ~100% off)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    mesh2 = init_device_mesh(DEVICE.type, (size, 1), mesh_dim_names=("dp", "ep"))
+    stock = build("qwen3_moe", dtype=DTYPE).to(DEVICE)
+    patched = moe_patch.apply(copy.deepcopy(stock), mesh=mesh2)
+    wrapped = DDP(patched)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(600 + rank)).to(DEVICE)
+    stock(input_ids=ids, labels=ids).loss.backward()
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    s_params = dict(stock.named_parameters())
+    for n, p in patched.named_parameters():
+        gs = summed(s_params[n].grad) / size  # ep = 1: every rank holds every expert
+        check(rel_err(p.grad, gs) < GTOL, f"DDP on a (dp, ep) mesh: gradient of {n}: {rel_err(p.grad, gs):.2e}")
 
 
 def check_generate_synced(mesh, rank):

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import atexit
 import os
+import weakref
 
 import torch
 import torch.distributed as dist
 
 from ..errors import MeshError
 
+_AVERAGED = weakref.WeakSet()  # models whose expert replicas are averaged over dp (_average_over_dp)
 _MESHES = {}  # (device type, world, ep) -> DeviceMesh: one mesh (one set of process groups) per process
 
 
@@ -143,7 +145,11 @@ def _destroy_process_group():
 
 
 def _average_over_dp(model, dp_group, dp_size):
-    """Each expert block has dp_size replicas (one per dp rank) which DDP does not see: average their gradients."""
+    """Each expert block has dp_size replicas (one per dp rank) which DDP does not see: average their gradients.
+    Once per model (shard.py calls it too, when DDP wraps a model patched on a (dp, ep) mesh by hand)."""
+    if model in _AVERAGED:
+        return
+    _AVERAGED.add(model)
     def average(param):
         if param.grad is not None:
             param.grad.div_(dp_size)

@@ -144,7 +144,28 @@ def _ddp_init(wrapped, instance, args, kwargs):
 
             known = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted(known | names))
+            _average_replicas(module)
     return wrapped(*args, **kwargs)
+
+
+def _average_replicas(module):
+    """DDP averages the dense gradients over its ranks but not the ignored experts: on a (dp, ep) mesh each expert
+    block has a replica on every rank of the other dimension, whose gradients differed (each rank's own, about 100%
+    off the mean) when the model was patched on such a mesh by hand. They are averaged over it, as the launcher
+    does (launch._average_over_dp, once per model)."""
+    from .launch import _average_over_dp
+
+    for m in module.modules():
+        record = m.__dict__.get("_moe_patch")
+        mesh = getattr(record, "mesh", None)
+        if mesh is None or not record.sharded:
+            continue
+        others = [n for n in mesh.mesh_dim_names if n != "ep" and mesh[n].size() > 1]
+        if len(others) > 1:
+            raise MeshError(f"DDP of a model expert-parallel on a mesh of {mesh.mesh_dim_names}: its experts have "
+                            f"replicas over {others}; use a 1-D ('ep',) or 2-D (dp, ep) mesh, or fully_shard_moe")
+        if others:
+            _average_over_dp(m, mesh[others[0]].get_group(), mesh[others[0]].size())
 
 
 def _install_ddp_ignore():
