@@ -285,6 +285,14 @@ def check_ddp_of_wrapper(mesh, rank, size):
             if p.requires_grad:
                 gs = block(summed(s_params[n].grad), rank, size) / size
                 check(rel_err(p.grad, gs) < GTOL, f"DDP of {what}: gradient of {n}: {rel_err(p.grad, gs):.2e}")
+    if len(wrappers) > 1:  # LoRA on the experts' own weights (PEFT target_parameters): per local expert, refused
+        lora = peft.get_peft_model(moe_patch.apply(build("qwen3_moe", dtype=DTYPE).to(DEVICE), mesh=mesh),
+                                   peft.LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"]))
+        try:
+            DDP(lora)
+            check(False, "DDP of LoRA on expert-parallel experts accepted (it averaged different experts' adapters)")
+        except moe_patch.MeshError as exc:
+            check("target_parameters" in str(exc) and "\n" not in str(exc), str(exc))
 
 
 def check_ddp_on_dp_ep_mesh(rank, size):

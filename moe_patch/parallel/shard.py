@@ -140,12 +140,26 @@ def _ddp_init(wrapped, instance, args, kwargs):
         ep_params = {id(m._parameters[n]) for m in list(clip._EP_MODULES) for n in m._ep[3]}
         names = {n for n, p in module.named_parameters() if id(p) in ep_params}
         if names:
+            _refuse_adapters_on_experts(module, ep_params)
             from torch.nn.parallel import DistributedDataParallel
 
             known = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted(known | names))
             _average_replicas(module)
     return wrapped(*args, **kwargs)
+
+
+def _refuse_adapters_on_experts(module, ep_params):
+    """A PEFT adapter on the experts' own weights (LoraConfig(target_parameters=["mlp.experts.gate_up_proj"])) wraps
+    the experts module (its `base_layer`) with weights per local expert: no replicas, which DDP would broadcast from
+    rank 0 and average over different experts (logits 6e-1 off stock on qwen3_moe, 2 ranks) and which clipping and
+    saving would count as this rank's only. Refused before DDP changes anything."""
+    for path, m in module.named_modules():
+        base = m.__dict__.get("_modules", {}).get("base_layer")
+        if base in clip._EP_MODULES and any(id(p) not in ep_params for p in m.parameters()):
+            raise MeshError(f"{path}: {type(m).__name__} adapts expert-parallel experts (PEFT target_parameters); its "
+                            "weights are per local expert, which DDP would treat as replicas: not supported, leave "
+                            "the experts out of target_parameters")
 
 
 def _average_replicas(module):
