@@ -98,8 +98,9 @@ def _changes(old: Options, new: Options, record=None, mesh=None, requested=None)
         else:
             changes.append(f"mesh: {record.mesh!r} -> {mesh!r}")
     if record is not None and record.mesh is not None and mesh is not None and record.parallel != requested:
-        changes += [f"{k}: {record.parallel.get(k)!r} -> {requested.get(k)!r}"
-                    for k in sorted(set(record.parallel) | set(requested)) if record.parallel.get(k) != requested.get(k)]
+        old_parallel, new_parallel = record.parallel, requested
+        changes += [f"{k}: {old_parallel.get(k)!r} -> {new_parallel.get(k)!r}"
+                    for k in sorted(set(old_parallel) | set(new_parallel)) if old_parallel.get(k) != new_parallel.get(k)]
     return "; ".join(changes) or "the same options"
 
 
@@ -177,15 +178,16 @@ def apply(model, mesh=None, *, attention=None, rmsnorm=None, linear=None, expert
         record = getattr(inner, RECORD)
         if _same(record, opts, mesh, requested):
             return model  # idempotent: patched with these options, then compiled
-        raise PatchError(f"model was compiled after apply() with other options ({_changes(record.options, opts, record, mesh, requested)}): "
+        raise PatchError(f"model was compiled after apply() with other options "
+                         f"({_changes(record.options, opts, record, mesh, requested)}): "
                          "revert and apply on the model itself, then torch.compile it again")
     existing = getattr(model, RECORD, None)
     if hf_config is not None:
         if _same(existing, opts, mesh, requested):
             return model
         raise PatchError(f"model is already patched with expert parallelism from its DistributedConfig and apply() "
-                         f"asks for other options ({_changes(existing.options, opts, existing, mesh, requested)}): its experts are "
-                         "sharded")
+                         f"asks for other options ({_changes(existing.options, opts, existing, mesh, requested)}): "
+                         "its experts are sharded")
     _unwrap_check(model)
     if existing is not None:
         if _same(existing, opts, mesh, requested):
@@ -210,8 +212,8 @@ def _replan(model, existing, mesh, opts, requested, parallel_options):
 
     if existing.sharded:
         raise PatchError(f"model was patched with expert parallelism by MOE_PATCH=1 and apply() asks for other "
-                         f"options ({_changes(existing.options, opts, existing, mesh, requested)}): its experts are sharded and cannot be "
-                         "re-planned; set them through the MOE_PATCH_* variables instead")
+                         f"options ({_changes(existing.options, opts, existing, mesh, requested)}): its experts are "
+                         "sharded and cannot be re-planned; set them through the MOE_PATCH_* variables instead")
     before = Report(existing.rows).summary()
     revert(model)
     try:
@@ -221,8 +223,8 @@ def _replan(model, existing, mesh, opts, requested, parallel_options):
         getattr(model, RECORD).auto = True
         raise
     auto.say(f"moe_patch: apply() re-planned {type(model).__name__} (patched at build time by MOE_PATCH=1), "
-             f"explicit arguments win: {_changes(existing.options, opts, existing, mesh, requested)}; now {report(model).summary()} "
-             f"(was {before})")
+             f"explicit arguments win: {_changes(existing.options, opts, existing, mesh, requested)}; "
+             f"now {report(model).summary()} (was {before})")
     return model
 
 

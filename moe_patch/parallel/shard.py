@@ -141,11 +141,14 @@ def _ddp_init(wrapped, instance, args, kwargs):
         names = {n for n, p in module.named_parameters() if id(p) in ep_params}
         if names:
             _refuse_adapters_on_experts(module, ep_params)
+            replicas = _dp_replicas(module)  # checked before anything changes
             from torch.nn.parallel import DistributedDataParallel
+            from .launch import _average_over_dp
 
             known = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted(known | names))
-            _average_replicas(module)
+            for model, dp_mesh in replicas:
+                _average_over_dp(model, dp_mesh.get_group(), dp_mesh.size())
     return wrapped(*args, **kwargs)
 
 
@@ -163,13 +166,13 @@ def _refuse_adapters_on_experts(module, ep_params):
                             "treat as replicas: not supported, list the modules to adapt instead (e.g. q_proj, v_proj)")
 
 
-def _average_replicas(module):
-    """DDP averages the dense gradients over its ranks but not the ignored experts: on a (dp, ep) mesh each expert
-    block has a replica on every rank of the other dimension, whose gradients differed (each rank's own, about 100%
-    off the mean) when the model was patched on such a mesh by hand. They are averaged over it, as the launcher
-    does (launch._average_over_dp, once per model)."""
-    from .launch import _average_over_dp
-
+def _dp_replicas(module) -> list:
+    """[(model, its mesh's dp dimension)] for the expert-parallel models in `module` whose experts have replicas.
+    DDP averages the dense gradients over its ranks but not the ignored experts: on a (dp, ep) mesh each expert block
+    has a replica on every rank of the other dimension, whose gradients differed (each rank's own, about 100% off the
+    mean) when the model was patched on such a mesh by hand. _ddp_init averages them over it, as the launcher does
+    (launch._average_over_dp, once per model)."""
+    found = []
     for m in module.modules():
         record = m.__dict__.get("_moe_patch")
         mesh = getattr(record, "mesh", None)
@@ -180,7 +183,8 @@ def _average_replicas(module):
             raise MeshError(f"DDP of a model expert-parallel on a mesh of {mesh.mesh_dim_names}: its experts have "
                             f"replicas over {others}; use a 1-D ('ep',) or 2-D (dp, ep) mesh, or fully_shard_moe")
         if others:
-            _average_over_dp(m, mesh[others[0]].get_group(), mesh[others[0]].size())
+            found.append((m, mesh[others[0]]))
+    return found
 
 
 def _install_ddp_ignore():
