@@ -150,6 +150,7 @@ def _average_over_dp(model, dp_group, dp_size):
     if model in _AVERAGED:
         return
     _AVERAGED.add(model)
+
     def average(param):
         if param.grad is not None:
             param.grad.div_(dp_size)
