@@ -356,10 +356,12 @@ def sweep_chart(results, path):
 
 def print_table(results, args):
     ok = [r for r in results if "error" not in r]
-    base = next((r for r in ok if r["variant"] == "stock"), None)
+    # speed-up against stock's default; against stock's best attention where only that stock row ran
+    base = next((r for r in ok if r["variant"] == "stock"), None) or \
+        next((r for r in ok if r["variant"] == "stock-best"), None)
     print(f"\n{args.shape}, {args.layers} layers, seq {args.seq}, micro-batch {args.batch}, grad-accum "
           f"{args.grad_accum}, bf16 master weights, fused AdamW"
-          f" ({ok[0]['gpu'] if ok else '?'})")
+          f" ({ok[0]['gpu'] if ok else '?'})" + (f"; speed-up and memory against {base['variant']}" if base else ""))
     head = f"{'variant':<27} {'mb':>3} {'tokens/s':>9} {'TFLOP/s':>8} {'peak GiB':>9} {'fwd ms':>7} {'bwd ms':>7} " \
            f"{'optim ms':>8} {'speed-up':>8} {'memory':>7}"
     print(head + "\n" + "-" * len(head))
