@@ -1,5 +1,6 @@
 """The fused linear-cross-entropy loss: exact against stock, and the documented effect on outputs."""
 import copy
+import types
 
 import pytest
 import torch
@@ -159,6 +160,21 @@ def test_chunks_are_as_few_and_as_equal_as_the_byte_cap_allows(vocab, total):
     assert chunks == -(-total // cap) and rows <= cap + 255
     last = total - (chunks - 1) * rows
     assert 0 < last <= rows and (chunks == 1 or rows - last < 256 * chunks), (rows, last)
+
+
+@pytest.mark.parametrize("gpu_bytes,cap", [(150_000_000_000, 4 << 30), (85_000_000_000, 85_000_000_000 // 32),
+                                           (24_000_000_000, 1 << 30), (None, 1 << 30)])
+def test_chunk_cap_grows_with_the_gpus_memory(monkeypatch, gpu_bytes, cap):
+    """chunk_bytes: 1/32 of the GPU's memory between 1 and 4 GiB (an H200: 4 GiB, GPT-OSS-20B's 8,192 rows in one
+    chunk); CHUNK_BYTES off CUDA (None: the CPU)."""
+    from moe_patch.ops import loss
+
+    props = types.SimpleNamespace(total_memory=gpu_bytes)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    device = "cpu" if gpu_bytes is None else "cuda:0"
+    assert loss.chunk_bytes(device) == cap
+    rows = loss.chunk_rows(201088, 2, 8192, device)
+    assert rows * 201088 * 2 <= cap + 255 * 201088 * 2 and (rows >= 8192) == (cap >= 8192 * 201088 * 2)
 
 
 def test_tuple_outputs_keep_their_positions():

@@ -4,7 +4,7 @@ The causal-LM's forward gets an instance-level wrapper (the class is untouched; 
 When the model is training and `labels` are given, the wrapper runs the model's own forward with
 logits_to_keep=1 (so the stock lm_head sees one position) and answers its `self.loss_function(...)` call
 from the decoder's last hidden state (captured by a hook) and lm_head's weight:
-  torch backend: large chunks of rows (about 1 GiB of logits each), gradients computed in the forward
+  torch backend: large chunks of rows (1 to 4 GiB of logits each, by the GPU's memory: chunk_bytes), gradients computed in the forward
     (_ChunkedLinearCrossEntropy); each chunk's softmax gradient is a torch.compile'd function, or on a GPU
     with Liger-Kernel installed Liger's cross-entropy kernel, once proven equal to it there;
   liger backend: Liger-Kernel's fused linear cross-entropy (Triton; small chunks, so its weight-gradient
@@ -32,20 +32,36 @@ import torch.nn.functional as F
 from . import compiled
 
 IGNORE = -100
-# Rows per chunk: as many as keep one chunk's logits near CHUNK_BYTES. Large chunks keep the weight-gradient
-# accumulation (a read and write of the whole [vocab, hidden] gradient per chunk) to a handful of passes;
-# small ones keep the transient logits and their gradient small.
+# Rows per chunk: as many as keep one chunk's logits near chunk_bytes(). Large chunks keep the weight-gradient
+# accumulation (a read and write of the whole [vocab, hidden] gradient per chunk) to a handful of passes and the
+# input-gradient GEMM ([rows, hidden] out) at several waves of tiles; small ones keep the transient logits and
+# their gradient small. CHUNK_BYTES is the floor (and the cap off CUDA); on a GPU the cap grows with its memory,
+# 1/32 of it up to MAX_CHUNK_BYTES. Measured on an H200 (143 GB: 4 GiB chunks), the fused loss forward +
+# backward (benchmarks/loss_chunks.py, bf16): GPT-OSS-20B's head (vocab 201,088, hidden 2,880, 8,192 rows)
+# 46.5 -> 44.3 ms (one chunk instead of four), Qwen3-30B-A3B's (151,936 x 2,048, 16,384 rows) 50.8 -> 48.2 ms,
+# for 1.5 / 2.8 GiB more transient memory; deepseek-v3-style's (102,400 x 2,048) unchanged (32.5 ms).
 CHUNK_BYTES = 1 << 30
+MAX_CHUNK_BYTES = 4 << 30
 
 
-def chunk_rows(vocab: int, itemsize: int, total: int | None = None) -> int:
-    """Rows per chunk: at most CHUNK_BYTES of logits (whole 256-row GEMM tiles where that is >= 256 rows); with
-    `total` rows to cover, the same number of chunks made equal instead of full ones and a small remainder
-    (GPT-OSS-20B's 8,190 rows: 4 x 2,048, not 3 x 2,560 + 510): a remainder chunk runs its three GEMMs far below
-    the full ones' rate (H200: ~660 against ~800 TFLOP/s) and, in the weight gradient, still reads and writes
-    the whole [vocab, hidden] accumulator. Sizes in rows; the logits of one chunk stay under CHUNK_BYTES plus
+def chunk_bytes(device: torch.device | str | None = None) -> int:
+    """The logits bytes one chunk may hold on `device`: CHUNK_BYTES off CUDA; on a GPU 1/32 of its memory,
+    between CHUNK_BYTES and MAX_CHUNK_BYTES (an 80 GB GPU: 2.3 GiB; a 24 GB one: 1 GiB)."""
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda":
+        return CHUNK_BYTES
+    total = torch.cuda.get_device_properties(device).total_memory
+    return max(CHUNK_BYTES, min(MAX_CHUNK_BYTES, total // 32))
+
+
+def chunk_rows(vocab: int, itemsize: int, total: int | None = None, device=None) -> int:
+    """Rows per chunk: at most chunk_bytes(device) of logits (whole 256-row GEMM tiles where that is >= 256 rows);
+    with `total` rows to cover, the same number of chunks made equal instead of full ones and a small remainder
+    (GPT-OSS-20B's 8,190 rows at 1 GiB: 4 x 2,048, not 3 x 2,560 + 510): a remainder chunk runs its three GEMMs
+    far below the full ones' rate (H200: ~660 against ~800 TFLOP/s) and, in the weight gradient, still reads and
+    writes the whole [vocab, hidden] accumulator. Sizes in rows; the logits of one chunk stay under the cap plus
     one tile of rows."""
-    cap = max(1, CHUNK_BYTES // (vocab * itemsize))
+    cap = max(1, chunk_bytes(device) // (vocab * itemsize))
     cap = cap - cap % 256 if cap >= 256 else cap  # whole GEMM tiles
     if not total or total <= cap:
         return cap
@@ -169,7 +185,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and needs[2] \
             else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        step = chunk_rows(weight.shape[0], hidden.element_size(), hidden.shape[0])
+        step = chunk_rows(weight.shape[0], hidden.element_size(), hidden.shape[0], hidden.device)
         for start in range(0, hidden.shape[0], step):
             h, y = hidden[start:start + step], labels[start:start + step]
             loss, grad = ce_step(F.linear(h, weight, bias), y)
