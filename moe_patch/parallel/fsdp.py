@@ -110,7 +110,8 @@ def _fsdp_state_init(wrapped, instance, args, kwargs):
     """FSDPState.init, which every torch fully_shard call runs first on the modules it wraps, however fully_shard
     was imported (a user's `from torch.distributed.fsdp import fully_shard` before apply() included): refused there
     for expert-parallel experts outside fully_shard_moe. Only the state torch's contract registered on the modules
-    exists yet; it is removed, so the model is as it was (and fully_shard_moe can still wrap it)."""
+    exists yet; it is removed, so the model is as it was (and fully_shard_moe can still wrap it). (torch 2.13 has
+    already moved the parameters to the mesh's device, in place: the same Parameter objects.)"""
     modules = args[0] if args else kwargs["modules"]
     found = None if _BY_FULLY_SHARD_MOE.get() else _unmanaged_ep_experts(modules)
     if found is not None:
