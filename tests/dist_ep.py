@@ -11,6 +11,9 @@ import tempfile
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+# bound before any moe_patch.apply(), as a user's script does: the refusal of torch's own fully_shard on an
+# expert-parallel model must not depend on how fully_shard was imported (check_stock_fully_shard_refused)
+from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
 sys.path.insert(0, os.path.dirname(__file__))
 import moe_patch  # noqa: E402
@@ -210,6 +213,8 @@ def main():
         check_outside_tree_params_under_fsdp(mesh)
         check_generate_synced(mesh, rank)
         check_ddp_of_wrapper(mesh, rank, size)
+        if size > 1:
+            check_stock_fully_shard_refused(mesh, rank, size)
         if size == 2:
             check_ddp_on_dp_ep_mesh(rank, size)
     if size > 1:
@@ -243,6 +248,55 @@ def check_outside_tree_params_under_fsdp(mesh):
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         check(p.grad is not None, f"outside-tree parameter {name} got no gradient under FSDP2")
         check(rel_err(p.grad.full_tensor(), q.grad.full_tensor()) < 1e-5, f"outside-tree gradient of {name}")
+
+
+def check_stock_fully_shard_refused(mesh, rank, size):
+    """torch's own fully_shard on an expert-parallel model took each rank's experts for replicas of one tensor and
+    computed with a mix of them (logits 4e-2 to 5e-2 off stock, qwen3_moe, 2 ranks): refused on every rank with a
+    one-line MeshError naming fully_shard_moe, before anything changes; the model then still equals stock, and
+    fully_shard_moe still shards it. A model FSDP2 manages anyway (the refusal bypassed) is refused at its forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from moe_patch.parallel.fsdp import fully_shard_moe
+
+    stock = build("qwen3_moe", dtype=DTYPE).to(DEVICE)
+    patched = copy.deepcopy(stock)
+    moe_patch.apply(patched, mesh=mesh)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(300 + rank)).to(DEVICE)
+    with torch.no_grad():
+        ref = stock(input_ids=ids).logits
+    for target in (patched.model.layers[0], patched):  # a decoder layer (the usual recipe), the whole model
+        try:
+            torch_fully_shard(target, mesh=mesh)
+            check(False, f"torch's fully_shard({type(target).__name__}) of an expert-parallel model accepted")
+        except moe_patch.MeshError as exc:
+            msg = str(exc)
+            check("fully_shard_moe" in msg and "\n" not in msg and "mlp.experts" in msg, msg)
+        check(not any(isinstance(m, FSDPModule) or getattr(m, "_is_fsdp_managed_module", False)
+                      or any(k.startswith("__composable_api_state_key") for k in m.__dict__)
+                      for m in patched.modules()), "refused fully_shard left FSDP2 state on the model")
+    with torch.no_grad():
+        out = patched(input_ids=ids).logits
+    check(rel_err(out, ref) < TOL, f"after the refusal: logits rel err {rel_err(out, ref):.2e}")
+    fully_shard_moe(patched, mesh)  # what the message says to use: still equal to stock
+    loss_s, loss = stock(input_ids=ids, labels=ids).loss, patched(input_ids=ids, labels=ids).loss
+    check(rel_err(loss, loss_s) < TOL, f"fully_shard_moe after the refusal: loss rel err {rel_err(loss, loss_s):.2e}")
+    # the forward's own check (it holds whatever torch's fully_shard internals become): FSDP2 wrapped around the
+    # experts outside fully_shard_moe, as if the refusal at wrap time had been missed
+    from moe_patch.parallel import fsdp
+
+    bypassed = copy.deepcopy(stock)
+    moe_patch.apply(bypassed, mesh=mesh)
+    with fsdp._inside_fully_shard_moe():
+        torch_fully_shard(bypassed, mesh=mesh)
+    try:
+        bypassed(input_ids=ids)
+        check(False, "forward of an expert-parallel model under torch's fully_shard accepted")
+    except moe_patch.MeshError as exc:
+        check("fully_shard_moe" in str(exc) and "\n" not in str(exc), str(exc))
+    dist.barrier()
+    if rank == 0:
+        print(f"ok torch fully_shard refused ep={size}", flush=True)
 
 
 def check_ddp_of_wrapper(mesh, rank, size):

@@ -291,6 +291,16 @@ class GroupedExperts(Replacement):
     def forward(self, hidden_states, top_k_index=None, top_k_weights=None, **aliases):
         top_k_index = aliases.pop("router_indices", top_k_index)
         top_k_weights = aliases.pop("routing_weights", top_k_weights)
+        state = self.__dict__
+        ep = state.get("_ep")
+        if ep is not None and ep[2] > 1 and state.get("_is_fsdp_managed_module") \
+                and not state.get("_fsdp_by_moe_patch"):
+            # expert-parallel experts that FSDP2 manages outside fully_shard_moe (torch's own fully_shard): their
+            # parameters mix the ranks' experts. fully_shard refuses this already (parallel/fsdp.install_refusal);
+            # this holds whatever torch's internals become, at the cost of a dict lookup or two per forward
+            from ..parallel.fsdp import refusal
+
+            raise refusal(type(self).__name__)
         routed = (hidden_states, top_k_index, top_k_weights, self.num_global_experts)
         if self._overlap is not None:
             d = self._overlap.dispatch(self.dispatcher, *routed)

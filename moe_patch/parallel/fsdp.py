@@ -17,15 +17,40 @@
 - gradients: FSDP averages the non-expert gradients over all ranks; an expert's gradient arrives summed
   over its ep group (the all-to-all backward) and divided by ep (GroupedExperts.expert_weight), and FSDP2
   averages it over dp_shard: every parameter ends up with the gradient of the mean of the per-rank losses.
+
+torch's own `fully_shard` on an expert-parallel model (instead of fully_shard_moe) is refused: FSDP2 would take each
+rank's experts for replicas of one tensor, shard and all-gather them as such and compute with a mix of the ranks'
+experts (logits ~5e-2 off stock on a tiny Qwen3-MoE), silently. See install_refusal.
 """
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from ..errors import PatchError
+from ..errors import MeshError, PatchError
+
+# set while fully_shard_moe calls torch's fully_shard itself (the only calls that may wrap expert-parallel experts)
+_BY_FULLY_SHARD_MOE = contextvars.ContextVar("moe_patch_fully_shard_moe", default=False)
+
+
+@contextlib.contextmanager
+def _inside_fully_shard_moe():
+    token = _BY_FULLY_SHARD_MOE.set(True)
+    try:
+        yield
+    finally:
+        _BY_FULLY_SHARD_MOE.reset(token)
+
+
+def refusal(path: str) -> MeshError:
+    return MeshError(f"{path}: torch's fully_shard on an expert-parallel model would take each rank's experts for "
+                     "replicas of one tensor and compute with a mix of them (wrong numbers); use "
+                     "moe_patch.parallel.fsdp.fully_shard_moe(model, mesh) instead")
 
 
 def _decoder_layers(model):
@@ -47,18 +72,73 @@ def fully_shard_moe(model, mesh, **fsdp_kwargs):
         expert_dp = mesh["dp_shard"]
     else:
         raise PatchError(f"fully_shard_moe supports meshes ('ep',) and ('dp_shard', 'ep'), got {names}")
-    ignored = set()
-    for experts in record.sharded:
-        if expert_dp.size() == 1:
-            ignored |= _as_ep_dtensors(experts, all_ranks)
-        else:  # FSDP2 averages over dp_shard; the experts module already divided by ep (GroupedExperts.expert_weight)
-            fully_shard(experts, mesh=expert_dp, **fsdp_kwargs)
-    if ignored:
-        fsdp_kwargs = dict(fsdp_kwargs, ignored_params=ignored | set(fsdp_kwargs.get("ignored_params") or ()))
-    for layer in _decoder_layers(model):
-        fully_shard(layer, mesh=all_ranks, **fsdp_kwargs)
-    fully_shard(model, mesh=all_ranks, **fsdp_kwargs)
+    with _inside_fully_shard_moe():
+        ignored = set()
+        for experts in record.sharded:
+            experts._fsdp_by_moe_patch = True  # FSDP2 may manage these experts (GroupedExperts.forward checks)
+            if expert_dp.size() == 1:
+                ignored |= _as_ep_dtensors(experts, all_ranks)
+            else:  # FSDP2 averages over dp_shard; the experts module divided by ep already (expert_weight)
+                fully_shard(experts, mesh=expert_dp, **fsdp_kwargs)
+        if ignored:
+            fsdp_kwargs = dict(fsdp_kwargs, ignored_params=ignored | set(fsdp_kwargs.get("ignored_params") or ()))
+        for layer in _decoder_layers(model):
+            fully_shard(layer, mesh=all_ranks, **fsdp_kwargs)
+        fully_shard(model, mesh=all_ranks, **fsdp_kwargs)
     return model
+
+
+def _unmanaged_ep_experts(roots):
+    """(path, module) of the first experts module split over more than one ep rank that a fully_shard of `roots`
+    would manage (those under an already fully_shard-ed module are that module's, and left alone), else None."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for root in roots:
+        stack = [("", root)]
+        while stack:
+            path, m = stack.pop()
+            if m is not root and isinstance(m, FSDPModule):
+                continue
+            ep = m.__dict__.get("_ep")
+            if ep is not None and ep[2] > 1:
+                return path or type(m).__name__, m
+            stack.extend((f"{path}.{n}" if path else n, c) for n, c in reversed(list(m.named_children())))
+    return None
+
+
+def _fsdp_state_init(wrapped, instance, args, kwargs):
+    """FSDPState.init, which every torch fully_shard call runs first on the modules it wraps, however fully_shard
+    was imported (a user's `from torch.distributed.fsdp import fully_shard` before apply() included): refused there
+    for expert-parallel experts outside fully_shard_moe. Only the state torch's contract registered on the modules
+    exists yet; it is removed, so the model is as it was (and fully_shard_moe can still wrap it). (torch 2.13 has
+    already moved the parameters to the mesh's device, in place: the same Parameter objects.)"""
+    modules = args[0] if args else kwargs["modules"]
+    found = None if _BY_FULLY_SHARD_MOE.get() else _unmanaged_ep_experts(modules)
+    if found is not None:
+        for module in modules:
+            for key in [k for k in module.__dict__ if k.startswith("__composable_api_state_key")]:
+                entries = module.__dict__[key]  # {fully_shard: this state} and {"fully_shard": its registry item}
+                for k in [k for k, v in entries.items() if v is instance or k == "fully_shard"]:
+                    del entries[k]
+                if not entries:
+                    del module.__dict__[key]
+        raise refusal(found[0])
+    return wrapped(*args, **kwargs)
+
+
+def install_refusal():
+    """Wrap torch's FSDPState.init (wrapt, once per process) with _fsdp_state_init; shard.py calls it. Wrapping
+    fully_shard itself would miss the callers that imported it before. GroupedExperts.forward checks as well, in
+    case torch's fully_shard ever stops going through FSDPState.init."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_state
+
+    init = getattr(_fsdp_state.FSDPState, "init", None)
+    if init is None or getattr(init, "_moe_patch", False):
+        return
+    import wrapt
+
+    wrapt.wrap_function_wrapper(_fsdp_state, "FSDPState.init", _fsdp_state_init)
+    _fsdp_state.FSDPState.init._moe_patch = True
 
 
 def _as_ep_dtensors(experts, ep_mesh) -> set:

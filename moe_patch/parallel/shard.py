@@ -110,6 +110,9 @@ def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=No
         module.grad_factor = 1.0 / size
     _ignore_in_ddp(model, blocks)
     _install_ddp_ignore()
+    from . import fsdp  # torch's own fully_shard of these experts refused (fsdp.install_refusal)
+
+    fsdp.install_refusal()
     from . import trainer  # Trainer's own clipping, saving and resuming with these experts (trainer.py)
 
     trainer.install()
