@@ -130,8 +130,10 @@ def install_refusal():
     """Wrap torch's FSDPState.init (wrapt, once per process) with _fsdp_state_init; shard.py calls it. Wrapping
     fully_shard itself would miss the callers that imported it before. GroupedExperts.forward checks as well, in
     case torch's fully_shard ever stops going through FSDPState.init."""
-    from torch.distributed.fsdp._fully_shard import _fsdp_state
-
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_state
+    except ImportError:  # a torch that moved its private module: GroupedExperts.forward still refuses, at the call
+        return
     init = getattr(_fsdp_state.FSDPState, "init", None)
     if init is None or getattr(init, "_moe_patch", False):
         return
