@@ -596,3 +596,39 @@ def test_cudnn_sink_attention_at_gpt_oss_widths_matches_float32_eager():
     assert out.shape == ref.shape and out.dtype == torch.bfloat16 and rel_err(out, ref) < 2e-2
     for name, a, b in zip(("q", "k", "v", "sinks"), grads, ref_grads):
         assert rel_err(a, b) < 2e-2, name
+
+
+@pytest.mark.parametrize("step", ["liger", "compiled"])
+def test_fused_loss_in_chunks_at_this_gpus_cap(step):
+    """The chunked loss at this GPU's chunk cap (loss.chunk_bytes(): 4 GiB of logits on an H200, 2^31 bf16
+    elements: the softmax step's indexing past int32), one full chunk and a remainder: loss, hidden and weight
+    gradients against Transformers' formula (float32 cross-entropy of the bf16 logits), computed block by block."""
+    import torch.nn.functional as F
+
+    from moe_patch.ops import loss
+
+    if step == "liger" and loss.liger_step_unproven(torch.device("cuda")) is not None:
+        pytest.skip("Liger's cross-entropy kernel not usable here")
+    vocab, hidden = 131072, 64
+    cap = loss.chunk_rows(vocab, 2, None, "cuda")
+    rows = cap + 300
+    assert loss.chunk_rows(vocab, 2, rows, "cuda") < rows  # two chunks
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(vocab, hidden, device="cuda", generator=g) * 0.05).bfloat16()
+    x = torch.randn(rows, hidden, device="cuda", generator=g).bfloat16()
+    y = torch.randint(0, vocab, (rows,), device="cuda", generator=g)
+    y[::7] = loss.IGNORE
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    total = loss._chunked_sum(xs, ws, None, y, step)
+    total.backward()
+    ref_total, ref_dx, ref_dw = 0.0, torch.empty_like(x), torch.zeros(vocab, hidden, device="cuda")
+    for start in range(0, rows, 4096):
+        xb, wb = x[start:start + 4096].clone().requires_grad_(), w.clone().requires_grad_()
+        part = F.cross_entropy(F.linear(xb, wb).float(), y[start:start + 4096], reduction="sum")
+        dx, dw = torch.autograd.grad(part, (xb, wb))
+        ref_total += part.item()
+        ref_dx[start:start + 4096] = dx
+        ref_dw += dw.float()
+    assert abs(total.item() - ref_total) / abs(ref_total) < 2e-2
+    assert rel_err(xs.grad.float(), ref_dx.float()) < 2e-2
+    assert rel_err(ws.grad.float(), ref_dw) < 2e-2
