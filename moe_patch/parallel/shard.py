@@ -116,6 +116,9 @@ def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=No
     from . import trainer  # Trainer's own clipping, saving and resuming with these experts (trainer.py)
 
     trainer.install()
+    from . import lora  # PEFT LoRA on these experts' weights: saved whole, loaded per rank, clipped globally
+
+    lora.install()
     pairs = overlap.install(model, record) if shared_overlap else {}
     for row in rows:
         row.replacement += f" + ep{size}/{dispatcher}"
