@@ -618,7 +618,8 @@ def run_lora_experts(model_type, mesh, rank, size):
     ref = save(paths[0][0])  # the unsharded model with the same adapters
     same_logits(ref, "stock model + the adapter saved before training")
     wrappers = [m for m in lora.modules() if isinstance(m, peft.tuners.lora.layer.ParamWrapper)]
-    check(len(wrappers) == 2 * stock.config.num_hidden_layers, f"lora: {len(wrappers)} ParamWrappers")
+    n_experts = len(expert_names(lora))
+    check(n_experts and len(wrappers) == 2 * n_experts, f"lora: {len(wrappers)} ParamWrappers, {n_experts} experts")
     saved = load_file(os.path.join(paths[0][0], "adapter_model.safetensors"))
     for w in wrappers:  # whole: [r * E, in] and [out, r * E]
         name = next(n for n, m in lora.named_modules() if m is w).replace(".default", "")
