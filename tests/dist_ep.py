@@ -641,8 +641,16 @@ def run_lora_experts(model_type, mesh, rank, size):
     ref_norm = torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.requires_grad], max_norm=0.05)
     norm = torch.nn.utils.clip_grad_norm_(trained, max_norm=0.05)
     check(rel_err(norm, ref_norm) < TOL and ref_norm > 0.05, f"lora: grad norm {norm} vs {ref_norm}")
-    for model in (lora, ref):
-        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    optimizers = [torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0) for model in (lora, ref)]
+    for opt in optimizers:
+        opt.step()
+    from moe_patch.parallel import checkpoint
+
+    try:  # DCP of their optimizer states (per local expert under one name) would keep one rank's: refused
+        checkpoint.state_dict(lora.base_model.model, optimizers[0])
+        check(False, "lora: checkpoint.state_dict with the experts' adapters in the optimizer accepted")
+    except moe_patch.MeshError as exc:
+        check("target_parameters" in str(exc) and "\n" not in str(exc), str(exc))
     same_logits(ref, "after one step, against the unsharded model's step")
     loaded = save(paths[0][1])
     same_logits(loaded, "stock model + the adapter saved after the step")
