@@ -662,6 +662,18 @@ def run_lora_experts(model_type, mesh, rank, size):
     with torch.no_grad():
         err = rel_err(back(input_ids=ids).logits, loaded(input_ids=ids).logits)
     check(err < TOL, f"lora: EP model + the saved adapter: logits rel err {err:.2e}")
+    # under fully_shard_moe (plain per-expert adapters beside DTensor experts): refused, in either order
+    from moe_patch.parallel.fsdp import fully_shard_moe
+
+    sharded = moe_patch.apply(copy.deepcopy(stock), mesh=mesh, dispatcher=DISPATCHER)
+    fully_shard_moe(sharded, mesh)
+    for what, call in (("fully_shard_moe with the adapters", lambda: fully_shard_moe(back.base_model.model, mesh)),
+                       ("get_peft_model after fully_shard_moe", lambda: peft.get_peft_model(sharded, config()))):
+        try:
+            call()
+            check(False, f"lora: {what} accepted")
+        except moe_patch.MeshError as exc:
+            check("fully_shard_moe" in str(exc) and "\n" not in str(exc), f"{what}: {exc}")
     if rank == 0:
         print(f"ok lora {model_type} ep={size}", flush=True)
 
