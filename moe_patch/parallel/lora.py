@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import weakref
 
-import torch
 
 from ..errors import MeshError
 from . import clip
