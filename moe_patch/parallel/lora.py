@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import weakref
 
-
 from ..errors import MeshError
 from . import clip
 from .shard import _block, gather_experts
