@@ -160,7 +160,7 @@ def main():
     mesh = init_device_mesh(DEVICE.type, (size,), mesh_dim_names=("ep",))
     torch.manual_seed(0)
     targets = dict(fsdp=run_fsdp, fsdp_mp=run_fsdp_mixed_precision, resume=run_resume, ddp=run_ddp,
-                   trainer=run_trainer, gc=run_checkpointed)
+                   trainer=run_trainer, gc=run_checkpointed, lora=run_lora_experts)
     for model_type in sys.argv[1:]:
         kind, _, family = model_type.rpartition(":")  # "kind:family" targets print their own "ok" line
         if kind == "fsdp2d":  # 4 ranks: experts split over ep=2 and sharded by FSDP2 over dp_shard=2
@@ -582,6 +582,100 @@ def run_trainer(model_type, mesh, rank, size):
         check(rel_err(loaded[name], ref) < TOL, f"trainer checkpoint: {name}")
     if rank == 0:
         print(f"ok trainer {model_type} ep={size}", flush=True)
+
+
+def run_lora_experts(model_type, mesh, rank, size):
+    """PEFT LoRA on the experts' own weights (target_parameters) of an EP model, a bare loop without DDP: one step
+    clipped by torch's clip_grad_norm_, then PeftModel.save_pretrained from every rank (rank 0 writes). The adapter
+    holds every expert's LoRA pair in the unsharded layout (it held rank 0's local experts only, at local shapes that
+    a stock model refused to load): a stock model + PeftModel.from_pretrained gives the EP model's logits, and an EP
+    model loads it back. The step equals the same step of the unsharded model (the clipping norm counts every rank's
+    expert adapters: it was this rank's own)."""
+    import peft
+    from safetensors.torch import load_file
+
+    def config():
+        return peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False,
+                               target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+
+    stock = build(model_type, dtype=DTYPE).to(DEVICE)
+    torch.manual_seed(0)  # the dense adapters (q_proj) are replicas: the same init on every rank
+    lora = peft.get_peft_model(moe_patch.apply(copy.deepcopy(stock), mesh=mesh, dispatcher=DISPATCHER), config())
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(700 + rank)).to(DEVICE)
+    paths = [[tempfile.mkdtemp() for _ in range(2)] if rank == 0 else None]
+    dist.broadcast_object_list(paths)
+
+    def save(path):
+        lora.save_pretrained(path, is_main_process=rank == 0)  # every rank: the adapters are gathered
+        dist.barrier()
+        return peft.PeftModel.from_pretrained(copy.deepcopy(stock), path, is_trainable=True)
+
+    def same_logits(ref, what):
+        with torch.no_grad():
+            err = rel_err(lora(input_ids=ids).logits, ref(input_ids=ids).logits)
+        check(err < TOL, f"lora: {what}: logits rel err {err:.2e}")
+
+    ref = save(paths[0][0])  # the unsharded model with the same adapters
+    same_logits(ref, "stock model + the adapter saved before training")
+    wrappers = [m for m in lora.modules() if isinstance(m, peft.tuners.lora.layer.ParamWrapper)]
+    n_experts = len(expert_names(lora))
+    check(n_experts and len(wrappers) == 2 * n_experts, f"lora: {len(wrappers)} ParamWrappers, {n_experts} experts")
+    saved = load_file(os.path.join(paths[0][0], "adapter_model.safetensors"))
+    for w in wrappers:  # whole: [r * E, in] and [out, r * E]
+        name = next(n for n, m in lora.named_modules() if m is w).replace(".default", "")
+        a, b = saved[f"{name}.lora_A.weight"], saved[f"{name}.lora_B.weight"]
+        e = w.get_base_layer().num_global_experts
+        check(a.shape[0] == 2 * e and b.shape[1] == 2 * e and w.num_experts * size == e, f"lora: saved {name} {a.shape}")
+    # one step of each, clipped (max_norm under the norm: clipping acts), SGD
+    lora(input_ids=ids, labels=ids).loss.backward()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    experts = {id(p) for w in wrappers for p in (w.lora_A["default"].weight, w.lora_B["default"].weight)}
+    for p in ref.parameters():  # the unsharded reference: gradients of the mean of the per-rank losses
+        if p.grad is not None:
+            p.grad = summed(p.grad) / size
+    for p in lora.parameters():  # a bare loop averages the dense gradients itself
+        if p.grad is not None and id(p) not in experts:
+            p.grad = summed(p.grad) / size
+    trained = [p for p in lora.parameters() if p.requires_grad]
+    check(any(id(p) in experts for p in trained), "lora: the experts' adapters are not trained")
+    ref_norm = torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.requires_grad], max_norm=0.05)
+    norm = torch.nn.utils.clip_grad_norm_(trained, max_norm=0.05)
+    check(rel_err(norm, ref_norm) < TOL and ref_norm > 0.05, f"lora: grad norm {norm} vs {ref_norm}")
+    optimizers = [torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0) for model in (lora, ref)]
+    for opt in optimizers:
+        opt.step()
+    from moe_patch.parallel import checkpoint
+
+    try:  # DCP of their optimizer states (per local expert under one name) would keep one rank's: refused
+        checkpoint.state_dict(lora.base_model.model, optimizers[0])
+        check(False, "lora: checkpoint.state_dict with the experts' adapters in the optimizer accepted")
+    except moe_patch.MeshError as exc:
+        check("target_parameters" in str(exc) and "\n" not in str(exc), str(exc))
+    same_logits(ref, "after one step, against the unsharded model's step")
+    loaded = save(paths[0][1])
+    same_logits(loaded, "stock model + the adapter saved after the step")
+    whole = lora.state_dict()  # gathers the experts and their adapters
+    for name, value in ref.state_dict().items():
+        check(rel_err(whole[name], value) < TOL, f"lora: {name} after the step: {rel_err(whole[name], value):.2e}")
+    back = peft.PeftModel.from_pretrained(moe_patch.apply(copy.deepcopy(stock), mesh=mesh, dispatcher=DISPATCHER),
+                                          paths[0][1])  # an EP model loads its own saved adapter: its block of it
+    with torch.no_grad():
+        err = rel_err(back(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    check(err < TOL, f"lora: EP model + the saved adapter: logits rel err {err:.2e}")
+    # under fully_shard_moe (plain per-expert adapters beside DTensor experts): refused, in either order
+    from moe_patch.parallel.fsdp import fully_shard_moe
+
+    sharded = moe_patch.apply(copy.deepcopy(stock), mesh=mesh, dispatcher=DISPATCHER)
+    fully_shard_moe(sharded, mesh)
+    for what, call in (("fully_shard_moe with the adapters", lambda: fully_shard_moe(back.base_model.model, mesh)),
+                       ("get_peft_model after fully_shard_moe", lambda: peft.get_peft_model(sharded, config()))):
+        try:
+            call()
+            check(False, f"lora: {what} accepted")
+        except moe_patch.MeshError as exc:
+            check("fully_shard_moe" in str(exc) and "\n" not in str(exc), f"{what}: {exc}")
+    if rank == 0:
+        print(f"ok lora {model_type} ep={size}", flush=True)
 
 
 def run_checkpointed(model_type, mesh, rank, size):

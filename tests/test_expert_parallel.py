@@ -42,14 +42,15 @@ def torchrun(nproc, families, **env_extra):
 @pytest.mark.distributed
 def test_expert_parallel_2_ranks_every_family():
     out = torchrun(2, MOE_FAMILIES + ["fsdp:qwen3_moe", "fsdp:gpt_oss", "gc:mixtral", "gc:deepseek_v3", "ddp:qwen3_moe",
-                                      "trainer:qwen3_moe", "fsdp_mp:qwen3_moe", "resume:qwen3_moe"])
+                                      "trainer:qwen3_moe", "fsdp_mp:qwen3_moe", "resume:qwen3_moe",
+                                      "lora:qwen3_moe"])
     assert "ok torch fully_shard refused ep=2" in out  # torch's own fully_shard of an EP model (dist_ep.py)
 
 
 @pytest.mark.distributed
 def test_expert_parallel_4_ranks():
     torchrun(4, ["qwen3_moe", "deepseek_v3", "gpt_oss", "fsdp:deepseek_v3", "fsdp2d:qwen3_moe", "ddp:gpt_oss",
-                 "resume:mixtral"])
+                 "resume:mixtral", "lora:gpt_oss"])
 
 
 def _dispatcher_missing(name):

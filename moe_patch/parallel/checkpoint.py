@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import PatchError
+from ..errors import MeshError, PatchError
 from .shard import gather_experts, local_experts
 
 
@@ -42,6 +42,7 @@ def state_dict(model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     experts = _expert_states(model)
+    _refuse_lora_states(model, optimizer)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     for fqn, (module, group, rank, size) in experts.items():
         if fqn not in optim_sd["state"]:
@@ -52,6 +53,19 @@ def state_dict(model, optimizer) -> dict:
             if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == module.num_experts else value
             for key, value in optim_sd["state"][fqn].items()}
     return {"model": model_sd, "optim": optim_sd}
+
+
+def _refuse_lora_states(model, optimizer) -> None:
+    """PEFT LoRA on the experts' weights (parallel/lora.py): the model's adapters are gathered whole, but their
+    optimizer states are per local expert under the same names on every rank, which DCP would keep one rank's of."""
+    from . import lora
+
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for path, m in model.named_modules():
+        if m in lora.WRAPPERS and any(id(p) in held for p in lora.parameters(m)):
+            raise MeshError(f"{path}: optimizer states of PEFT LoRA on the expert-parallel experts' "
+                            f"{m.parameter_name} (target_parameters) are not supported in checkpoint.state_dict; "
+                            "save the adapter with PeftModel.save_pretrained on every rank instead")
 
 
 def load_state_dict(model, optimizer, state: dict) -> None:

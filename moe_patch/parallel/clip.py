@@ -33,7 +33,8 @@ def register(module) -> None:
 
 
 def _expert_groups(params) -> dict:
-    """{id(param): ep process group} for the plain-tensor expert-parallel parameters among `params`."""
+    """{id(param): ep process group} for the plain-tensor expert-parallel parameters among `params` (the experts'
+    weights, and PEFT LoRA adapters on them: lora.py)."""
     wanted = {id(p) for p in params}
     found = {}
     for module in list(_EP_MODULES):
@@ -41,6 +42,13 @@ def _expert_groups(params) -> dict:
         for name in names:
             p = module._parameters[name]
             if id(p) in wanted and not hasattr(p, "device_mesh"):
+                found[id(p)] = group
+    from . import lora  # PEFT LoRA on these experts' weights: one adapter block per local expert
+
+    for wrapper in list(lora.WRAPPERS):
+        group = wrapper.get_base_layer()._ep[0]
+        for p in lora.parameters(wrapper):
+            if id(p) in wanted:
                 found[id(p)] = group
     return found
 

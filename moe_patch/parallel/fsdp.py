@@ -62,6 +62,13 @@ def fully_shard_moe(model, mesh, **fsdp_kwargs):
     record = getattr(model, "_moe_patch", None)
     if record is None or record.mesh is None:
         raise PatchError("call moe_patch.apply(model, mesh=mesh) before fully_shard_moe(model, mesh)")
+    from . import lora
+
+    for path, m in model.named_modules():  # their adapters are per local expert plain tensors FSDP2 would replicate
+        if m in lora.WRAPPERS:
+            raise MeshError(f"{path}: PEFT LoRA on the expert-parallel experts' {m.parameter_name} "
+                            "(target_parameters) under fully_shard_moe: not supported; adapt other modules "
+                            "(e.g. q_proj), or train without fully_shard_moe")
     names = tuple(mesh.mesh_dim_names or ())
     world = mesh.size()
     if names == ("ep",):

@@ -116,6 +116,9 @@ def shard(model, mesh, record, dispatcher: str, why: str, max_tokens_per_rank=No
     from . import trainer  # Trainer's own clipping, saving and resuming with these experts (trainer.py)
 
     trainer.install()
+    from . import lora  # PEFT LoRA on these experts' weights: saved whole, loaded per rank, clipped globally
+
+    lora.install()
     pairs = overlap.install(model, record) if shared_overlap else {}
     for row in rows:
         row.replacement += f" + ep{size}/{dispatcher}"
@@ -159,14 +162,15 @@ def _refuse_adapters_on_experts(module, ep_params):
     """A PEFT adapter on the experts' own weights (LoraConfig(target_parameters=["mlp.experts.gate_up_proj"]), and
     target_modules="all-linear" in PEFT 0.21, which adds the fused experts' 3-D weights by itself) wraps
     the experts module (its `base_layer`) with weights per local expert: no replicas, which DDP would broadcast from
-    rank 0 and average over different experts (logits 6e-1 off stock on qwen3_moe, 2 ranks) and which clipping and
-    saving would count as this rank's only. Refused before DDP changes anything."""
+    rank 0 and average over different experts (logits 6e-1 off stock on qwen3_moe, 2 ranks). Refused before DDP
+    changes anything. Without DDP they are saved whole and clipped over the ep ranks (lora.py)."""
     for path, m in module.named_modules():
         base = m.__dict__.get("_modules", {}).get("base_layer")
         if base in clip._EP_MODULES and any(id(p) not in ep_params for p in m.parameters()):
             raise MeshError(f"{path}: {type(m).__name__} adapts expert-parallel experts (PEFT target_parameters, which "
                             "target_modules='all-linear' includes); its weights are per local expert, which DDP would "
-                            "treat as replicas: not supported, list the modules to adapt instead (e.g. q_proj, v_proj)")
+                            "treat as replicas: not supported under DDP (a loop without DDP is); adapt other modules "
+                            "(e.g. q_proj)")
 
 
 def _dp_replicas(module) -> list:
