@@ -12,3 +12,17 @@ distributed_config.py  from_pretrained(distributed_config=DistributedConfig(ep_s
              distribution undone, moe_patch's expert parallelism + FSDP2 on the config's mesh
 checkpoint.py  model + optimizer state for torch.distributed.checkpoint (resuming EP training)
 """
+
+_HOOKED: set = set()
+
+
+def when_imported(module_name: str, fn) -> None:
+    """fn(module) once `module_name` is imported (at once if it already is): wrapt's post-import hook, registered
+    once per (module_name, fn) however often this is called (trainer.install, lora.install)."""
+    if (module_name, fn) in _HOOKED:
+        return
+    import wrapt
+
+    wrapt.register_post_import_hook(fn, module_name)
+    _HOOKED.add((module_name, fn))
+

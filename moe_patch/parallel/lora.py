@@ -27,7 +27,6 @@ from . import clip
 from .shard import _block, gather_experts
 
 WRAPPERS = weakref.WeakSet()  # ParamWrappers adapting plain-tensor expert-parallel parameters
-_installed = False
 
 
 def _experts_of(wrapper):
@@ -105,10 +104,6 @@ def _wrap(module) -> None:
 
 def install() -> None:
     """Wrap PEFT's ParamWrapper.update_layer once peft.tuners.lora.layer is imported (idempotent)."""
-    global _installed
-    if _installed:
-        return
-    import wrapt
+    from . import when_imported
 
-    wrapt.register_post_import_hook(_wrap, "peft.tuners.lora.layer")
-    _installed = True
+    when_imported("peft.tuners.lora.layer", _wrap)

@@ -31,7 +31,6 @@ from transformers import TrainerCallback
 
 from .shard import _block, gather_experts
 
-_installed = False
 
 
 def _ep_model(trainer):
@@ -149,13 +148,9 @@ def _wrap(module) -> None:
 
 def install() -> None:
     """Wrap Trainer's save / optimizer-state methods once transformers.trainer is imported (idempotent)."""
-    global _installed
-    if _installed:
-        return
-    import wrapt
+    from . import when_imported
 
-    wrapt.register_post_import_hook(_wrap, "transformers.trainer")
-    _installed = True
+    when_imported("transformers.trainer", _wrap)
 
 
 class ExpertParallelCheckpoint(TrainerCallback):
