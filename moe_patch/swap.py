@@ -41,6 +41,7 @@ def swap(model, plan, built, record: Record) -> None:
         parent = replaced.get(id(parent), parent)
         replaced[id(getattr(parent, child))] = new
         setattr(parent, child, new)
+        new.link()  # a reference to the original taken before apply() reads and writes the live module
         record.swaps.append((parent, child, new))
         impl = getattr(getattr(new.original, "config", None), "_experts_implementation", None)
         if getattr(new, "kind", "") == "experts" and impl is not None:
@@ -160,22 +161,10 @@ def replan(model, record: Record) -> None:
             _warn_once(record, f"moe_patch: experts switched to {impl!r} after apply: the stock experts modules "
                                f"run while it stays so (patched again when switched back to {applied!r})")
         elif impl == applied and current is new.original:
-            _take_back(new)
+            new.take_back()
             setattr(parent, child, new)
             record.swaps.append((parent, child, new))
             _restore_row(row, planned)
-
-
-def _take_back(new) -> None:
-    """The inverse of Replacement.give_back(): adopt the original's current tensors and children again."""
-    original = new.original
-    for name, param in original._parameters.items():
-        new._parameters[name] = param
-    for name, buf in original._buffers.items():
-        new._buffers[name] = buf
-    for name, child in original._modules.items():
-        new._modules[name] = child
-    new.train(original.training)
 
 
 def _restore_row(row, planned) -> None:

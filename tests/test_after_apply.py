@@ -1,6 +1,7 @@
 """Attributes a user sets on a patched model's modules after apply() are what it computes with, as stock:
 every replacement reads the module's own attributes at each forward (issue 17), and revert() keeps them."""
 import copy
+import io
 
 import pytest
 import torch
@@ -145,3 +146,128 @@ def test_model_cast_to_float64_after_apply_matches_stock(family):
     for m in (stock, patched):
         m.double()
     assert_runs_match(stock, patched, inputs(seq=10))
+
+
+# A reference to a module taken before apply() (the detached original) and the module the model runs agree on
+# the module's attributes while patched, both ways, as on a stock model where they are one object. Before,
+# `g = model.model.layers[0].mlp.gate; apply(model); g.top_k = 3` changed only the detached object: the model
+# kept routing top-2 (logits 1.4e-2 off stock with the same change, silently).
+OLD_REFS = [  # (family, path of the module under model.model, attributes set through the old reference)
+    ("qwen3_moe", "layers.0.mlp.gate", dict(top_k=3)),
+    ("olmoe", "layers.0.input_layernorm", dict(variance_epsilon=0.5)),
+    ("gpt_oss", "layers.0.mlp.experts", dict(limit=0.3)),
+]
+
+
+def _sub(model, path):
+    return model.model.get_submodule(path)
+
+
+@pytest.mark.parametrize("family,path,attrs", OLD_REFS, ids=[c[0] for c in OLD_REFS])
+def test_write_through_a_reference_taken_before_apply_is_what_the_model_runs(family, path, attrs):
+    stock = build(family)
+    patched = copy.deepcopy(stock)
+    old = _sub(patched, path)
+    moe_patch.apply(patched)
+    live = _sub(patched, path)
+    assert live is not old and live.original is old  # replaced: the reference is to the detached original
+    ids = inputs(seq=10)
+    before = run(stock, ids)[0]
+    for k, v in attrs.items():
+        setattr(_sub(stock, path), k, v)
+        setattr(old, k, v)
+        assert getattr(live, k) == v  # the model's module reads it back
+    assert rel_err(run(stock, ids)[0], before) > 1e-4  # the change changes the stock result: the test can fail
+    assert_runs_match(stock, patched, ids)
+    moe_patch.revert(patched)
+    assert _sub(patched, path) is old and type(old) is type(_sub(stock, path))
+    assert all(getattr(old, k) == v for k, v in attrs.items())
+    assert not [k for k in vars(old) if "moe_patch" in k]
+    assert_runs_match(stock, patched, ids)
+
+
+def test_write_through_the_model_reads_back_on_a_reference_taken_before_apply():
+    model = build("qwen3_moe")
+    g, norm = model.model.layers[0].mlp.gate, model.model.layers[0].input_layernorm
+    moe_patch.apply(model)
+    model.model.layers[0].mlp.gate.top_k = 3
+    model.model.layers[0].mlp.gate.norm_topk_prob = False
+    model.model.layers[0].input_layernorm.variance_epsilon = 0.25
+    model.model.layers[0].mlp.gate.eval()
+    assert (g.top_k, g.norm_topk_prob, norm.variance_epsilon, g.training) == (3, False, 0.25, False)
+    assert isinstance(g, type(build("qwen3_moe").model.layers[0].mlp.gate))
+    g.train()  # and through the old reference: the model's module follows
+    assert model.model.layers[0].mlp.gate.training is True
+    del g.norm_topk_prob  # a delete too
+    assert not hasattr(model.model.layers[0].mlp.gate, "norm_topk_prob")
+    moe_patch.revert(model)
+    assert (g.top_k, norm.variance_epsilon, g.training, hasattr(g, "norm_topk_prob")) == (3, 0.25, True, False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_copy_of_a_patched_model_keeps_a_value_written_through_an_old_reference(how):
+    stock = build("qwen3_moe")
+    patched = copy.deepcopy(stock)
+    g = patched.model.layers[0].mlp.gate
+    moe_patch.apply(patched)
+    g.top_k = 3
+    stock.model.layers[0].mlp.gate.top_k = 3
+    if how == "deepcopy":
+        copied = copy.deepcopy(patched)
+    else:
+        buf = io.BytesIO()
+        torch.save(patched, buf)
+        buf.seek(0)
+        copied = torch.load(buf, weights_only=False)
+    ids = inputs(seq=10)
+    assert_runs_match(stock, copied, ids)
+    old_copy = copied.model.layers[0].mlp.gate.original
+    assert old_copy is not g and old_copy.top_k == 3
+    old_copy.top_k = 1  # the copy's detached original drives the copy's live module, not the first model's
+    assert copied.model.layers[0].mlp.gate.top_k == 1 and patched.model.layers[0].mlp.gate.top_k == 3
+    moe_patch.revert(copied)
+    assert copied.model.layers[0].mlp.gate is old_copy and old_copy.top_k == 1
+    assert type(old_copy) is type(stock.model.layers[0].mlp.gate) and "_moe_patch_live" not in vars(old_copy)
+    assert_runs_match(stock, patched, ids)
+
+
+def test_parameter_assigned_through_a_reference_taken_before_apply_is_what_the_model_trains():
+    """An nn.Parameter set through the old reference is forwarded to the live module (as
+    load_state_dict(assign=True) on the model would set it): the model computes with it and its gradient
+    lands on it. One set on the model's module is what the old reference reads back."""
+    stock = build("qwen3_moe")
+    patched = copy.deepcopy(stock)
+    g = patched.model.layers[0].mlp.gate
+    moe_patch.apply(patched)
+    torch.manual_seed(3)
+    new = torch.nn.Parameter(torch.randn_like(g.weight) * 0.5)
+    g.weight = new
+    stock.model.layers[0].mlp.gate.weight = torch.nn.Parameter(new.detach().clone())
+    assert patched.model.layers[0].mlp.gate.weight is new
+    ids = inputs(seq=10)
+    _, _, grads = assert_runs_match(stock, patched, ids)
+    assert new.grad is not None and rel_err(new.grad, grads["model.layers.0.mlp.gate.weight"]) < 1e-4
+    other = torch.nn.Parameter(new.detach().clone())
+    patched.model.layers[0].mlp.gate.weight = other
+    assert g.weight is other
+    moe_patch.revert(patched)
+    assert patched.model.layers[0].mlp.gate is g and g.weight is other
+    assert_runs_match(stock, patched, ids)
+
+
+def test_experts_patched_again_after_a_switch_take_the_values_set_meanwhile():
+    """set_experts_implementation('eager') puts the original experts back in the model; a value set on them
+    then (through any reference) is what the replacement computes with once switched back."""
+    stock = build("gpt_oss")
+    patched = copy.deepcopy(stock)
+    old = patched.model.layers[0].mlp.experts
+    moe_patch.apply(patched)
+    patched.set_experts_implementation("eager")
+    assert patched.model.layers[0].mlp.experts is old
+    old.limit = 0.3
+    patched.set_experts_implementation("grouped_mm")
+    assert patched.model.layers[0].mlp.experts is not old and patched.model.layers[0].mlp.experts.limit == 0.3
+    stock.model.layers[0].mlp.experts.limit = 0.3
+    assert_runs_match(stock, patched, inputs(seq=10))
+    old.limit = 0.2  # linked again
+    assert patched.model.layers[0].mlp.experts.limit == 0.2

@@ -9,6 +9,12 @@ original's public plain attributes under their names (`top_k`, `norm_topk_prob`,
 `routed_scaling_factor`, `limit`, `config`, ...), which the replacement reads at each forward, never a copy
 taken at apply time: what a user reads back or sets on the module after apply() is what it computes with.
 revert() hands them back to the original.
+
+While the model is patched, the original module (detached from the model, but a user may hold a reference taken
+before apply()) is a view of its replacement (`link()`, class `_Detached`): its plain attributes are read from
+the replacement, and whatever is set or deleted on it is set or deleted on the replacement too. Without that,
+`g = model.model.layers[0].mlp.gate; apply(model); g.top_k = 3` changed only the detached object and the model
+kept routing top-2 (logits 1.4e-2 off stock, silently). One-way flow: the replacement holds the values.
 """
 from __future__ import annotations
 
@@ -83,6 +89,68 @@ def _unpickled(impl: type, original_cls: type):
     return cls.__new__(cls)
 
 
+# on a detached original while patched: its replacement (the live module)
+_LIVE = "_moe_patch_live"
+_STORES = ("_parameters", "_buffers", "_modules")
+
+
+class _Detached(nn.Module):
+    """The class of an original module while its replacement runs in the model (mixed before the family's class:
+    isinstance checks still hold; link() swaps it in, unlink() swaps the family's class back). Reads of the
+    module's plain attributes (the names in its own __dict__, and `training`) come from the replacement; a write
+    or delete (plain attribute, Parameter, buffer or child) is made on the original and on the replacement alike,
+    as it would be on a stock model, where both are one object. Parameters, buffers and children read by name
+    come from the replacement (one replaced on the model after apply(), e.g. load_state_dict(assign=True), is
+    what the model uses)."""
+
+    def __getattribute__(self, name):
+        own = object.__getattribute__(self, "__dict__")
+        live = own.get(_LIVE)
+        if live is not None and (name == "training" or name in own and name not in _MODULE_STATE and name != _LIVE):
+            values = live.__dict__
+            if name in values:
+                return values[name]
+        return object.__getattribute__(self, name)
+
+    def __getattr__(self, name):  # not an instance attribute: a Parameter, buffer or child
+        own = self.__dict__
+        live = own.get(_LIVE)
+        if live is not None:
+            for store in _STORES:
+                if name in own[store] and name in live.__dict__[store]:
+                    return live.__dict__[store][name]
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)  # the original keeps it too (nn.Module's checks run here first)
+        live = self.__dict__.get(_LIVE)
+        if live is not None and not name.startswith("__"):
+            setattr(live, name, value)
+
+    def __delattr__(self, name):
+        super().__delattr__(name)
+        live = self.__dict__.get(_LIVE)
+        if live is not None and not name.startswith("__") and (
+                name in live.__dict__ or any(name in live.__dict__[s] for s in _STORES)):
+            delattr(live, name)
+
+    def __reduce_ex__(self, protocol):
+        # the class is made at apply() time: pickle (torch.save / copy.deepcopy of a patched model) names the family's
+        return _unpickled_detached, (type(self).__bases__[1],), self.__getstate__()
+
+
+@lru_cache(maxsize=None)
+def _detached(original_cls: type) -> type:
+    # the family's class name: repr() and type(m).__name__ read as before
+    return type(original_cls.__name__, (_Detached, original_cls),
+                {"__module__": original_cls.__module__, "__qualname__": original_cls.__qualname__})
+
+
+def _unpickled_detached(original_cls: type):
+    cls = _detached(original_cls)
+    return cls.__new__(cls)
+
+
 class Replacement(nn.Module):
     kind: str = ""
 
@@ -94,7 +162,8 @@ class Replacement(nn.Module):
     @classmethod
     def build(cls, original: nn.Module, *args, **kwargs):
         """Construct the replacement for `original` (an instance of the original's class too)."""
-        return _combined(cls, type(original))(original, *args, **kwargs)
+        family = type(original).__bases__[1] if isinstance(original, _Detached) else type(original)
+        return _combined(cls, family)(original, *args, **kwargs)
 
     def __init__(self, original: nn.Module):
         nn.Module.__init__(self)  # not super(): the original class's __init__ must not run
@@ -106,7 +175,7 @@ class Replacement(nn.Module):
             self.add_module(name, child)
         self.training = original.training
         for name, value in vars(original).items():
-            if name not in _MODULE_STATE:
+            if name not in _MODULE_STATE and name != _LIVE:
                 self.__dict__[name] = value
         for name in _HOOK_DICTS:
             setattr(self, name, getattr(original, name))
@@ -117,8 +186,39 @@ class Replacement(nn.Module):
     def original(self) -> nn.Module:
         return self._moe_patch_original
 
+    def link(self) -> None:
+        """Make the original (detached from the model by the swap) a view of this replacement (class _Detached)."""
+        original = self.original
+        original.__dict__[_LIVE] = self
+        if not isinstance(original, _Detached):
+            object.__setattr__(original, "__class__", _detached(type(original)))
+
+    def unlink(self) -> None:
+        """The original is a module of its own again: its family's class, no moe_patch attribute."""
+        original = self.original
+        if isinstance(original, _Detached):
+            object.__setattr__(original, "__class__", type(original).__bases__[1])
+            original.__dict__.pop(_LIVE, None)
+
+    def take_back(self) -> None:
+        """The inverse of give_back() (swap.replan: patched again after an implementation switch): adopt the
+        original's current tensors, children, plain attributes (set on it while it ran in the model) and mode."""
+        original = self.original
+        for name, param in original._parameters.items():
+            self._parameters[name] = param
+        for name, buf in original._buffers.items():
+            self._buffers[name] = buf
+        for name, child in original._modules.items():
+            self._modules[name] = child
+        for name, value in vars(original).items():
+            if name not in _MODULE_STATE and name != _LIVE:
+                self.__dict__[name] = value
+        self.train(original.training)
+        self.link()
+
     def give_back(self) -> nn.Module:
         """Hand the (possibly moved, cast or re-wrapped) tensors back to the original module and return it."""
+        self.unlink()  # writes made through either object while patched are on this one: handed back below
         original = self.original
         for name in list(original._parameters):
             original._parameters[name] = self._parameters[name]
