@@ -47,8 +47,8 @@ def _inside_fully_shard_moe():
         _BY_FULLY_SHARD_MOE.reset(token)
 
 
-def refusal(path: str) -> MeshError:
-    return MeshError(f"{path}: torch's fully_shard on an expert-parallel model would take each rank's experts for "
+def refusal(path: str, api: str = "fully_shard") -> MeshError:
+    return MeshError(f"{path}: torch's {api} on an expert-parallel model would take each rank's experts for "
                      "replicas of one tensor and compute with a mix of them (wrong numbers); use "
                      "moe_patch.parallel.fsdp.fully_shard_moe(model, mesh) instead")
 
@@ -122,14 +122,19 @@ def _fsdp_state_init(wrapped, instance, args, kwargs):
     modules = args[0] if args else kwargs["modules"]
     found = None if _BY_FULLY_SHARD_MOE.get() else _unmanaged_ep_experts(modules)
     if found is not None:
+        # the API whose state this is: fully_shard, or replicate (torch's FSDP2-based replicate, whose state
+        # subclasses FSDPState); its registry item is keyed by that name
+        apis = {getattr(k, "__name__", None) for module in modules for key in module.__dict__
+                if key.startswith("__composable_api_state_key") for k, v in module.__dict__[key].items()
+                if v is instance} - {None} or {"fully_shard"}
         for module in modules:
             for key in [k for k in module.__dict__ if k.startswith("__composable_api_state_key")]:
-                entries = module.__dict__[key]  # {fully_shard: this state} and {"fully_shard": its registry item}
-                for k in [k for k, v in entries.items() if v is instance or k == "fully_shard"]:
+                entries = module.__dict__[key]  # {api: this state} and {"api": its registry item}
+                for k in [k for k, v in entries.items() if v is instance or k in apis]:
                     del entries[k]
                 if not entries:
                     del module.__dict__[key]
-        raise refusal(found[0])
+        raise refusal(found[0], "/".join(sorted(apis)))
     return wrapped(*args, **kwargs)
 
 
