@@ -196,6 +196,9 @@ def test_write_through_the_model_reads_back_on_a_reference_taken_before_apply():
     model.model.layers[0].mlp.gate.eval()
     assert (g.top_k, g.norm_topk_prob, norm.variance_epsilon, g.training) == (3, False, 0.25, False)
     assert isinstance(g, type(build("qwen3_moe").model.layers[0].mlp.gate))
+    # code branching on type(g) of the old reference takes the model's module for one of its kind, as before
+    assert isinstance(model.model.layers[0].mlp.gate, type(g)) and type(g).__name__ == "Qwen3MoeTopKRouter"
+    assert not isinstance(model.model.layers[0].input_layernorm, type(g))
     g.train()  # and through the old reference: the model's module follows
     assert model.model.layers[0].mlp.gate.training is True
     del g.norm_topk_prob  # a delete too

@@ -140,10 +140,27 @@ class _Detached(nn.Module):
 
 
 @lru_cache(maxsize=None)
+def _detached_meta(meta: type) -> type:
+    """A metaclass (derived from the family class's own) whose instance and subclass checks are the family class's:
+    code holding `type(g)` of a reference taken before apply() (isinstance(model_module, type(g))) branches as it
+    did, the replacement in the model being an instance of the family class, not of the detached one."""
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, cls._moe_patch_family)
+
+    def __subclasscheck__(cls, sub):
+        return issubclass(sub, cls._moe_patch_family)
+
+    return type(f"_Detached{meta.__name__}", (meta,), {"__instancecheck__": __instancecheck__,
+                                                       "__subclasscheck__": __subclasscheck__})
+
+
+@lru_cache(maxsize=None)
 def _detached(original_cls: type) -> type:
     # the family's class name: repr() and type(m).__name__ read as before
-    return type(original_cls.__name__, (_Detached, original_cls),
-                {"__module__": original_cls.__module__, "__qualname__": original_cls.__qualname__})
+    return _detached_meta(type(original_cls))(
+        original_cls.__name__, (_Detached, original_cls),
+        {"__module__": original_cls.__module__, "__qualname__": original_cls.__qualname__,
+         "_moe_patch_family": original_cls})
 
 
 def _unpickled_detached(original_cls: type):
