@@ -274,3 +274,53 @@ def test_experts_patched_again_after_a_switch_take_the_values_set_meanwhile():
     assert_runs_match(stock, patched, inputs(seq=10))
     old.limit = 0.2  # linked again
     assert patched.model.layers[0].mlp.experts.limit == 0.2
+
+
+def test_buffer_replaced_through_a_reference_taken_before_apply_is_what_the_model_runs():
+    """nn.Module's methods on the detached original (register_buffer of an existing name, to() / double(), which
+    put a new tensor in the module's store) act on the stores the model runs. Before, they changed only the
+    detached original's own store: DeepSeek-V3's router kept routing with the old e_score_correction_bias
+    (logits 9e-2 off stock, silently) and stayed float32 under g.double()."""
+    stock = build("deepseek_v3")
+    patched = copy.deepcopy(stock)
+    g = _sub(patched, "layers.1.mlp.gate")
+    moe_patch.apply(patched)
+    new = torch.randn(g.e_score_correction_bias.shape, generator=torch.Generator().manual_seed(4)) * 0.5
+    for m in (_sub(stock, "layers.1.mlp.gate"), g):
+        m.register_buffer("e_score_correction_bias", new.clone())
+    assert _sub(patched, "layers.1.mlp.gate").e_score_correction_bias is g.e_score_correction_bias
+    ids = inputs(seq=10)
+    assert_runs_match(stock, patched, ids)
+    g.double()
+    assert _sub(patched, "layers.1.mlp.gate").e_score_correction_bias.dtype == torch.float64
+    g.float()
+    moe_patch.revert(patched)
+    assert _sub(patched, "layers.1.mlp.gate") is g and torch.equal(g.e_score_correction_bias, new)
+    assert_runs_match(stock, patched, ids)
+
+
+def test_state_of_a_reference_taken_before_apply_is_the_models():
+    """state_dict() / named_parameters() of the detached original are the model's after load_state_dict(assign=True)
+    on the model (before: the stale Parameters, 0.67 off); a buffer or Parameter registered through it is in the
+    model's state_dict() (before: missing, and revert() raised KeyError); a plain attribute set through the model
+    reads back on it (before: AttributeError); type(g)(config) builds a module of the family's class."""
+    stock = build("qwen3_moe")
+    patched = copy.deepcopy(stock)
+    g = patched.model.layers[0].mlp.gate
+    family = type(g)
+    moe_patch.apply(patched)
+    ones = {k: torch.ones_like(v) for k, v in stock.state_dict().items()}
+    patched.load_state_dict(ones, assign=True)
+    assert torch.equal(g.state_dict()["weight"], torch.ones_like(g.weight))
+    assert all(p is patched.model.layers[0].mlp.gate.weight for _, p in g.named_parameters())
+    g.register_buffer("extra", torch.arange(3.0))
+    g.register_parameter("extra_p", torch.nn.Parameter(torch.ones(2)))
+    assert {"model.layers.0.mlp.gate.extra", "model.layers.0.mlp.gate.extra_p"} <= set(patched.state_dict())
+    patched.model.layers[0].mlp.gate.my_flag = 7
+    assert g.my_flag == 7 and not hasattr(g, "spec")  # (the replacement's own attribute: not the module's)
+    assert type(type(g)(stock.config)) is family
+    moe_patch.revert(patched)
+    assert type(g) is family and torch.equal(g.extra, torch.arange(3.0)) and g.my_flag == 7
+    assert not hasattr(g, "spec") and not [k for k in vars(g) if "moe_patch" in k]  # moe_patch's own: not handed back
+    assert {"model.layers.0.mlp.gate.extra", "model.layers.0.mlp.gate.extra_p"} <= set(patched.state_dict())
+    assert torch.equal(g.weight, torch.ones_like(g.weight))

@@ -92,47 +92,76 @@ def _unpickled(impl: type, original_cls: type):
 # on a detached original while patched: its replacement (the live module)
 _LIVE = "_moe_patch_live"
 _STORES = ("_parameters", "_buffers", "_modules")
+# read from the replacement while linked: the stores nn.Module's methods use
+_VIEWED = frozenset(_STORES) | {"_non_persistent_buffers_set"}
+_PRIVATE = "_moe_patch"
+# on a detached original while patched: the replacement's own attributes (not the family's), never read through
+_OWN = "_moe_patch_own"
+_MISSING = object()
+
+
+def _handed_back(name: str, original_dict: dict) -> bool:
+    """Whether the replacement's plain attribute `name` is one of the module's (not moe_patch's own)."""
+    if name in _MODULE_STATE or name.startswith(_PRIVATE):
+        return False
+    return name in original_dict or not name.startswith("_") and name not in original_dict.get(_OWN, ())
 
 
 class _Detached(nn.Module):
     """The class of an original module while its replacement runs in the model (mixed before the family's class:
     isinstance checks still hold; link() swaps it in, unlink() swaps the family's class back). Reads of the
     module's plain attributes (the names in its own __dict__, and `training`) come from the replacement; a write
-    or delete (plain attribute, Parameter, buffer or child) is made on the original and on the replacement alike,
-    as it would be on a stock model, where both are one object. Parameters, buffers and children read by name
-    come from the replacement (one replaced on the model after apply(), e.g. load_state_dict(assign=True), is
-    what the model uses)."""
+    or delete of a plain attribute is made on the original and on the replacement alike, as it would be on a
+    stock model, where both are one object. Its parameter, buffer and child stores (`_parameters`, `_buffers`,
+    `_modules`, `_non_persistent_buffers_set`) are the replacement's while linked: nn.Module's own methods on the
+    original (`to()` / `half()` / `float()`, which replace buffers in the store, `register_buffer`,
+    `state_dict()`, `named_parameters()`, `load_state_dict()`, ...) act on what the model runs, and a Parameter
+    replaced on the model after apply() (load_state_dict(assign=True)) is the one they see."""
 
     def __getattribute__(self, name):
         own = object.__getattribute__(self, "__dict__")
         live = own.get(_LIVE)
-        if live is not None and (name == "training" or name in own and name not in _MODULE_STATE and name != _LIVE):
-            values = live.__dict__
-            if name in values:
-                return values[name]
+        if live is not None:
+            if name in _VIEWED:
+                return live.__dict__[name]
+            if name == "training" or name in own and name not in _MODULE_STATE and name != _LIVE:
+                values = live.__dict__
+                if name in values:
+                    return values[name]
         return object.__getattribute__(self, name)
 
     def __getattr__(self, name):  # not an instance attribute: a Parameter, buffer or child
-        own = self.__dict__
-        live = own.get(_LIVE)
+        live = self.__dict__.get(_LIVE)
         if live is not None:
+            values = live.__dict__
             for store in _STORES:
-                if name in own[store] and name in live.__dict__[store]:
-                    return live.__dict__[store][name]
+                if name in values[store]:
+                    return values[store][name]
+            if name in values and _handed_back(name, self.__dict__):  # (not in own __dict__: a new name)
+                return values[name]  # a plain attribute set through the model since apply()
         return super().__getattr__(name)
 
     def __setattr__(self, name, value):
-        super().__setattr__(name, value)  # the original keeps it too (nn.Module's checks run here first)
         live = self.__dict__.get(_LIVE)
-        if live is not None and not name.startswith("__"):
-            setattr(live, name, value)
+        if live is None or name.startswith("__"):
+            return super().__setattr__(name, value)
+        setattr(live, name, value)  # nn.Module's checks run here, on the stores the model uses
+        own = self.__dict__
+        if name in live.__dict__:  # a plain attribute: the original holds the name too (read through above)
+            own[name] = value
+        else:  # a Parameter, buffer or child: in the (shared) stores only
+            own.pop(name, None)
 
     def __delattr__(self, name):
-        super().__delattr__(name)
         live = self.__dict__.get(_LIVE)
-        if live is not None and not name.startswith("__") and (
-                name in live.__dict__ or any(name in live.__dict__[s] for s in _STORES)):
+        if live is None or name.startswith("__"):
+            return super().__delattr__(name)
+        own = self.__dict__
+        mine = own.pop(name, _MISSING) is not _MISSING and name not in _MODULE_STATE
+        if name in live.__dict__ or any(name in live.__dict__[s] for s in _STORES):
             delattr(live, name)
+        elif not mine:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __reduce_ex__(self, protocol):
         # the class is made at apply() time: pickle (torch.save / copy.deepcopy of a patched model) names the family's
@@ -150,8 +179,12 @@ def _detached_meta(meta: type) -> type:
     def __subclasscheck__(cls, sub):
         return issubclass(sub, cls._moe_patch_family)
 
+    def __call__(cls, *args, **kwargs):  # type(g)(config): a new module of the family's class, as on stock
+        return cls._moe_patch_family(*args, **kwargs)
+
     return type(f"_Detached{meta.__name__}", (meta,), {"__instancecheck__": __instancecheck__,
-                                                       "__subclasscheck__": __subclasscheck__})
+                                                       "__subclasscheck__": __subclasscheck__,
+                                                       "__call__": __call__})
 
 
 @lru_cache(maxsize=None)
@@ -192,7 +225,7 @@ class Replacement(nn.Module):
             self.add_module(name, child)
         self.training = original.training
         for name, value in vars(original).items():
-            if name not in _MODULE_STATE and name != _LIVE:
+            if name not in _MODULE_STATE and not name.startswith(_PRIVATE):
                 self.__dict__[name] = value
         for name in _HOOK_DICTS:
             setattr(self, name, getattr(original, name))
@@ -207,6 +240,7 @@ class Replacement(nn.Module):
         """Make the original (detached from the model by the swap) a view of this replacement (class _Detached)."""
         original = self.original
         original.__dict__[_LIVE] = self
+        original.__dict__[_OWN] = frozenset(n for n in vars(self) if n not in vars(original))
         if not isinstance(original, _Detached):
             object.__setattr__(original, "__class__", _detached(type(original)))
 
@@ -216,6 +250,7 @@ class Replacement(nn.Module):
         if isinstance(original, _Detached):
             object.__setattr__(original, "__class__", type(original).__bases__[1])
             original.__dict__.pop(_LIVE, None)
+            original.__dict__.pop(_OWN, None)
 
     def take_back(self) -> None:
         """The inverse of give_back() (swap.replan: patched again after an implementation switch): adopt the
@@ -228,24 +263,25 @@ class Replacement(nn.Module):
         for name, child in original._modules.items():
             self._modules[name] = child
         for name, value in vars(original).items():
-            if name not in _MODULE_STATE and name != _LIVE:
+            if name not in _MODULE_STATE and not name.startswith(_PRIVATE):
                 self.__dict__[name] = value
         self.train(original.training)
         self.link()
 
     def give_back(self) -> nn.Module:
         """Hand the (possibly moved, cast or re-wrapped) tensors back to the original module and return it."""
-        self.unlink()  # writes made through either object while patched are on this one: handed back below
         original = self.original
-        for name in list(original._parameters):
-            original._parameters[name] = self._parameters[name]
-        for name in list(original._buffers):
-            original._buffers[name] = self._buffers[name]
-        for name in list(original._modules):
-            original._modules[name] = self._modules[name]
-        for name in list(vars(original)):  # attributes set on the module while patched
-            if name not in _MODULE_STATE and name in self.__dict__:
-                original.__dict__[name] = self.__dict__[name]
+        linked = dict(vars(original))  # (its names and _OWN, before unlink() drops the link)
+        self.unlink()  # writes made through either object while patched are on this one: handed back below
+        # the stores as the model has them now: Parameters / buffers / children replaced, added or removed since
+        # apply(), through the model or through a reference to the original (whose stores were these while linked)
+        for name in _VIEWED:
+            store = original.__dict__[name]
+            store.clear()
+            store.update(self.__dict__[name])
+        for name, value in vars(self).items():  # attributes set on the module while patched (through either)
+            if _handed_back(name, linked):
+                original.__dict__[name] = value
         original.train(self.training)
         return original
 
