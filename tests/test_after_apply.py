@@ -280,7 +280,7 @@ def test_buffer_replaced_through_a_reference_taken_before_apply_is_what_the_mode
     """nn.Module's methods on the detached original (register_buffer of an existing name, to() / double(), which
     put a new tensor in the module's store) act on the stores the model runs. Before, they changed only the
     detached original's own store: DeepSeek-V3's router kept routing with the old e_score_correction_bias
-    (logits 9e-2 off stock, silently) and stayed float32 under g.double()."""
+    (logits 1.5e-1 off stock, silently) and stayed float32 under g.double()."""
     stock = build("deepseek_v3")
     patched = copy.deepcopy(stock)
     g = _sub(patched, "layers.1.mlp.gate")
