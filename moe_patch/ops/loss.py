@@ -4,9 +4,9 @@ The causal-LM's forward gets an instance-level wrapper (the class is untouched; 
 When the model is training and `labels` are given, the wrapper runs the model's own forward with
 logits_to_keep=1 (so the stock lm_head sees one position) and answers its `self.loss_function(...)` call
 from the decoder's last hidden state (captured by a hook) and lm_head's weight:
-  torch backend: large chunks of rows (1 to 4 GiB of logits each, by the GPU's memory: chunk_bytes), gradients computed in the forward
-    (_ChunkedLinearCrossEntropy); each chunk's softmax gradient is a torch.compile'd function, or on a GPU
-    with Liger-Kernel installed Liger's cross-entropy kernel, once proven equal to it there;
+  torch backend: large chunks of rows (1 to 4 GiB of logits each, by the GPU's memory: chunk_bytes), gradients
+    computed in the forward (_ChunkedLinearCrossEntropy); each chunk's softmax gradient is a torch.compile'd
+    function, or on a GPU with Liger-Kernel installed Liger's cross-entropy kernel, once proven equal to it there;
   liger backend: Liger-Kernel's fused linear cross-entropy (Triton; small chunks, so its weight-gradient
   accumulation dominates at large vocabularies).
 Both follow Transformers' ForCausalLMLoss exactly: labels shifted by one, ignore_index, logits upcast to
@@ -36,10 +36,11 @@ IGNORE = -100
 # accumulation (a read and write of the whole [vocab, hidden] gradient per chunk) to a handful of passes and the
 # input-gradient GEMM ([rows, hidden] out) at several waves of tiles; small ones keep the transient logits and
 # their gradient small. CHUNK_BYTES is the floor (and the cap off CUDA); on a GPU the cap grows with its memory,
-# 1/32 of it up to MAX_CHUNK_BYTES. Measured on an H200 (143 GB: 4 GiB chunks), the fused loss forward +
-# backward (benchmarks/loss_chunks.py, bf16): GPT-OSS-20B's head (vocab 201,088, hidden 2,880, 8,192 rows)
-# 46.5 -> 44.3 ms (one chunk instead of four), Qwen3-30B-A3B's (151,936 x 2,048, 16,384 rows) 50.8 -> 48.2 ms,
-# for 1.5 / 2.8 GiB more transient memory; deepseek-v3-style's (102,400 x 2,048) unchanged (32.5 ms).
+# 1/32 of it up to MAX_CHUNK_BYTES. Measured on an H200 (139 GiB: 4 GiB chunks), the fused loss forward +
+# backward (benchmarks/loss_chunks.py, bf16, two runs): GPT-OSS-20B's head (vocab 201,088, hidden 2,880, 8,192
+# rows) 46.2-46.5 -> 44.3-44.9 ms (one chunk instead of four), Qwen3-30B-A3B's (151,936 x 2,048, 16,384 rows)
+# 48.7-50.8 -> 47.8-48.2 ms, for 1.5 / 2.8 GiB more transient memory; deepseek-v3-style's (102,400 x 2,048)
+# no gain (32.4-32.5 -> 32.5-33.1 ms).
 CHUNK_BYTES = 1 << 30
 MAX_CHUNK_BYTES = 4 << 30
 

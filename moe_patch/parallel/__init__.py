@@ -26,3 +26,20 @@ def when_imported(module_name: str, fn) -> None:
     wrapt.register_post_import_hook(fn, module_name)
     _HOOKED.add((module_name, fn))
 
+
+def wrap_once(owner, path: str, wrapper) -> None:
+    """wrapt.wrap_function_wrapper(owner, path, wrapper) (path "Class.method" or "function"), once per process: the
+    wrapped function is marked, and a second call, or one for a path `owner` does not have, changes nothing
+    (shard.py: DDP's __init__; fsdp.py: FSDPState.init; lora.py: PEFT's ParamWrapper.update_layer)."""
+    target = owner
+    for part in path.split("."):
+        target = getattr(target, part, None)
+        if target is None or getattr(target, "_moe_patch", False):
+            return
+    import wrapt
+
+    wrapt.wrap_function_wrapper(owner, path, wrapper)
+    target = owner
+    for part in path.split("."):
+        target = getattr(target, part)
+    target._moe_patch = True

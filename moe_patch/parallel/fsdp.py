@@ -146,13 +146,9 @@ def install_refusal():
         from torch.distributed.fsdp._fully_shard import _fsdp_state
     except ImportError:  # a torch that moved its private module: GroupedExperts.forward still refuses, at the call
         return
-    init = getattr(_fsdp_state.FSDPState, "init", None)
-    if init is None or getattr(init, "_moe_patch", False):
-        return
-    import wrapt
+    from . import wrap_once
 
-    wrapt.wrap_function_wrapper(_fsdp_state, "FSDPState.init", _fsdp_state_init)
-    _fsdp_state.FSDPState.init._moe_patch = True
+    wrap_once(_fsdp_state, "FSDPState.init", _fsdp_state_init)
 
 
 def _as_ep_dtensors(experts, ep_mesh) -> set:

@@ -95,11 +95,9 @@ def _update_layer(wrapped, instance, args, kwargs):
 
 
 def _wrap(module) -> None:
-    import wrapt
+    from . import wrap_once
 
-    if hasattr(module, "ParamWrapper") and not getattr(module.ParamWrapper.update_layer, "_moe_patch", False):
-        wrapt.wrap_function_wrapper(module, "ParamWrapper.update_layer", _update_layer)
-        module.ParamWrapper.update_layer._moe_patch = True
+    wrap_once(module, "ParamWrapper.update_layer", _update_layer)
 
 
 def install() -> None:

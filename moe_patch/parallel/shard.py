@@ -209,12 +209,9 @@ def _install_ddp_ignore():
     """Wrap DistributedDataParallel.__init__ (wrapt, once per process) with _ddp_init."""
     from torch.nn.parallel import distributed
 
-    if getattr(distributed.DistributedDataParallel.__init__, "_moe_patch", False):
-        return
-    import wrapt
+    from . import wrap_once
 
-    wrapt.wrap_function_wrapper(distributed, "DistributedDataParallel.__init__", _ddp_init)
-    distributed.DistributedDataParallel.__init__._moe_patch = True
+    wrap_once(distributed, "DistributedDataParallel.__init__", _ddp_init)
 
 
 def gather_experts(local, group, size, num_global=None):
