@@ -34,6 +34,7 @@ recipe, every weight quantised once per optimizer step; experts bf16) | patched-
 with MOE_PATCH_FP8_EXPERTS=1: the experts' forward and input-gradient grouped GEMMs in FP8 rowwise too) |
 patched-fp8-current-percall (fp8="current", but TE's linear layers quantise their weight at every forward: what
 deriving is_first_microbatch saves) |
+patched-nofusedmlp (MOE_PATCH_FUSED_MLP=0: declared gated MLPs keep the family's silu(gate) * up) |
 patched-eager (MOE_PATCH_COMPILE=0: moe_patch's compiled helpers, the loss' gradient scaling and, where
 Liger's kernel is not used, its softmax-gradient step, run eagerly) | patched-tuned (MOE_PATCH_TUNED_GEMM=1: the
 experts' grouped GEMMs on inductor's autotuned kernels; the tuning runs in the warm-up steps and takes minutes the
@@ -60,6 +61,10 @@ BEST_ATTENTION = {"gpt_oss": "flex_attention"}
 # mamba-ssm installed
 MAMBA_FAMILIES = {"nemotron_h": ("transformers.models.nemotron_h.modeling_nemotron_h", "mamba2_chunk_scan")}
 MAMBA_LIBRARIES = ("mamba_ssm", "causal_conv1d")
+
+
+# variant -> environment its process runs with (the moe_patch switch it measures)
+VARIANT_ENV = {"patched-eager": {"MOE_PATCH_COMPILE": "0"}, "patched-nofusedmlp": {"MOE_PATCH_FUSED_MLP": "0"}}
 
 
 def mamba_installed() -> bool:
@@ -266,7 +271,7 @@ def median_runs(runs: list) -> list:
 def run_child(variant: str, extra: list) -> dict:
     """One variant in its own process (a fresh CUDA context and allocator); extra overrides the arguments."""
     cmd = [sys.executable, __file__, *sys.argv[1:], *extra, "--child", variant]
-    env = dict(os.environ, **({"MOE_PATCH_COMPILE": "0"} if variant == "patched-eager" else {}))
+    env = dict(os.environ, **VARIANT_ENV.get(variant, {}))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode != 0 or not line:

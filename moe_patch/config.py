@@ -10,7 +10,7 @@ MOE_PATCH_QUIET=1                 auto-patching does not print its one line per 
 MOE_PATCH_COMPILE=0               keep the small torch.compile'd helpers eager (ops/compiled.py)
 MOE_PATCH_FP8_EXPERTS=1           under fp8="current" the experts' grouped GEMMs run FP8 too (opt-in: slower on H200)
 MOE_PATCH_FUSED_MLA=0             DeepSeek-V3's MLA q/k/v assembly back on the family's code (on by default)
-MOE_PATCH_FUSED_MLP=1             declared gated MLPs with silu(gate)*up compiled (opt-in: not measured alone)
+MOE_PATCH_FUSED_MLP=0             declared gated MLPs keep the family's silu(gate)*up (on by default: compiled)
 MOE_PATCH_CUDNN_SINKS=1           sink attention's full layers (bf16/fp16) on cuDNN's attention (opt-in: see its note)
 MOE_PATCH_TUNED_GEMM=1            the experts' grouped GEMMs on inductor's autotuned kernels (opt-in: ops/tuned_gemm.py)
 
@@ -54,7 +54,7 @@ VARIABLES = {
     "MOE_PATCH_EP": "expert-parallel size when auto-patching under torchrun",
     "MOE_PATCH_FP8_EXPERTS": "1: under fp8='current' the experts' GEMMs run FP8 too (measured slower on H200)",
     "MOE_PATCH_FUSED_MLA": "0: DeepSeek-V3's MLA q/k/v assembly stays the family's (default: compiled kernels)",
-    "MOE_PATCH_FUSED_MLP": "1: gated MLPs declared in patches/ run silu(gate)*up compiled (opt-in: not measured alone)",
+    "MOE_PATCH_FUSED_MLP": "0: gated MLPs declared in patches/ keep the family's silu(gate)*up (default: compiled kernels)",
     "MOE_PATCH_CUDNN_SINKS": "1: sink attention's full causal layers run cuDNN's attention (opt-in: q/k gradient error)",
     "MOE_PATCH_TUNED_GEMM": "1: the experts' grouped GEMMs on inductor's autotuned kernels (opt-in: minutes of tuning)",
 }
@@ -136,7 +136,7 @@ OPTION_VARIABLES = {"MOE_PATCH_DISABLE": _disable, "MOE_PATCH_SKIP": _skip, "MOE
 READERS = {"MOE_PATCH": enabled, "MOE_PATCH_QUIET": quiet,
            "MOE_PATCH_FP8_EXPERTS": lambda: flag("MOE_PATCH_FP8_EXPERTS"),
            "MOE_PATCH_FUSED_MLA": lambda: flag("MOE_PATCH_FUSED_MLA", default=True),
-           "MOE_PATCH_FUSED_MLP": lambda: flag("MOE_PATCH_FUSED_MLP"),
+           "MOE_PATCH_FUSED_MLP": lambda: flag("MOE_PATCH_FUSED_MLP", default=True),
            "MOE_PATCH_CUDNN_SINKS": lambda: flag("MOE_PATCH_CUDNN_SINKS"),
            "MOE_PATCH_TUNED_GEMM": lambda: flag("MOE_PATCH_TUNED_GEMM"), **OPTION_VARIABLES}
 

@@ -507,8 +507,8 @@ def _plan_mamba(module, row, plan) -> None:
 def _plan_mlp(module, row, plan) -> None:
     """A gated MLP a family declares (patches/: MLP): GatedMLP where proven equal to the module on its device
     (fp32 and bf16, outputs and input gradients, the module's widths); its projections stay its own children."""
-    if not config.flag(mlp.OPT_IN):
-        row.reason = f"opt-in ({mlp.OPT_IN}=1): {mlp.NAME} is proven equal but not measured faster"
+    if not config.flag(mlp.SWITCH, default=True):
+        row.reason = f"{mlp.SWITCH}=0: the family's module kept"
         return
     why = mlp.why_not(module)
     if why is None:

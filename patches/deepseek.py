@@ -7,7 +7,7 @@ RMSNORM = {"DeepseekV3RMSNorm": "scale", "Glm4MoeRMSNorm": "scale", "NemotronHRM
 ROUTER = {"DeepseekV3TopkRouter": _SIGMOID_GROUPED, "Glm4MoeTopkRouter": _SIGMOID_GROUPED,
           "NemotronHTopkRouter": _SIGMOID_GROUPED}
 # The dense layers' MLP and the shared experts: silu(gate) * up in one compiled kernel each way (moe_patch/ops/mlp.py;
-# opt-in, MOE_PATCH_FUSED_MLP=1).
+# MOE_PATCH_FUSED_MLP=0 turns it off).
 MLP = {"DeepseekV3MLP": "silu"}
 # Multi-head latent attention: the RoPE of the rotary columns, the query / key cats and the value split between the
 # projections and SDPA, fused (moe_patch/ops/mla.py; MOE_PATCH_FUSED_MLA=0 turns it off). Only classes whose forward is

@@ -10,12 +10,6 @@ from moe_patch.ops import mlp
 from util import assert_runs_match, build, rel_err
 
 
-@pytest.fixture(autouse=True)
-def opted_in(monkeypatch):
-    """GatedMLP is opt-in (not measured faster on its own yet): these tests turn it on."""
-    monkeypatch.setenv(mlp.OPT_IN, "1")
-
-
 def _pair():
     stock = build("deepseek_v3")
     patched = moe_patch.apply(copy.deepcopy(stock))
@@ -80,11 +74,11 @@ def test_a_wrong_kernel_is_refused(monkeypatch):
     assert rows and all(r.status == "skipped" and "not proven equal" in r.reason for r in rows), rows
 
 
-def test_off_by_default_with_the_reason(monkeypatch):
-    monkeypatch.delenv(mlp.OPT_IN)
+def test_switched_off_with_the_reason(monkeypatch):
+    monkeypatch.setenv(mlp.SWITCH, "0")
     patched = moe_patch.apply(build("deepseek_v3"))
     rows = list(moe_patch.report(patched).where(kind="mlp"))
-    assert rows and all(r.status == "skipped" and mlp.OPT_IN in r.reason for r in rows), rows
+    assert rows and all(r.status == "skipped" and r.reason.startswith(f"{mlp.SWITCH}=0") for r in rows), rows
     assert not any(isinstance(m, mlp.GatedMLP) for m in patched.modules())
 
 
