@@ -109,6 +109,32 @@ def timed_steps(model, opt, ids, warmup: int, steps: int, sync_phases: bool = Fa
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
 
 
+def largest_fitting_batch(model, opt, vocab: int, seq: int, start: int, limit: int) -> int:
+    """The largest micro-batch in start + 1 .. limit for which one more training step (forward, backward, optimizer
+    step, on random tokens of that many rows of `seq`) runs without a CUDA out-of-memory error, trying upwards and
+    stopping at the first that does not fit; `start` if none does. Run after the timed steps, so the optimizer's
+    state is already allocated as in training. One step per size: allocator fragmentation over a long run can
+    make a size that passed here fail later, so read it as an upper bound."""
+    import torch
+
+    fits = start
+    for batch in range(start + 1, limit + 1):
+        try:
+            ids = torch.randint(0, vocab, (batch, seq), device="cuda")
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            ids = None
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        fits = batch
+    return fits
+
+
 def profile_step(model, opt, ids, rows: int, trace: str | None = None) -> str:
     """One more training step under torch.profiler: the top `rows` GPU kernels by total time, where the
     step's GPU time goes (kernel_breakdown), and with `trace` a Chrome trace of the step (CPU ops too:

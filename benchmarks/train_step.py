@@ -117,7 +117,7 @@ def child(args) -> dict:
     from transformers.utils import logging as hf_logging
 
     from moe_patch.shapes import named_config
-    from steps import format_timeline, layer_timeline, profile_step, timed_steps
+    from steps import format_timeline, largest_fitting_batch, layer_timeline, profile_step, timed_steps
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -183,6 +183,9 @@ def child(args) -> dict:
         ids = ids if args.grad_accum == 1 else ids[0]
         info["timeline"] = layer_timeline(model, opt, ids, args.timeline)
         print(format_timeline(info["timeline"]), file=sys.stderr)
+    if args.fit:  # last: the larger steps change the weights and the allocator's state
+        info["fits_batch"] = largest_fitting_batch(model, opt, config.vocab_size, args.seq, args.batch,
+                                                   args.fit * args.batch)
     flops = (6 * active_params(model, config) + attention_flops_per_token(config, args.seq)) * tokens
     if args.child.startswith("patched") and config.model_type in MAMBA_FAMILIES:
         from moe_patch.ops import mamba_ssd
@@ -224,6 +227,9 @@ def main():
                         help="patched-tuned only: narrow inductor's grouped-GEMM search to N Triton configurations "
                              "(grouped_gemm.narrow_search: a private torch list, for a quicker first step; 0: torch's "
                              "own search, what a user gets)")
+    parser.add_argument("--fit", type=int, default=0,
+                        help="after the timed steps, find each variant's largest micro-batch up to FIT x --batch that "
+                             "runs a training step (steps.largest_fitting_batch): the table's 'fits' column")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -284,25 +290,35 @@ def sweep(args):
     from moe_patch.shapes import NAMED
 
     names = list(SWEEP) if args.shapes == "all" else args.shapes.split(",")
-    results = []
+    results = []  # one row per (shape, variant): its median run over the rounds
     for name in names:
         layers, batch = SWEEP[name]
         model_type = NAMED[name][0]
         variants = (["stock-nomamba"] if model_type in MAMBA_FAMILIES and mamba_installed() else []) + ["stock"] + \
             (["stock-best"] if model_type in BEST_ATTENTION else []) + ["patched"]
-        for variant in variants:
-            extra = ["--shape", name, "--layers", str(layers), "--batch", str(batch)]
-            if variant != "patched":
-                extra += ["--profile", "0"]  # --profile: where the patched step's time goes
-            r = run_child(variant, extra)
-            r.setdefault("shape", name)
-            profile = r.pop("stderr", "")
-            results.append(r)
-            print(json.dumps({k: r.get(k) for k in ("shape", "variant", "tokens_per_s", "peak_gib", "error")}),
-                  flush=True)
-            if args.profile and variant == "patched" and "error" not in r:
-                print(f"--- {name} {variant}: GPU kernels of one step\n{profile}", flush=True)
-            write_results(args, results)  # after every child: a run cut short keeps what it measured
+        runs = []  # this shape's runs, interleaved over the rounds (a, b, c, a, b, c, ...)
+        for round_ in range(max(1, args.rounds)):
+            for variant in variants:
+                extra = ["--shape", name, "--layers", str(layers), "--batch", str(batch)]
+                if variant != "patched" or round_:
+                    extra += ["--profile", "0"]  # --profile: where the patched step's time goes (its first run)
+                if round_:
+                    extra += ["--fit", "0"]  # the largest micro-batch: found in the first round
+                r = run_child(variant, extra)
+                r.setdefault("shape", name)
+                profile = r.pop("stderr", "")
+                runs.append((variant, r))
+                print(json.dumps({k: r.get(k) for k in ("shape", "variant", "tokens_per_s", "peak_gib", "fits_batch",
+                                                        "error")}), flush=True)
+                if args.profile and variant == "patched" and not round_ and "error" not in r:
+                    print(f"--- {name} {variant}: GPU kernels of one step\n{profile}", flush=True)
+                shape_rows = median_runs(runs)
+                for row in shape_rows:  # the fit ran in the first round only
+                    first = next((x for v, x in runs if v == row["variant"]), {})
+                    if "fits_batch" in first:
+                        row["fits_batch"] = first["fits_batch"]
+                write_results(args, results + shape_rows)  # after every child: a run cut short keeps what it measured
+        results += shape_rows
     print_sweep(results, args)
     write_results(args, results, sweep_chart)
 
@@ -312,7 +328,7 @@ def print_sweep(results, args):
     print(f"\nseq {args.seq}, bf16, fused AdamW, {args.steps} timed steps after {args.warmup} "
           f"({ok[0]['gpu'] if ok else '?'}); speed-up and memory against stock's best attention for the family")
     head = f"{'shape (layers)':<28} {'mb':>3} {'variant':<13} {'attention':<15} {'scan':<10} {'tokens/s':>9} " \
-           f"{'TFLOP/s':>8} {'peak GiB':>9} {'speed-up':>8} {'memory':>7} {'vs default':>10}"
+           f"{'TFLOP/s':>8} {'peak GiB':>9} {'speed-up':>8} {'memory':>7} {'vs default':>10} {'fits mb':>7}"
     print(head + "\n" + "-" * len(head))
     for r in results:
         same = [x for x in ok if x["shape"] == r["shape"]]
@@ -326,9 +342,16 @@ def print_sweep(results, args):
         mem = r["peak_gib"] / best["peak_gib"] if best else float("nan")
         vs_default = r["tokens_per_s"] / default["tokens_per_s"] if default else float("nan")
         scan = (r.get("scan") or "-").split(" (")[0]
+        fits = r.get("fits_batch")
+        fits = "" if fits is None else f"{'>=' if fits == args.fit * r['batch'] else ''}{fits}"
         print(f"{label:<28} {r['batch']:>3} {r['variant']:<13} {r['attention']:<15} {scan:<10} "
               f"{r['tokens_per_s']:>9,.0f} {r['tflops']:>8.0f} {r['peak_gib']:>9.1f} {up:>7.2f}x {mem:>6.2f}x "
-              f"{vs_default:>9.2f}x")
+              f"{vs_default:>9.2f}x {fits:>7}")
+    for r in ok:
+        rounds = r.get("round_tokens_per_s", [])
+        if len(rounds) > 1:
+            print(f"{r['shape']:<22} {r['variant']:<13} runs " + ", ".join(f"{x:,.0f}" for x in rounds) +
+                  f" tokens/s (spread {max(rounds) / min(rounds) - 1:.1%}; the row is the median run)")
     for r in ok:
         stock = next((x for x in ok if x["shape"] == r["shape"] and x["variant"] == "stock"), None)
         diff = f"  (max |loss - stock| over {len(r['losses'])} steps: " \
