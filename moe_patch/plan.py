@@ -240,23 +240,16 @@ def _propose_router(module, backend, opts):
     if spec is None:
         return None, "", f"no router spec for {name} in patches/: stock router kept"
     key = repr(sorted(spec.items()))
-    device = _device(module)
-    # float32 logits from a float32 weight kept in a bfloat16 model (DeepSeek-V3's `_keep_in_fp32_modules_strict`):
-    # on CUDA its GEMMs run as bf16 terms (ops/bf16x3_linear.py), so that case is proven as it runs, too
-    mixed = torch.bfloat16 if (spec.get("fp32_logits") and device.type == "cuda"
-                               and module.weight.dtype == torch.float32) else None
     why_not_te = ""
     if backend == "te":  # TE's fused kernel, proven on the GPU against the family's router
         why = probe.proven_equal(module, lambda m: router.TERouter.build(m, spec), module.weight.shape[1],
-                                 ("te router", key), device=device, canon=router.canonical,
-                                 rows=router.untied_rows, mixed_input=mixed)
+                                 ("te router", key), device=_device(module), canon=router.canonical,
+                                 rows=router.untied_rows)
         if why is None:
             return (lambda m: router.TERouter.build(m, spec)), f"TERouter({spec['score']}, fused)", ""
         why_not_te = f"TE fused router not proven equal: {why}"
-    # on the module's device: on CUDA the fp32_logits GEMMs take bf16 terms there, not on CPU
     why = probe.proven_equal(module, lambda m: router.TopKRouter.build(m, spec), module.weight.shape[1],
-                             ("router", key), device=device, canon=router.canonical, mixed_input=mixed,
-                             rows=router.untied_rows if device.type == "cuda" else None)
+                             ("router", key), canon=router.canonical)
     if why is not None:
         return None, "", "; ".join(r for r in (why_not_te, f"router spec not proven equal: {why}") if r)
     return (lambda m: router.TopKRouter.build(m, spec)), f"TopKRouter({spec['score']})", why_not_te

@@ -28,14 +28,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _fresh_copy(module: nn.Module, dtype, device="cpu") -> nn.Module:
-    """A copy with fresh random values, on `device`, every floating tensor in `dtype` (None: each keeps its own)."""
     clone = copy.deepcopy(module).to_empty(device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for t in list(clone.parameters()) + list(clone.buffers()):
             if t.is_floating_point():
                 t.copy_(torch.randn(t.shape, generator=g) * 0.5 + 0.1)
-    return clone.to(device=device) if dtype is None else clone.to(device=device, dtype=dtype)
+    return clone.to(device=device, dtype=dtype)
 
 
 def _outputs(result):
@@ -50,29 +49,18 @@ def single_input(module: nn.Module) -> bool:
     return len(required) == 1 and len(extra) == 1
 
 
-def _case(own, dtype) -> str:
-    return str(dtype) if own is not None else f"{str(dtype).replace('torch.', '')} inputs, module's own dtypes"
-
-
 def proven_equal(module: nn.Module, factory, in_features: int, key, device="cpu", canon=None,
-                 rows=None, mixed_input=None) -> str | None:
+                 rows=None) -> str | None:
     """None if factory(copy) matches copy on random inputs, else the reason it does not. GPU kernels are
     proven on `device`; `canon` maps both output lists to a canonical form first (e.g. router pairs);
-    `rows(copy, x)` keeps the input rows on which the result is unique (a router's top-k without a tie).
-    Cases: the copy and its inputs in float32, then in bfloat16; with `mixed_input` (a dtype) also the copy with
-    each tensor in the module's own dtype and inputs in `mixed_input`, at that dtype's tolerances: a module a
-    bfloat16 model keeps in float32 (DeepSeek-V3's router weight, `_keep_in_fp32_modules_strict`), as it runs."""
-    cache_key = (type(module), key, str(device), str(mixed_input),
-                 tuple(sorted({str(t.dtype) for t in module.parameters()})) if mixed_input is not None else ())
+    `rows(copy, x)` keeps the input rows on which the result is unique (a router's top-k without a tie)."""
+    cache_key = (type(module), key, str(device))
     if cache_key in _CACHE:
         return _CACHE[cache_key]
     reason = None
-    cases = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
-    if mixed_input is not None:
-        cases.append((None, mixed_input))  # (the copy's dtype, None: its own; the inputs' dtype)
     try:
-        for own, dtype in cases:
-            stock = _fresh_copy(module, own, device)
+        for dtype in (torch.float32, torch.bfloat16):
+            stock = _fresh_copy(module, dtype, device)
             new = factory(stock)  # adopts the copy's weights: same weights on both sides
             x = torch.randn(64 if rows else 10, in_features, generator=torch.Generator().manual_seed(1))
             x = x.to(device, dtype)
@@ -80,23 +68,23 @@ def proven_equal(module: nn.Module, factory, in_features: int, key, device="cpu"
                 with torch.no_grad():
                     x = x[rows(stock, x)][:10]
                 if len(x) < 10:
-                    reason = f"too few probe rows with a unique result ({len(x)} of 64, {_case(own, dtype)})"
+                    reason = f"too few probe rows with a unique result ({len(x)} of 64, {dtype})"
                     break
             x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
             a, b = _outputs(stock(x1)), _outputs(new(x2))
             if canon is not None and len(a) == len(b):
                 a, b = canon(a), canon(b)
             if len(a) != len(b) or any(p.dtype != q.dtype or p.shape != q.shape for p, q in zip(a, b)):
-                reason = f"outputs differ in number, dtype or shape ({_case(own, dtype)})"
+                reason = f"outputs differ in number, dtype or shape ({dtype})"
                 break
             for p, q in zip(a, b):
                 if not p.is_floating_point():
                     if not torch.equal(p, q):
-                        reason = f"integer outputs differ ({_case(own, dtype)})"
+                        reason = f"integer outputs differ ({dtype})"
                     continue
                 err = rel_err(q, p)
                 if err > TOL[dtype]:
-                    reason = f"output rel. error {err:.1e} > {TOL[dtype]:.0e} ({_case(own, dtype)})"
+                    reason = f"output rel. error {err:.1e} > {TOL[dtype]:.0e} ({dtype})"
             if reason:
                 break
             loss_a = sum((t.float() * 0.37).sum() for t in a if t.is_floating_point())
@@ -105,7 +93,7 @@ def proven_equal(module: nn.Module, factory, in_features: int, key, device="cpu"
             (gb,) = torch.autograd.grad(loss_b, x2)
             err = rel_err(gb, ga)
             if err > GRAD_TOL[dtype]:
-                reason = f"input-gradient rel. error {err:.1e} ({_case(own, dtype)})"
+                reason = f"input-gradient rel. error {err:.1e} ({dtype})"
                 break
     except Exception as exc:  # a probe must never take the host program down: report it instead
         reason = f"probe failed: {type(exc).__name__}: {exc}"
