@@ -117,20 +117,23 @@ def largest_fitting_batch(model, opt, vocab: int, seq: int, start: int, limit: i
     make a size that passed here fail later, so read it as an upper bound."""
     import torch
 
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
     fits = start
     for batch in range(start + 1, limit + 1):
         try:
-            ids = torch.randint(0, vocab, (batch, seq), device="cuda")
+            ids = torch.randint(0, vocab, (batch, seq), device=device)
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
         except torch.cuda.OutOfMemoryError:
             break
         finally:
             ids = None
             opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
         fits = batch
     return fits
 

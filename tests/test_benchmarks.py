@@ -226,3 +226,66 @@ def test_tune_search_narrows_inductors_grouped_gemm_configurations():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--help"],
                          capture_output=True, text=True, cwd=os.path.join(ROOT, "benchmarks"))
     assert out.returncode == 0 and "--tune-search" in out.stdout
+
+
+def test_largest_fitting_batch_stops_at_the_first_out_of_memory():
+    """steps.largest_fitting_batch: tries start + 1 upwards, one training step each, and stops at the first CUDA
+    out-of-memory error (gradients cleared after it); the search's cap is the answer when everything fits."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from steps import largest_fitting_batch
+
+    class Model(torch.nn.Module):
+        def __init__(self, fails_above):
+            super().__init__()
+            self.w, self.fails_above, self.seen = torch.nn.Parameter(torch.ones(3)), fails_above, []
+
+        def forward(self, input_ids, labels):
+            self.seen.append(tuple(input_ids.shape))
+            if input_ids.shape[0] > self.fails_above:
+                (self.w * 2).sum().backward()  # a gradient left half-way, as an OOM in the backward leaves it
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return type("Out", (), {"loss": (self.w * input_ids.shape[0]).sum()})()
+
+    model = Model(fails_above=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    assert largest_fitting_batch(model, opt, vocab=11, seq=5, start=4, limit=12) == 6
+    assert model.seen == [(5, 5), (6, 5), (7, 5)] and model.w.grad is None
+    assert largest_fitting_batch(Model(fails_above=99), opt, vocab=11, seq=5, start=4, limit=8) == 8
+    assert largest_fitting_batch(Model(fails_above=0), opt, vocab=11, seq=5, start=4, limit=8) == 4
+
+
+def test_sweep_rounds_keep_each_variants_median_and_the_first_rounds_fit(monkeypatch, tmp_path, capsys):
+    """train_step.py --shapes S --rounds R --fit F: each variant runs R times interleaved; its row is its median
+    run, with every run's tokens/s; the largest-micro-batch search runs in the first round only (later rounds get
+    --fit 0) and its answer is on the row; the table marks a search that stopped at its cap with '>='."""
+    import argparse
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import train_step
+
+    calls = []
+    speeds = {"stock": [100.0, 104.0, 98.0], "patched": [150.0, 149.0, 160.0]}
+
+    def fake_child(variant, extra):
+        calls.append((variant, extra))
+        n = sum(1 for v, _ in calls if v == variant) - 1
+        fit = int(extra[len(extra) - 1 - extra[::-1].index("--fit") + 1]) if "--fit" in extra else 3
+        r = dict(variant=variant, tokens_per_s=speeds[variant][n], tflops=1.0, peak_gib=2.0, batch=4, layers=4,
+                 attention="sdpa", losses=[1.0, 0.9], gpu="cpu", run=n)
+        if fit:
+            r["fits_batch"] = {"stock": 9, "patched": 12}[variant]
+        return r
+
+    monkeypatch.setattr(train_step, "run_child", fake_child)
+    args = argparse.Namespace(shapes="deepseek-v3-style", rounds=3, fit=3, profile=0, json=str(tmp_path / "s.json"),
+                              png=None, seq=4096, steps=8, warmup=3)
+    train_step.sweep(args)
+    assert [v for v, _ in calls] == ["stock", "patched"] * 3
+    assert all(extra.count("--fit") == (1 if i >= 2 else 0) for i, (_, extra) in enumerate(calls))
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "s.json").read_text())["results"]}
+    assert rows["stock"]["run"] == 0 and rows["stock"]["round_tokens_per_s"] == [100.0, 104.0, 98.0]
+    assert rows["patched"]["run"] == 0 and rows["patched"]["round_tokens_per_s"] == [150.0, 149.0, 160.0]
+    assert rows["stock"]["fits_batch"] == 9 and rows["patched"]["fits_batch"] == 12
+    out = capsys.readouterr().out
+    table = [ln for ln in out.splitlines() if ln.startswith("deepseek-v3-style (4)")]
+    assert table[0].split()[-1] == "9" and table[1].split()[-1] == ">=12" and "1.50x" in table[1], table
