@@ -218,7 +218,7 @@ def _propose_rmsnorm(module, backend, opts):
         return None, "", "no float eps attribute (variance_epsilon / eps) found"
     declared = tables().rmsnorm.get(name)
     reasons = []
-    for variant in ([declared] if declared else list(rmsnorm.VARIANTS)):
+    for variant in ([declared] if declared else list(rmsnorm.SEARCHED)):
         why = probe.proven_equal(module, lambda m, v=variant: rmsnorm.TorchRMSNorm.build(m, v),
                                  module.weight.shape[0], ("rmsnorm", variant))
         if why is None:

@@ -425,6 +425,48 @@ def test_compiled_rmsnorm_dtypes_follow_the_family(x_dtype, w_dtype):
     assert rel_err(gx2, gx1) < 2e-2 and rel_err(gw2, gw1) < 2e-2
 
 
+def test_gpt_oss_norm_rounds_once_as_the_family_does():
+    """GPT-OSS's RMSNorm forms weight * norm(x) in float32 and rounds once ((w * h).to(input dtype)); Llama's rounds
+    norm(x) first. The plan takes GPT-OSS's "scale_cast" variant, whose formula gives the family's bf16 output
+    bit for bit; the Llama form ("scale") does not (so this test can tell them apart)."""
+    from moe_patch.ops import rmsnorm
+
+    stock = build("gpt_oss", dtype=torch.bfloat16)
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    rows = list(moe_patch.report(patched).where(kind="rmsnorm"))
+    assert rows and all(r.replacement.startswith("TorchRMSNorm(scale_cast") for r in rows), rows
+    norm = stock.model.layers[0].input_layernorm
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(norm.weight.shape, generator=g) * 0.3 + 1.0)
+    x = torch.randn(4, 9, norm.weight.shape[0], generator=g).to(torch.bfloat16)
+    ref = norm(x)
+    ours = rmsnorm.compiled_norm(x, norm.weight, rmsnorm.eps_of(norm), "scale_cast")
+    assert ours.dtype == ref.dtype and torch.equal(ours, ref)
+    assert not torch.equal(rmsnorm.compiled_norm(x, norm.weight, rmsnorm.eps_of(norm), "scale"), ref)
+
+
+def test_gpt_oss_norm_with_a_float64_weight_runs_as_stock():
+    """A float64 norm weight in a float32 GPT-OSS (`layer.input_layernorm.double()`): stock casts the product back to
+    float32; the patched norm did not (float64 out, and the next float32 linear raised a dtype error)."""
+    stock = build("gpt_oss")
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    for m in (stock, patched):
+        m.model.layers[0].input_layernorm.double()
+        m.model.layers[0].post_attention_layernorm.double()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = stock(input_ids=ids).logits, patched(input_ids=ids).logits
+    assert out.dtype == ref.dtype == torch.float32 and rel_err(out, ref) < 1e-5
+    loss_s = stock(input_ids=ids, labels=ids).loss
+    loss_p = patched(input_ids=ids, labels=ids).loss
+    loss_s.backward()
+    loss_p.backward()
+    w_s = stock.model.layers[0].input_layernorm.weight
+    w_p = patched.model.layers[0].input_layernorm.weight
+    assert w_p.grad.dtype == torch.float64 and rel_err(w_p.grad, w_s.grad) < 1e-4
+
+
 @pytest.mark.parametrize("out_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                (torch.bfloat16, torch.float32)])
 def test_weighted_rows_match_the_broadcast_multiply(out_dtype, w_dtype):
@@ -447,7 +489,7 @@ def test_weighted_rows_match_the_broadcast_multiply(out_dtype, w_dtype):
     assert rel_err(go2, go1) < tol and rel_err(gw2, gw1) < tol
 
 
-@pytest.mark.parametrize("variant", ["scale", "offset"])
+@pytest.mark.parametrize("variant", ["scale", "offset", "scale_cast"])
 @pytest.mark.parametrize("frozen", [None, "x", "weight"])
 def test_compiled_rmsnorm_second_derivative_is_the_formulas(variant, frozen):
     """The compiled RMSNorm (on CUDA; its Function runs eager here) computes its backward from a saved rstd,

@@ -10,9 +10,12 @@ The forward and backward formulas are compiled separately, without autograd, ins
 a training forward is host-bound on an H200 machine, and a compiled function called with autograd on
 (AOTAutograd's runtime wrapper) costs noticeably more host time per call than one called without.
 
-Two variants exist among v5 families: `weight * norm(x)` (Llama, Qwen, DeepSeek, GPT-OSS, Nemotron-H;
-they differ only in where the bf16 rounding happens) and `(1 + weight) * norm(x)` (Gemma-style, Qwen3-Next).
-Which one a class is gets proven numerically at plan time (see probe.py), never assumed from a name.
+Variants among v5 families: `weight * norm(x)` ("scale": Llama, Qwen, DeepSeek, Nemotron-H: norm(x) rounded to x's
+dtype, then the product), `(weight * norm(x)).to(x.dtype)` ("scale_cast": GPT-OSS: the product in the promoted
+dtype, float32 for a bf16 or float32 weight, rounded once; a float64 weight on float32 activations gives float32 out)
+and `(1 + weight) * norm(x)` ("offset": Gemma-style, Qwen3-Next). Which one a class is gets proven numerically at plan
+time (see probe.py), never assumed from a name; "scale_cast" only where a family file declares it (in float32 it is
+"scale", and in bf16 both are within the proof's bound, so a search could not tell them apart).
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import torch.nn.functional as F
 from . import compiled
 from .base import Replacement
 
-VARIANTS = ("scale", "offset")
+VARIANTS = ("scale", "offset", "scale_cast")
+SEARCHED = ("scale", "offset")  # tried, in order, for a norm class no patches/ file declares
 
 
 def eps_of(module) -> float | None:
@@ -64,6 +68,8 @@ def torch_rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float
     if variant == "offset":
         y = F.rms_norm(hidden_states.float(), shape, eps=eps) * (1.0 + weight.float())
         return y.to(hidden_states.dtype)
+    if variant == "scale_cast":
+        return (weight * F.rms_norm(hidden_states.float(), shape, eps=eps)).to(hidden_states.dtype)
     if hidden_states.dtype == weight.dtype:
         # fused: statistics in fp32 inside the kernel, one rounding at the end
         return F.rms_norm(hidden_states, shape, weight, eps=eps)
@@ -105,6 +111,13 @@ def _scale_forward(x, weight, eps: float):
     return weight * (x32 * rstd).to(x.dtype), rstd
 
 
+def _scale_cast_forward(x, weight, eps: float):
+    """(weight * norm(x)).to(x.dtype): the product in the promoted dtype, one rounding (GPT-OSS)."""
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * (x32 * rstd)).to(x.dtype), rstd
+
+
 def _offset_forward(x, weight, eps: float):
     """(1 + weight) * norm(x), all in fp32 (Gemma-style)."""
     x32 = x.float()
@@ -124,6 +137,13 @@ def _scale_backward(dy, x, weight, rstd):
     return dx.to(x.dtype), dw.to(weight.dtype)
 
 
+def _scale_cast_backward(dy, x, weight, rstd):
+    x_hat = x.float() * rstd
+    dx = _input_grad(dy.float() * weight.float(), x_hat, rstd)
+    dw = (dy.float() * x_hat).reshape(-1, x.shape[-1]).sum(0)  # x_hat unrounded, as the forward's product
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
 def _offset_backward(dy, x, weight, rstd):
     x_hat = x.float() * rstd
     dx = _input_grad(dy.float() * (1.0 + weight.float()), x_hat, rstd)
@@ -131,8 +151,8 @@ def _offset_backward(dy, x, weight, rstd):
     return dx.to(x.dtype), dw.to(weight.dtype)
 
 
-_FORWARD = {"scale": _scale_forward, "offset": _offset_forward}
-_BACKWARD = {"scale": _scale_backward, "offset": _offset_backward}
+_FORWARD = {"scale": _scale_forward, "offset": _offset_forward, "scale_cast": _scale_cast_forward}
+_BACKWARD = {"scale": _scale_backward, "offset": _offset_backward, "scale_cast": _scale_cast_backward}
 
 
 def compiled_norm(x, weight, eps: float, variant: str):
