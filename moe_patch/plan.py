@@ -217,14 +217,19 @@ def _propose_rmsnorm(module, backend, opts):
     if rmsnorm.eps_of(module) is None:
         return None, "", "no float eps attribute (variance_epsilon / eps) found"
     declared = tables().rmsnorm.get(name)
-    reasons = []
+    reasons, proven = [], []
     for variant in ([declared] if declared else list(rmsnorm.SEARCHED)):
         why = probe.proven_equal(module, lambda m, v=variant: rmsnorm.TorchRMSNorm.build(m, v),
                                  module.weight.shape[0], ("rmsnorm", variant))
         if why is None:
-            return (lambda m, v=variant: rmsnorm.make(m, v, backend)), rmsnorm.label(backend, variant, module), ""
-        reasons.append(f"{variant}: {why}")
-    return None, "", "not proven equal to F.rms_norm (" + "; ".join(reasons) + ")"
+            proven.append(variant)
+        else:
+            reasons.append(f"{variant}: {why}")
+    if not proven:
+        return None, "", "not proven equal to F.rms_norm (" + "; ".join(reasons) + ")"
+    # several proven (weight * norm(x) rounded two ways): the one rounding as the class does
+    variant = proven[0] if len(proven) == 1 else rmsnorm.closest_rounding(module, proven)
+    return (lambda m, v=variant: rmsnorm.make(m, v, backend)), rmsnorm.label(backend, variant, module), ""
 
 
 def _propose_router(module, backend, opts):

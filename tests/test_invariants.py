@@ -153,6 +153,39 @@ def test_bad_inputs_are_clear_errors():
     assert not moe_patch.is_patched(model)
 
 
+def test_undeclared_norms_take_the_variant_that_rounds_as_they_do():
+    """Two weight * norm(x) classes no patches/ file declares, one rounding norm(x) to the input dtype first (Llama),
+    one rounding the product once (GPT-OSS, AFMoE, FlexOlmo, Gemma 4 ...): both formulas pass the proof's bounds for
+    both (equal in float32, within the bf16 bound), and each class gets the one whose bf16 output is its own."""
+    from torch import nn
+
+    from moe_patch.ops import rmsnorm
+
+    class LlamaStyleRMSNorm(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(n))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return self.weight * h.to(x.dtype)
+
+    class CastLateRMSNorm(LlamaStyleRMSNorm):
+        def forward(self, x):
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (self.weight * h).to(x.dtype)
+
+    model = nn.Sequential(LlamaStyleRMSNorm(64), CastLateRMSNorm(64))
+    moe_patch.apply(model)
+    rows = {r.path: r.replacement for r in moe_patch.report(model)}
+    assert rows == {"0": "TorchRMSNorm(scale)", "1": "TorchRMSNorm(scale_cast)"}, rows
+    assert rmsnorm.closest_rounding(CastLateRMSNorm(64), ["scale", "scale_cast"]) == "scale_cast"
+    assert rmsnorm.closest_rounding(LlamaStyleRMSNorm(64), ["scale_cast", "scale"]) == "scale"  # not by order
+
+
 def test_rmsnorm_variants_are_proven_not_assumed():
     """A (1 + weight) norm is recognised as the offset variant; a norm with other maths is skipped."""
     from torch import nn

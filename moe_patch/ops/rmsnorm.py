@@ -14,8 +14,9 @@ Variants among v5 families: `weight * norm(x)` ("scale": Llama, Qwen, DeepSeek, 
 dtype, then the product), `(weight * norm(x)).to(x.dtype)` ("scale_cast": GPT-OSS: the product in the promoted
 dtype, float32 for a bf16 or float32 weight, rounded once; a float64 weight on float32 activations gives float32 out)
 and `(1 + weight) * norm(x)` ("offset": Gemma-style, Qwen3-Next). Which one a class is gets proven numerically at plan
-time (see probe.py), never assumed from a name; "scale_cast" only where a family file declares it (in float32 it is
-"scale", and in bf16 both are within the proof's bound, so a search could not tell them apart).
+time (see probe.py), never assumed from a name. "scale" and "scale_cast" are the same in float32 and both within the
+proof's bf16 bound, so where a class no family file declares passes both, closest_rounding() picks the one whose
+bf16 output equals the class's own on more elements (AFMoE, FlexOlmo, DeepSeek-V4 ... round as GPT-OSS does).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from . import compiled
 from .base import Replacement
 
 VARIANTS = ("scale", "offset", "scale_cast")
-SEARCHED = ("scale", "offset")  # tried, in order, for a norm class no patches/ file declares
+SEARCHED = ("scale", "scale_cast", "offset")  # tried for a norm class no patches/ file declares
 
 
 def eps_of(module) -> float | None:
@@ -35,6 +36,27 @@ def eps_of(module) -> float | None:
         if isinstance(value, float):
             return value
     return None
+
+
+_ROUNDING: dict = {}  # (class, variants) -> the variant closest_rounding() chose
+
+
+def closest_rounding(module, variants) -> str:
+    """Of `variants` (each already proven within the bounds), the one whose formula (the compiled path's, _FORWARD,
+    run eagerly on CPU) gives the module's own bf16 output on the most elements, for a bf16 copy of the module with
+    fresh random weights on random inputs; the first on a tie. Cached per class."""
+    from .. import probe
+
+    key = (type(module), tuple(variants))
+    if key not in _ROUNDING:
+        copy_ = probe._fresh_copy(module, torch.bfloat16)
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(64, copy_.weight.shape[0], generator=g).to(torch.bfloat16)
+        with torch.no_grad():
+            ref = copy_(x)
+            same = [(_FORWARD[v](x, copy_.weight, eps_of(copy_))[0] == ref).sum().item() for v in variants]
+        _ROUNDING[key] = variants[same.index(max(same))]
+    return _ROUNDING[key]
 
 
 class TorchRMSNorm(Replacement):
