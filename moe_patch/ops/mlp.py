@@ -65,19 +65,54 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SiluMul.apply(gate, up)
 
 
+_SILU_FORWARDS: set = set()
+
+
+def _silu_forwards() -> set:
+    """The forwards that are F.silu and nothing else: torch's nn.SiLU and Transformers' SiLUActivation (ACT2FN's
+    "silu" / "swish"), as defined (a subclass with a forward of its own is not one)."""
+    if not _SILU_FORWARDS:
+        _SILU_FORWARDS.add(torch.nn.SiLU.forward)
+        try:
+            from transformers.activations import SiLUActivation
+
+            _SILU_FORWARDS.add(SiLUActivation.forward)
+        except ImportError:
+            pass
+    return _SILU_FORWARDS
+
+
 def _is_silu(act) -> bool:
-    return isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+    """act is a SiLU module: its class's forward is nn.SiLU's or SiLUActivation's, and none is set on the instance."""
+    return (isinstance(act, torch.nn.Module) and type(act).forward in _silu_forwards()
+            and "forward" not in vars(act))
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _plain_silu(act) -> bool:
+    """Calling act would be F.silu and nothing else: a SiLU module with no hook of its own and no global module
+    hook (torch.nn.modules.module.register_module_forward_hook & co.), which would run around it."""
+    from torch.nn.modules import module as nn_module
+
+    return _is_silu(act) and not any(getattr(act, h) for h in _HOOKS) and \
+        not any(getattr(nn_module, h) for h in _GLOBAL_HOOKS)
 
 
 class GatedMLP(Replacement):
     """The family's gated MLP with its product in silu_mul; the projections are the module's own children.
-    The module's own act_fn (adopted from the original) is read at each forward: one set after apply() that is
-    not SiLU sends the call to the family's forward, which applies it, as stock does."""
+    The module's own act_fn (adopted from the original) is read at each forward: SiLU is computed here without
+    calling it, so whenever calling it would do anything else (another activation set after apply(), a SiLU
+    subclass with a forward of its own, a forward set on it, a hook on it: activation capture or steering, or a
+    global module hook) the call goes to the family's forward, which calls it, as stock does."""
 
     kind = "mlp"
 
     def forward(self, x):
-        if not _is_silu(getattr(self, "act_fn", None)):
+        if not _plain_silu(getattr(self, "act_fn", None)):
             return type(self.original).forward(self, x)  # the family's forward, on this module's children
         return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
