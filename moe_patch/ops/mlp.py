@@ -16,8 +16,8 @@ micro-batch 4, seq 4096; benchmarks/train_step.py --variants patched,patched-nof
 133,361 / 134,410 tokens/s without it, 133,954 / 135,784 / 136,171 with it (medians +1.8%), 0.6 GiB less peak.
 
 Used only for classes a family file declares (patches/*.py: MLP) and only where proven at plan time: a
-throw-away copy of the family's module against GatedMLP on random inputs, fp32 and bf16, outputs and input and
-weight gradients (probe.proven_equal), on the module's device (so a GPU proves the compiled kernel).
+throw-away copy of the family's module against GatedMLP on random inputs, fp32 and bf16, output and input
+gradient (probe.proven_equal), on the module's device (so a GPU proves the compiled kernel).
 """
 from __future__ import annotations
 
