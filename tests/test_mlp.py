@@ -235,3 +235,22 @@ def test_a_silu_subclass_set_before_apply_is_not_planned_after_a_proof():
     rows = list(moe_patch.report(patched).where(kind="mlp"))
     assert rows and all(r.status == "skipped" and "_ScaledSiLU is not SiLU" in r.reason for r in rows), rows
     assert_runs_match(stock, patched, torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1)))
+
+
+def test_float64_keeps_float64_precision():
+    """A float64 module (gradcheck, a float64 reference): silu_mul's backward computed in float32 and rounded back
+    to float64 (input and weight gradients 7e-8 off stock, gradcheck failed). It computes in the inputs' dtype
+    where that is wider than float32."""
+    stock, patched = _pair()
+    s, p = stock.model.layers[0].mlp.double(), patched.model.layers[0].mlp.double()
+    assert isinstance(p, mlp.GatedMLP)
+    x = torch.randn(3, 4, stock.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yp = s(xs), p(xp)
+    ys.sum().backward()
+    yp.sum().backward()
+    assert yp.dtype == torch.float64 and rel_err(yp, ys) < 1e-12
+    assert rel_err(xp.grad, xs.grad) < 1e-12
+    for (name, a), b in zip(s.named_parameters(), p.parameters()):
+        assert rel_err(b.grad, a.grad) < 1e-12, name
+    assert torch.autograd.gradcheck(p, (x[0, :2].clone().requires_grad_(),))

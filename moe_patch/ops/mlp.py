@@ -31,15 +31,20 @@ NAME = "GatedMLP(silu*up fused)"
 SWITCH = "MOE_PATCH_FUSED_MLP"  # on unless set to an off word (module docstring)
 
 
+def _wide(t):
+    """t in float32, or in its own dtype where that is wider (float64 keeps its precision)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _silu_mul(gate, up):
-    """silu(gate) * up in float32, one rounding to the inputs' dtype (the compiled forward)."""
-    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+    """silu(gate) * up in float32 (float64 for float64), one rounding to the inputs' dtype (the compiled forward)."""
+    return (F.silu(_wide(gate)) * _wide(up)).to(gate.dtype)
 
 
 def _silu_mul_backward(grad, gate, up):
     """d gate = grad * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate) (SiLU's derivative, as torch's
-    silu_backward); d up = grad * silu(gate). float32 arithmetic, one rounding each."""
-    g, u, d = gate.float(), up.float(), grad.float()
+    silu_backward); d up = grad * silu(gate). float32 arithmetic (float64 for float64), one rounding each."""
+    g, u, d = _wide(gate), _wide(up), _wide(grad)
     s = torch.sigmoid(g)
     return (d * u * s * (1 + g * (1 - s))).to(gate.dtype), (d * g * s).to(up.dtype)
 
