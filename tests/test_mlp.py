@@ -169,3 +169,88 @@ def test_an_activation_set_after_apply_is_honoured():
     assert any(isinstance(m, mlp.GatedMLP) for m in patched.modules())
     assert rel_err(stock(input_ids=ids).logits, before) > 1e-4  # the switch changes stock: the test can fail
     assert_runs_match(stock, patched, ids)
+
+
+
+class _ScaledSiLU(torch.nn.SiLU):
+    def forward(self, x):
+        return 1.5 * torch.nn.functional.silu(x)
+
+
+def _forward_hook(dense):
+    return dense.act_fn.register_forward_hook(lambda module, args, out: out * 0.5)
+
+
+def _pre_hook(dense):
+    return dense.act_fn.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+
+
+def _global_hook(dense):
+    from torch.nn.modules.module import register_module_forward_hook
+
+    act = dense.act_fn
+    return register_module_forward_hook(lambda module, args, out: out * 0.5 if module is act else None)
+
+
+def _instance_forward(dense):
+    dense.act_fn.forward = torch.nn.functional.gelu
+
+
+def _silu_subclass(dense):
+    dense.act_fn = _ScaledSiLU()
+
+
+@pytest.mark.parametrize("change", [_forward_hook, _pre_hook, _global_hook, _instance_forward, _silu_subclass],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_what_act_fn_computes_is_honoured(change):
+    """GatedMLP computes SiLU itself, without calling act_fn: that is the family's forward only while calling act_fn
+    would be F.silu and nothing else. A hook on act_fn (activation capture, steering, ablation; also a global module
+    hook), a forward set on the instance or an nn.SiLU subclass with a forward of its own:
+    the family's forward runs. Each was ignored before, the report saying patched (logits 7.2e-2, 1.5e-1, 2.2e-2,
+    9.2e-3 and 1.0e-1 off stock)."""
+    stock, patched = _pair()
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+    before = stock(input_ids=ids).logits
+    handles = [change(model.model.layers[0].mlp) for model in (stock, patched)]
+    try:
+        assert isinstance(patched.model.layers[0].mlp, mlp.GatedMLP)
+        assert rel_err(stock(input_ids=ids).logits, before) > 1e-4  # the change changes stock: the test can fail
+        assert_runs_match(stock, patched, ids)
+    finally:
+        for handle in handles:
+            if handle is not None:
+                handle.remove()
+
+
+def test_a_silu_subclass_set_before_apply_is_not_planned_after_a_proof():
+    """The proof is cached per class and widths: a model whose act_fn is an nn.SiLU subclass with a forward of its
+    own, planned after a stock model of the same class was proven, was reported patched and computed plain SiLU
+    (logits 1.0e-1 off stock). It is refused at plan time now."""
+    _pair()  # the class proven (cached) on a stock model
+    stock = build("deepseek_v3")
+    for module in stock.modules():
+        if type(module).__name__ == "DeepseekV3MLP":
+            module.act_fn = _ScaledSiLU()
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    rows = list(moe_patch.report(patched).where(kind="mlp"))
+    assert rows and all(r.status == "skipped" and "_ScaledSiLU is not SiLU" in r.reason for r in rows), rows
+    assert_runs_match(stock, patched, torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1)))
+
+
+def test_float64_keeps_float64_precision():
+    """A float64 module (gradcheck, a float64 reference): silu_mul's backward computed in float32 and rounded back
+    to float64 (input and weight gradients 7e-8 off stock, gradcheck failed). It computes in the inputs' dtype
+    where that is wider than float32."""
+    stock, patched = _pair()
+    s, p = stock.model.layers[0].mlp.double(), patched.model.layers[0].mlp.double()
+    assert isinstance(p, mlp.GatedMLP)
+    x = torch.randn(3, 4, stock.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yp = s(xs), p(xp)
+    ys.sum().backward()
+    yp.sum().backward()
+    assert yp.dtype == torch.float64 and rel_err(yp, ys) < 1e-12
+    assert rel_err(xp.grad, xs.grad) < 1e-12
+    for (name, a), b in zip(s.named_parameters(), p.parameters()):
+        assert rel_err(b.grad, a.grad) < 1e-12, name
+    assert torch.autograd.gradcheck(p, (x[0, :2].clone().requires_grad_(),))

@@ -1,6 +1,6 @@
 """Small pointwise / row-reduction functions (today: RMSNorm's forward and backward, the experts' gate and row
 weighting, the chunked loss's softmax-gradient step where Liger's kernel is not used, and its gradient scaling;
-DeepSeek-V3's MLA q / k / v assembly, ops/mla.py; opt-in, the gated-MLP product, ops/mlp.py) run torch.compile'd
+DeepSeek-V3's MLA q / k / v assembly, ops/mla.py; the gated-MLP product, ops/mlp.py) run torch.compile'd
 on CUDA (fused kernels instead of a chain of elementwise ones), eagerly elsewhere (CPU: the exact reference).
 
 Shapes: the row dimensions (every dimension but the last of a tensor argument with two or more; a 1-D argument
