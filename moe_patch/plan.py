@@ -513,7 +513,7 @@ def _plan_mlp(module, row, plan) -> None:
     """A gated MLP a family declares (patches/: MLP): GatedMLP where proven equal to the module on its device
     (fp32 and bf16, outputs and input gradients, the module's widths); its projections stay its own children."""
     if not config.flag(mlp.SWITCH, default=True):
-        row.reason = f"{mlp.SWITCH}=0: the family's module kept"
+        row.reason = f"{mlp.SWITCH}={os.environ.get(mlp.SWITCH, '')!r} (off): the family's module kept"
         return
     why = mlp.why_not(module)
     if why is None:
