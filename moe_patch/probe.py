@@ -71,7 +71,11 @@ def proven_equal(module: nn.Module, factory, in_features: int, key, device="cpu"
                     reason = f"too few probe rows with a unique result ({len(x)} of 64, {dtype})"
                     break
             x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-            a, b = _outputs(stock(x1)), _outputs(new(x2))
+            ra, rb = stock(x1), new(x2)
+            if isinstance(ra, tuple) != isinstance(rb, tuple):  # a bare tensor for a 1-tuple: not what callers read
+                reason = f"outputs differ in structure ({type(ra).__name__} against {type(rb).__name__}, {dtype})"
+                break
+            a, b = _outputs(ra), _outputs(rb)
             if canon is not None and len(a) == len(b):
                 a, b = canon(a), canon(b)
             if len(a) != len(b) or any(p.dtype != q.dtype or p.shape != q.shape for p, q in zip(a, b)):

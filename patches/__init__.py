@@ -2,7 +2,7 @@
 
 Each file may define:
   MODEL_TYPES  model_type strings the family covers (documentation and `moe-patch report`)
-  RMSNORM      {norm class name: "scale" | "offset"}    -- still proven numerically before use
+  RMSNORM      {norm class name: "scale" | "scale_cast" | "offset"}  -- still proven numerically before use
   ROUTER       {router class name: spec dict}           -- see moe_patch/ops/router.py; also proven
   EXPERTS      {experts class name: flags dict}         -- only for classes without v5's decorator flags
   SKIP         {class name: reason}                     -- known not to be replaceable, and why

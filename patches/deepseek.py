@@ -3,7 +3,8 @@ sigmoid scores, correction bias for the choice only, group-limited top-k, routed
 MODEL_TYPES = ("deepseek_v3", "glm4_moe", "nemotron_h")
 _SIGMOID_GROUPED = dict(score="sigmoid", order="score_topk", renorm="norm_topk_prob", grouped=True,
                         fp32_logits=True, weights_dtype="logits")
-RMSNORM = {"DeepseekV3RMSNorm": "scale", "Glm4MoeRMSNorm": "scale", "NemotronHRMSNorm": "scale"}
+# Nemotron-H's norm forms weight.float() * norm(x) and rounds once, as GPT-OSS's (ops/rmsnorm.py "scale_cast")
+RMSNORM = {"DeepseekV3RMSNorm": "scale", "Glm4MoeRMSNorm": "scale", "NemotronHRMSNorm": "scale_cast"}
 ROUTER = {"DeepseekV3TopkRouter": _SIGMOID_GROUPED, "Glm4MoeTopkRouter": _SIGMOID_GROUPED,
           "NemotronHTopkRouter": _SIGMOID_GROUPED}
 # The dense layers' MLP and the shared experts: silu(gate) * up in one compiled kernel each way (moe_patch/ops/mlp.py;

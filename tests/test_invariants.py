@@ -186,6 +186,30 @@ def test_undeclared_norms_take_the_variant_that_rounds_as_they_do():
     assert rmsnorm.closest_rounding(LlamaStyleRMSNorm(64), ["scale_cast", "scale"]) == "scale"  # not by order
 
 
+def test_a_norm_returning_a_tuple_stays_stock():
+    """A norm returning its output in a 1-tuple: the proof compared the tensors inside and passed a replacement that
+    returns a bare tensor (a caller indexing [0] would read the first row); with two variants passing, choosing the
+    rounding compared a tensor against the tuple and apply() raised AttributeError. Not proven, left stock."""
+    from torch import nn
+
+    class TupleRMSNorm(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(n))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (self.weight * h.to(x.dtype),)
+
+    model = nn.Sequential(TupleRMSNorm(64))
+    moe_patch.apply(model)
+    (row,) = moe_patch.report(model)
+    assert row.status == "skipped" and "structure" in row.reason, row
+    assert isinstance(model[0](torch.randn(3, 64)), tuple)
+
+
 def test_rmsnorm_variants_are_proven_not_assumed():
     """A (1 + weight) norm is recognised as the offset variant; a norm with other maths is skipped."""
     from torch import nn

@@ -446,6 +446,35 @@ def test_gpt_oss_norm_rounds_once_as_the_family_does():
     assert not torch.equal(rmsnorm.compiled_norm(x, norm.weight, rmsnorm.eps_of(norm), "scale"), ref)
 
 
+def test_nemotron_h_norm_rounds_once_as_the_family_does():
+    """Nemotron-H's RMSNorm is (weight.float() * norm(x)).to(input dtype), as GPT-OSS's, not Llama's: declared
+    "scale" it was patched with the Llama form, whose bf16 output differs on about a quarter of the elements and which
+    returns the weight's dtype where the weight is wider than the input (float32 out of a float32 norm_f in a bf16
+    model, float64 out of a float64 one in a float32 model: the next linear raised a dtype error)."""
+    from moe_patch.ops import rmsnorm
+
+    stock = build("nemotron_h", dtype=torch.bfloat16)
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    rows = [r for r in moe_patch.report(patched).where(kind="rmsnorm") if r.original == "NemotronHRMSNorm"]
+    assert rows and all(r.replacement.startswith("TorchRMSNorm(scale_cast") for r in rows), rows
+    norm = stock.model.norm_f
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(norm.weight.shape, generator=g) * 0.3 + 1.0)
+    x = torch.randn(4, 9, norm.weight.shape[0], generator=g).to(torch.bfloat16)
+    eps = rmsnorm.eps_of(norm)
+    assert torch.equal(rmsnorm.compiled_norm(x, norm.weight, eps, "scale_cast"), norm(x))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    for dtype, wide in ((torch.bfloat16, torch.float32), (torch.float32, torch.float64)):
+        stock = build("nemotron_h", dtype=dtype)
+        patched = moe_patch.apply(copy.deepcopy(stock))
+        for m in (stock, patched):
+            m.model.norm_f.to(wide)
+        with torch.no_grad():
+            ref, out = stock(input_ids=ids).logits, patched(input_ids=ids).logits
+        assert out.dtype == ref.dtype and rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
 def test_gpt_oss_norm_with_a_float64_weight_runs_as_stock():
     """A float64 norm weight in a float32 GPT-OSS (`layer.input_layernorm.double()`): stock casts the product back to
     float32; the patched norm did not (float64 out, and the next float32 linear raised a dtype error)."""
