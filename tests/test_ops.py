@@ -475,6 +475,22 @@ def test_nemotron_h_norm_rounds_once_as_the_family_does():
         assert out.dtype == ref.dtype and rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_llama_style_norm_without_the_compiler_rounds_as_the_family(dtype):
+    """The uncompiled path (CPU; a GPU with MOE_PATCH_COMPILE=0 and backend torch) of a "scale" norm whose weight has
+    the activations' dtype: norm(x) rounded first, then the product, as Llama / Qwen: the patched module's bf16 / fp16
+    output is the family's bit for bit (the weighted F.rms_norm rounded once: 25-30% of the elements differed)."""
+    stock = build("qwen3_moe", dtype=dtype)
+    patched = moe_patch.apply(copy.deepcopy(stock))
+    g = torch.Generator().manual_seed(4)
+    s_norm, p_norm = stock.model.layers[0].input_layernorm, patched.model.layers[0].input_layernorm
+    with torch.no_grad():
+        s_norm.weight.copy_(torch.randn(s_norm.weight.shape, generator=g) * 0.3 + 1.0)
+        p_norm.weight.copy_(s_norm.weight)
+    x = torch.randn(8, 5, s_norm.weight.shape[0], generator=g).to(dtype)
+    assert type(p_norm).__name__.startswith("TorchRMSNorm") and torch.equal(p_norm(x), s_norm(x))
+
+
 def test_gpt_oss_norm_with_a_float64_weight_runs_as_stock():
     """A float64 norm weight in a float32 GPT-OSS (`layer.input_layernorm.double()`): stock casts the product back to
     float32; the patched norm did not (float64 out, and the next float32 linear raised a dtype error)."""
