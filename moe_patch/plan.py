@@ -220,7 +220,7 @@ def _propose_rmsnorm(module, backend, opts):
     reasons, proven = [], []
     for variant in ([declared] if declared else list(rmsnorm.SEARCHED)):
         why = probe.proven_equal(module, lambda m, v=variant: rmsnorm.TorchRMSNorm.build(m, v),
-                                 module.weight.shape[0], ("rmsnorm", variant))
+                                 module.weight.shape[0], ("rmsnorm", variant), row_scales=rmsnorm.PROBE_ROW_SCALES)
         if why is None:
             proven.append(variant)
         else:

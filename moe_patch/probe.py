@@ -50,10 +50,11 @@ def single_input(module: nn.Module) -> bool:
 
 
 def proven_equal(module: nn.Module, factory, in_features: int, key, device="cpu", canon=None,
-                 rows=None) -> str | None:
+                 rows=None, row_scales=None) -> str | None:
     """None if factory(copy) matches copy on random inputs, else the reason it does not. GPU kernels are
     proven on `device`; `canon` maps both output lists to a canonical form first (e.g. router pairs);
-    `rows(copy, x)` keeps the input rows on which the result is unique (a router's top-k without a tie)."""
+    `rows(copy, x)` keeps the input rows on which the result is unique (a router's top-k without a tie);
+    `row_scales` ([10] floats) multiplies the input rows (a norm's eps only shows on rows of small magnitude)."""
     cache_key = (type(module), key, str(device))
     if cache_key in _CACHE:
         return _CACHE[cache_key]
@@ -63,6 +64,8 @@ def proven_equal(module: nn.Module, factory, in_features: int, key, device="cpu"
             stock = _fresh_copy(module, dtype, device)
             new = factory(stock)  # adopts the copy's weights: same weights on both sides
             x = torch.randn(64 if rows else 10, in_features, generator=torch.Generator().manual_seed(1))
+            if row_scales is not None:
+                x = x * row_scales.reshape(-1, 1)
             x = x.to(device, dtype)
             if rows is not None:
                 with torch.no_grad():

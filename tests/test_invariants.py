@@ -210,6 +210,39 @@ def test_a_norm_returning_a_tuple_stays_stock():
     assert isinstance(model[0](torch.randn(3, 64)), tuple)
 
 
+def test_a_norm_with_eps_elsewhere_is_not_proven(monkeypatch):
+    """x / (rms(x) + eps) is not RMSNorm: on unit-scale rows it is within 1e-5 of it, on rows of small magnitude far
+    from it (30% at 1e-3). The proof's rows span 1e-4 .. 1e2, so such a class stays stock; with unit rows only
+    (PROBE_ROW_SCALES None) it was patched."""
+    from torch import nn
+
+    from moe_patch.ops import rmsnorm
+
+    class EpsOutsideRMSNorm(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(n))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            h = x.float()
+            return self.weight * (h / (h.pow(2).mean(-1, keepdim=True).sqrt() + self.variance_epsilon)).to(x.dtype)
+
+    model = nn.Sequential(EpsOutsideRMSNorm(64))
+    x = torch.randn(3, 64) * 1e-3
+    ref = model(x)
+    moe_patch.apply(model)
+    row = next(iter(moe_patch.report(model)))
+    assert row.status == "skipped" and "not proven equal" in row.reason, row
+    assert torch.equal(model(x), ref)
+    moe_patch.revert(model)
+    monkeypatch.setattr(rmsnorm, "PROBE_ROW_SCALES", None)
+    monkeypatch.setattr(moe_patch.probe, "_CACHE", {})
+    moe_patch.apply(model)
+    assert next(iter(moe_patch.report(model))).status == "patched"  # what unit rows alone let through
+    assert rel_err(model(x), ref) > 1e-2
+
+
 def test_rmsnorm_variants_are_proven_not_assumed():
     """A (1 + weight) norm is recognised as the offset variant; a norm with other maths is skipped."""
     from torch import nn

@@ -28,6 +28,10 @@ from .base import Replacement
 
 VARIANTS = ("scale", "offset", "scale_cast")
 SEARCHED = ("scale", "scale_cast", "offset")  # tried for a norm class no patches/ file declares
+# the proof's input rows span 1e-4 .. 1e2 in magnitude: where rms(x)^2 is near or below eps (1e-6 .. 1e-5 in the
+# families) a formula with eps elsewhere (x / (rms + eps), another eps than the attribute read) differs, where unit
+# rows alone pass it
+PROBE_ROW_SCALES = torch.logspace(-4, 2, 10)
 
 
 def eps_of(module) -> float | None:
