@@ -153,32 +153,34 @@ def test_bad_inputs_are_clear_errors():
     assert not moe_patch.is_patched(model)
 
 
+class LlamaStyleRMSNorm(torch.nn.Module):
+    """A norm class no patches/ file declares, with Llama's formula (norm(x) rounded to the input dtype, then the
+    weight); the tests below vary its forward."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n))
+        self.variance_epsilon = 1e-6
+
+    def normed(self, x):
+        h = x.float()
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    def forward(self, x):
+        return self.weight * self.normed(x).to(x.dtype)
+
+
 def test_undeclared_norms_take_the_variant_that_rounds_as_they_do():
     """Two weight * norm(x) classes no patches/ file declares, one rounding norm(x) to the input dtype first (Llama),
     one rounding the product once (GPT-OSS, AFMoE, FlexOlmo, Gemma 4 ...): both formulas pass the proof's bounds for
     both (equal in float32, within the bf16 bound), and each class gets the one whose bf16 output is its own."""
-    from torch import nn
-
     from moe_patch.ops import rmsnorm
-
-    class LlamaStyleRMSNorm(nn.Module):
-        def __init__(self, n):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(n))
-            self.variance_epsilon = 1e-6
-
-        def forward(self, x):
-            h = x.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-            return self.weight * h.to(x.dtype)
 
     class CastLateRMSNorm(LlamaStyleRMSNorm):
         def forward(self, x):
-            h = x.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-            return (self.weight * h).to(x.dtype)
+            return (self.weight * self.normed(x)).to(x.dtype)
 
-    model = nn.Sequential(LlamaStyleRMSNorm(64), CastLateRMSNorm(64))
+    model = torch.nn.Sequential(LlamaStyleRMSNorm(64), CastLateRMSNorm(64))
     moe_patch.apply(model)
     rows = {r.path: r.replacement for r in moe_patch.report(model)}
     assert rows == {"0": "TorchRMSNorm(scale)", "1": "TorchRMSNorm(scale_cast)"}, rows
@@ -190,20 +192,11 @@ def test_a_norm_returning_a_tuple_stays_stock():
     """A norm returning its output in a 1-tuple: the proof compared the tensors inside and passed a replacement that
     returns a bare tensor (a caller indexing [0] would read the first row); with two variants passing, choosing the
     rounding compared a tensor against the tuple and apply() raised AttributeError. Not proven, left stock."""
-    from torch import nn
-
-    class TupleRMSNorm(nn.Module):
-        def __init__(self, n):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(n))
-            self.variance_epsilon = 1e-6
-
+    class TupleRMSNorm(LlamaStyleRMSNorm):
         def forward(self, x):
-            h = x.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-            return (self.weight * h.to(x.dtype),)
+            return (super().forward(x),)
 
-    model = nn.Sequential(TupleRMSNorm(64))
+    model = torch.nn.Sequential(TupleRMSNorm(64))
     moe_patch.apply(model)
     (row,) = moe_patch.report(model)
     assert row.status == "skipped" and "structure" in row.reason, row
@@ -214,21 +207,14 @@ def test_a_norm_with_eps_elsewhere_is_not_proven(monkeypatch):
     """x / (rms(x) + eps) is not RMSNorm: on unit-scale rows it is within 1e-5 of it, on rows of small magnitude far
     from it (30% at 1e-3). The proof's rows span 1e-4 .. 1e2, so such a class stays stock; with unit rows only
     (PROBE_ROW_SCALES None) it was patched."""
-    from torch import nn
-
     from moe_patch.ops import rmsnorm
 
-    class EpsOutsideRMSNorm(nn.Module):
-        def __init__(self, n):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(n))
-            self.variance_epsilon = 1e-6
-
+    class EpsOutsideRMSNorm(LlamaStyleRMSNorm):
         def forward(self, x):
             h = x.float()
             return self.weight * (h / (h.pow(2).mean(-1, keepdim=True).sqrt() + self.variance_epsilon)).to(x.dtype)
 
-    model = nn.Sequential(EpsOutsideRMSNorm(64))
+    model = torch.nn.Sequential(EpsOutsideRMSNorm(64))
     x = torch.randn(3, 64) * 1e-3
     ref = model(x)
     moe_patch.apply(model)
