@@ -11,9 +11,9 @@ a training forward is host-bound on an H200 machine, and a compiled function cal
 (AOTAutograd's runtime wrapper) costs noticeably more host time per call than one called without.
 
 Variants among v5 families: `weight * norm(x)` ("scale": Llama, Qwen, DeepSeek: norm(x) rounded to x's
-dtype, then the product), `(weight * norm(x)).to(x.dtype)` ("scale_cast": GPT-OSS, Nemotron-H: the product in the promoted
-dtype, float32 for a bf16 or float32 weight, rounded once; a float64 weight on float32 activations gives float32 out)
-and `(1 + weight) * norm(x)` ("offset": Gemma-style, Qwen3-Next). Which one a class is gets proven numerically at plan
+dtype, then the product), `(weight * norm(x)).to(x.dtype)` ("scale_cast": GPT-OSS, Nemotron-H: the product in
+the promoted dtype, float32 for a bf16 or float32 weight, rounded once; a float64 weight on float32 activations
+gives float32 out) and `(1 + weight) * norm(x)` ("offset": Gemma-style, Qwen3-Next). Which one a class is gets proven numerically at plan
 time (see probe.py), never assumed from a name. "scale" and "scale_cast" are the same in float32 and both within the
 proof's bf16 bound, so where a class no family file declares passes both, closest_rounding() picks the one whose
 bf16 output equals the class's own on more elements (AFMoE, FlexOlmo, DeepSeek-V4 ... round as GPT-OSS does).
