@@ -6,7 +6,9 @@
 
 --shapes (all, or a comma list of shape names) runs every shape of SWEEP at its layers and micro-batch, each with
 stock (the family's default attention), stock-best (stock with the fastest attention Transformers offers the
-family, where that is not the default: BEST_ATTENTION) and patched, and prints one table over all shapes.
+family, where that is not the default: BEST_ATTENTION) and patched, and prints one table over all shapes; with
+--rounds R each shape's variants run R times, interleaved, each row its variant's median run; with --fit F the
+"fits mb" column gives each variant's largest micro-batch up to F x the shape's (first round only).
 For a family with Mamba2 mixers (MAMBA_FAMILIES) where mamba-ssm is installed, stock-nomamba runs stock with
 mamba-ssm and causal-conv1d hidden from Transformers, so the table shows both stock rows: what a pip install of
 those libraries gives stock by itself, and what moe_patch adds. The "scan" column says which scan stock ran.
@@ -220,7 +222,8 @@ def main():
     parser.add_argument("--shapes", default=None,
                         help="'all' or a comma list of SWEEP's shapes: stock, stock-best, patched for each")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="run the variant list R times, interleaved (a, b, a, b, ...), each run its own process; "
+                        help="run the variant list (with --shapes: each shape's) R times, interleaved (a, b, a, b, ...), "
+                             "each run its own process; "
                              "each variant's row is its median-throughput run, with every run's tokens/s listed: a "
                              "difference smaller than the spread between one variant's runs is not a difference")
     parser.add_argument("--tune-search", type=int, default=0,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as nn_module
 
 from . import compiled
 from .base import Replacement
@@ -101,8 +102,6 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
 def _plain_silu(act) -> bool:
     """Calling act would be F.silu and nothing else: a SiLU module with no hook of its own and no global module
     hook (torch.nn.modules.module.register_module_forward_hook & co.), which would run around it."""
-    from torch.nn.modules import module as nn_module
-
     return _is_silu(act) and not any(getattr(act, h) for h in _HOOKS) and \
         not any(getattr(nn_module, h) for h in _GLOBAL_HOOKS)
 
